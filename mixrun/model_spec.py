@@ -1,0 +1,284 @@
+"""ModelSpec: what a model needs, as plain frozen values built from GGUF metadata and tensor infos.
+
+Conventions:
+- Tensor shapes are in row-major (PyTorch/NumPy) order, outermost first: ``token_embd.weight`` is
+  ``(n_vocab, n_embd)`` and ``blk.0.attn_q.weight`` is ``(n_head * head_dim, n_embd)``. GGML's ne0-first order
+  is reversed once, in ``gguf_spec.parse_part``.
+- Bytes are ints named ``*_bytes``. Layer indices are 0-based.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
+
+from mixrun.errors import GGUFError, where
+
+# Architectures whose spec the planner and backends understand. Others still inspect.
+PLANNABLE_ARCHS = frozenset({"llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"})
+# KV-cache element types llama.cpp offers for -ctk/-ctv that mixrun plans for.
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
+_MAX_LAYERS = 4096
+_MAX_DIM = 1 << 24
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor: its GGML type name (``Q4_K``), row-major shape, element count and bytes on disk."""
+
+    name: str
+    qtype: str
+    shape: tuple[int, ...]
+    n_elements: int
+    n_bytes: int
+
+    @property
+    def layer(self) -> int | None:
+        m = _LAYER_RE.match(self.name)
+        return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class KVLayer:
+    """What one layer stores per token in the KV cache: heads and per-head K and V widths."""
+
+    n_head_kv: int
+    k_dim: int
+    v_dim: int
+    sliding: bool = False  # a sliding-window layer: llama.cpp caps its cache at the window
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    dim: int
+    freq_base: float
+    scaling_type: str | None = None
+    scaling_factor: float | None = None
+    original_ctx: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the planner needs to know about a model, and what ``mixrun inspect`` shows."""
+
+    source: str
+    files: tuple[str, ...]
+    file_bytes: int
+    arch: str
+    name: str
+    file_type: str | None
+    n_layers: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    head_dim_v: int
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+    rope: RopeSpec
+    tied_output: bool
+    sliding_window: int | None
+    kv_layers: tuple[KVLayer, ...]
+    tensors: tuple[TensorSpec, ...]
+    layer_bytes: tuple[int, ...]
+    other_bytes: dict[str, int] = field(hash=False)
+    total_bytes: int = 0
+    n_params: int = 0
+    tokenizer_model: str | None = None
+    has_chat_template: bool = False
+    not_plannable: str | None = None  # why the planner cannot use this model, or None
+
+    @property
+    def plannable(self) -> bool:
+        return self.not_plannable is None
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.total_bytes / self.n_params if self.n_params else 0.0
+
+    def quant_mix(self) -> dict[str, tuple[int, int]]:
+        """GGML type -> (tensor count, bytes), largest first."""
+        mix: dict[str, list[int]] = {}
+        for t in self.tensors:
+            m = mix.setdefault(t.qtype, [0, 0])
+            m[0] += 1
+            m[1] += t.n_bytes
+        return {k: (v[0], v[1]) for k, v in sorted(mix.items(), key=lambda kv: -kv[1][1])}
+
+    def kv_bytes_per_token(self, cache_type: str = "f16", layers: range | None = None) -> int:
+        """KV-cache bytes one token costs over ``layers`` (all by default) for a cache of ``cache_type``."""
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[cache_type.upper()]]
+        rows = self.kv_layers if layers is None else [self.kv_layers[i] for i in layers]
+        total = 0
+        for kv in rows:
+            for width in (kv.k_dim, kv.v_dim):
+                total += kv.n_head_kv * math.ceil(width / block) * size
+        return total
+
+    def to_json(self, with_tensors: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "path": self.source, "files": list(self.files), "file_bytes": self.file_bytes,
+            "arch": self.arch, "name": self.name, "file_type": self.file_type,
+            "plannable": self.plannable, "not_plannable": self.not_plannable,
+            "n_layers": self.n_layers, "n_embd": self.n_embd, "n_head": self.n_head, "n_head_kv": self.n_head_kv,
+            "head_dim": self.head_dim, "head_dim_v": self.head_dim_v, "n_ff": self.n_ff, "n_vocab": self.n_vocab,
+            "n_ctx_train": self.n_ctx_train,
+            "rope": {"dim": self.rope.dim, "freq_base": self.rope.freq_base, "scaling_type": self.rope.scaling_type,
+                     "scaling_factor": self.rope.scaling_factor, "original_ctx": self.rope.original_ctx},
+            "tied_output": self.tied_output, "sliding_window": self.sliding_window,
+            "weights_bytes": self.total_bytes, "n_params": self.n_params,
+            "bits_per_weight": round(self.bits_per_weight, 4),
+            "layer_bytes": list(self.layer_bytes), "other_bytes": dict(self.other_bytes),
+            "kv_bytes_per_token": {t: self.kv_bytes_per_token(t) for t in KV_CACHE_TYPES},
+            "quant_mix": {k: {"tensors": c, "bytes": b} for k, (c, b) in self.quant_mix().items()},
+            "tokenizer_model": self.tokenizer_model, "has_chat_template": self.has_chat_template,
+        }
+        if with_tensors:
+            out["tensors"] = [{"name": t.name, "type": t.qtype, "shape": list(t.shape), "bytes": t.n_bytes}
+                              for t in self.tensors]
+        return out
+
+
+class _Meta:
+    """Typed, bounded access to one file's metadata for one architecture."""
+
+    def __init__(self, source: str, arch: str, fields: dict[str, Any]) -> None:
+        self.source, self.arch, self.fields = source, arch, fields
+
+    def raw(self, key: str) -> Any:
+        return self.fields.get(key.format(arch=self.arch))
+
+    def int(self, key: str, default: int | None = None, *, lo: int = 0, hi: int = _MAX_DIM) -> int | None:
+        name = key.format(arch=self.arch)
+        v = self.fields.get(name)
+        if v is None:
+            return default
+        if isinstance(v, list):  # per-layer values (e.g. head_count_kv on some models): the largest governs
+            if not v:
+                return default
+            v = max(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise GGUFError(where(self.source, f"{name} is {v!r}, expected an integer"))
+        if not lo <= v <= hi:
+            raise GGUFError(where(self.source, f"{name} is {v:,}, outside {lo:,}..{hi:,}"))
+        return v
+
+    def float(self, key: str, default: float | None = None) -> float | None:
+        name = key.format(arch=self.arch)
+        v = self.fields.get(name)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise GGUFError(where(self.source, f"{name} is {v!r}, expected a finite number"))
+        return float(v)
+
+    def per_layer(self, key: str, n_layers: int, default: int) -> list[int]:
+        v = self.raw(key)
+        if isinstance(v, list):
+            if len(v) != n_layers:
+                raise GGUFError(where(self.source, f"{key.format(arch=self.arch)} has {len(v)} entries for "
+                                                   f"{n_layers} layers"))
+            return [int(x) for x in v]
+        return [self.int(key, default) or default] * n_layers
+
+
+def _swa_layers(arch: str, meta: _Meta, n_layers: int) -> list[bool]:
+    """Which layers use sliding-window attention, as llama.cpp decides it."""
+    if not meta.int(Keys.Attention.SLIDING_WINDOW, 0):
+        return [False] * n_layers
+    pattern = meta.raw(Keys.Attention.SLIDING_WINDOW_PATTERN)
+    if isinstance(pattern, list) and len(pattern) == n_layers:
+        return [bool(x) for x in pattern]
+    # llama.cpp set_swa_pattern(n): layer il is SWA when il % n < n - 1 (gemma2: n=2, gemma3: n=6)
+    n = {"gemma2": 2, "gemma3": 6}.get(arch)
+    if isinstance(pattern, int) and pattern > 0:
+        n = pattern
+    if n is None:
+        return [False] * n_layers
+    return [il % n < n - 1 for il in range(n_layers)]
+
+
+def build_spec(*, source: str, files: tuple[str, ...], file_bytes: int, fields: dict[str, Any],
+               array_lengths: dict[str, int], tensors: list[TensorSpec]) -> ModelSpec:
+    if not tensors:
+        raise GGUFError(where(source, "holds no tensors (a vocab-only file?): nothing to run"))
+    arch = fields.get(Keys.General.ARCHITECTURE)
+    if not isinstance(arch, str) or not arch:
+        raise GGUFError(where(source, "no general.architecture key"))
+    meta = _Meta(source, arch, fields)
+    by_name = {t.name: t for t in tensors}
+
+    layer_ids = [t.layer for t in tensors if t.layer is not None]
+    n_layers = meta.int(Keys.LLM.BLOCK_COUNT, None, lo=1, hi=_MAX_LAYERS)
+    missing = [k for k in (Keys.LLM.BLOCK_COUNT, Keys.LLM.EMBEDDING_LENGTH, Keys.Attention.HEAD_COUNT)
+               if meta.raw(k) is None]
+    if n_layers is None:
+        n_layers = max(layer_ids) + 1 if layer_ids else 0
+    if layer_ids and max(layer_ids) >= n_layers:
+        raise GGUFError(where(source, f"tensor blk.{max(layer_ids)} is past {arch}.block_count = {n_layers}"))
+
+    embd = by_name.get("token_embd.weight")
+    n_embd = meta.int(Keys.LLM.EMBEDDING_LENGTH, embd.shape[-1] if embd else 0) or 0
+    n_head = meta.int(Keys.Attention.HEAD_COUNT, 0) or 0
+    n_head_kv = meta.int(Keys.Attention.HEAD_COUNT_KV, n_head) or 0
+    head_dim = meta.int(Keys.Attention.KEY_LENGTH, n_embd // n_head if n_head else 0) or 0
+    head_dim_v = meta.int(Keys.Attention.VALUE_LENGTH, head_dim) or 0
+    n_ff = meta.int(Keys.LLM.FEED_FORWARD_LENGTH, 0) or 0
+    n_vocab = meta.int(Keys.LLM.VOCAB_SIZE, array_lengths.get(Keys.Tokenizer.LIST)
+                       or (embd.shape[0] if embd else 0), hi=1 << 26) or 0
+    n_ctx_train = meta.int(Keys.LLM.CONTEXT_LENGTH, 0, hi=1 << 31) or 0
+
+    swa = _swa_layers(arch, meta, n_layers)
+    kv_heads = meta.per_layer(Keys.Attention.HEAD_COUNT_KV, n_layers, n_head_kv)
+    kv_layers = tuple(KVLayer(kv_heads[i], head_dim, head_dim_v, swa[i]) for i in range(n_layers))
+
+    layer_bytes = [0] * n_layers
+    other: dict[str, int] = {}
+    for t in tensors:
+        if t.layer is None:
+            other[t.name] = t.n_bytes
+        else:
+            layer_bytes[t.layer] += t.n_bytes
+    scaling = meta.raw(Keys.Rope.SCALING_TYPE)
+    rope = RopeSpec(dim=meta.int(Keys.Rope.DIMENSION_COUNT, head_dim) or 0,
+                    freq_base=meta.float(Keys.Rope.FREQ_BASE, 10000.0) or 10000.0,
+                    scaling_type=scaling if isinstance(scaling, str) else None,
+                    scaling_factor=meta.float(Keys.Rope.SCALING_FACTOR),
+                    original_ctx=meta.int(Keys.Rope.SCALING_ORIG_CTX_LEN, None, hi=1 << 31))
+
+    not_plannable = None
+    if arch not in PLANNABLE_ARCHS:
+        not_plannable = f"architecture {arch!r} is not plannable yet (mixrun plans {', '.join(sorted(PLANNABLE_ARCHS))})"
+    elif missing:
+        not_plannable = "missing metadata: " + ", ".join(k.format(arch=arch) for k in missing)
+    elif n_head_kv == 0 or n_head % n_head_kv:
+        not_plannable = f"{n_head} attention heads cannot be grouped over {n_head_kv} KV heads"
+
+    file_type = fields.get(Keys.General.FILE_TYPE)
+    if isinstance(file_type, int):
+        from gguf import LlamaFileType
+
+        try:
+            file_type = LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+        except ValueError:
+            file_type = str(file_type)
+    name = fields.get(Keys.General.NAME)
+    tok = fields.get(Keys.Tokenizer.MODEL)
+    return ModelSpec(
+        source=source, files=files, file_bytes=file_bytes, arch=arch,
+        name=name if isinstance(name, str) else "", file_type=file_type if isinstance(file_type, str) else None,
+        n_layers=n_layers, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+        head_dim_v=head_dim_v, n_ff=n_ff, n_vocab=n_vocab, n_ctx_train=n_ctx_train, rope=rope,
+        tied_output="output.weight" not in by_name, sliding_window=meta.int(Keys.Attention.SLIDING_WINDOW, None),
+        kv_layers=kv_layers, tensors=tuple(tensors), layer_bytes=tuple(layer_bytes), other_bytes=other,
+        total_bytes=sum(t.n_bytes for t in tensors), n_params=sum(t.n_elements for t in tensors),
+        tokenizer_model=tok if isinstance(tok, str) else None,
+        has_chat_template=isinstance(fields.get(Keys.Tokenizer.CHAT_TEMPLATE), str),
+        not_plannable=not_plannable,
+    )

@@ -1,0 +1,317 @@
+"""RigProfile: what a rig offers. Schema (format ``mixrun-profile/1``), TOML load/save, validation, lookup.
+
+Profiles are shared between users, so they are untrusted input: unknown keys are errors, numbers must be finite and
+within physical bounds, ids must be unique and every reference must resolve. Errors name the file, the field path
+(``devices[2].vram_gib``) and the problem. Units are in the key names (GiB, GB/s, TFLOP/s, microseconds).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mixrun.errors import ProfileError, where
+
+FORMAT = "mixrun-profile/1"
+GIB = 1 << 30
+Source = Literal["datasheet", "measured", "user"]
+Backend = Literal["cuda", "rocm", "vulkan", "metal", "cpu"]
+LinkKind = Literal["nvlink", "nvswitch", "pcie", "ethernet", "infiniband", "thunderbolt"]
+Split = Literal["none", "layer", "row", "tensor", "hybrid"]
+Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
+# Physical bounds: anything outside is a typo or an attack, not hardware.
+MAX_VRAM_GIB = 1024.0
+MAX_RAM_GIB = 64 * 1024.0
+MAX_BANDWIDTH_GBS = 100_000.0
+MAX_TFLOPS = 100_000.0
+MAX_DEVICES = 4096
+# A host's default GPU<->GPU bandwidth when the profile does not say (PCIe 4.0 x16, one direction, achieved).
+DEFAULT_PCIE_GBS = 25.0
+DEFAULT_PCIE_LATENCY_US = 10.0
+DEFAULT_NETWORK_GBPS = 1.0
+DEFAULT_NETWORK_LATENCY_US = 100.0
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class Host(_Strict):
+    """One machine. Devices on different hosts talk over the network."""
+
+    id: Id
+    ram_gib: Annotated[float, Field(gt=0, le=MAX_RAM_GIB)] | None = None
+    cpu_cores: Annotated[int, Field(ge=1, le=4096)] | None = None
+    pcie_gbs: Annotated[float, Field(gt=0, le=MAX_BANDWIDTH_GBS)] = DEFAULT_PCIE_GBS
+    network_gbps: Annotated[float, Field(gt=0, le=100_000.0)] = DEFAULT_NETWORK_GBPS
+    source: Source | None = None
+
+
+class Device(_Strict):
+    """One compute device: a GPU, or a CPU host's memory and cores (``backend = "cpu"``)."""
+
+    id: Id
+    host: Id | None = None
+    backend: Backend
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    vram_gib: Annotated[float, Field(gt=0, le=MAX_RAM_GIB)]
+    reserved_gib: Annotated[float, Field(ge=0, le=MAX_RAM_GIB)] = 0.0
+    mem_bandwidth_gbs: Annotated[float, Field(gt=0, le=MAX_BANDWIDTH_GBS)]
+    fp16_tflops: Annotated[float, Field(gt=0, le=MAX_TFLOPS)]
+    pci_bus_id: Annotated[str, Field(max_length=64)] | None = None
+    source: Source | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Device:
+        if self.backend != "cpu" and self.vram_gib > MAX_VRAM_GIB:
+            raise ValueError(f"vram_gib {self.vram_gib} is over {MAX_VRAM_GIB:.0f} GiB; no GPU has that much")
+        if self.reserved_gib >= self.vram_gib:
+            raise ValueError(f"reserved_gib {self.reserved_gib} leaves nothing of vram_gib {self.vram_gib}")
+        return self
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Bytes the planner may fill: memory less what the desktop or driver holds."""
+        return int((self.vram_gib - self.reserved_gib) * GIB)
+
+
+class Link(_Strict):
+    """A direct connection between two devices; bandwidth is one direction."""
+
+    between: Annotated[tuple[Id, Id], Field(strict=False)]
+    kind: LinkKind
+    bandwidth_gbs: Annotated[float, Field(gt=0, le=MAX_BANDWIDTH_GBS)]
+    latency_us: Annotated[float, Field(gt=0, le=1e6)] | None = None
+    source: Source | None = None
+
+
+class Result(_Strict):
+    """A measured run, so a shared profile carries evidence of what the rig achieved."""
+
+    model: Annotated[str, Field(min_length=1, max_length=500)]
+    split: Split
+    backend: Literal["llama.cpp", "torch"] | None = None
+    decode_tok_s: Annotated[float, Field(gt=0, le=1e7)]
+    prefill_tok_s: Annotated[float, Field(gt=0, le=1e9)] | None = None
+    model_bytes: Annotated[int, Field(gt=0)] | None = None
+    ctx: Annotated[int, Field(gt=0, le=1 << 31)] | None = None
+    date: Annotated[str, Field(max_length=40)] | None = None
+    mixrun_version: Annotated[str, Field(max_length=40)] | None = None
+    source: Source | None = None
+
+
+class RigProfile(_Strict):
+    """A rig: hosts, devices, links between them, and measured results."""
+
+    format: Literal["mixrun-profile/1"]
+    name: Id
+    description: Annotated[str, Field(max_length=2000)] = ""
+    source: Source = "datasheet"
+    hosts: Annotated[tuple[Host, ...], Field(strict=False, max_length=1024)] = ()
+    devices: Annotated[tuple[Device, ...], Field(strict=False, min_length=1, max_length=MAX_DEVICES)]
+    links: Annotated[tuple[Link, ...], Field(strict=False, max_length=MAX_DEVICES * 8)] = ()
+    results: Annotated[tuple[Result, ...], Field(strict=False, max_length=10_000)] = ()
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_refs(self) -> RigProfile:
+        _unique("hosts", [h.id for h in self.hosts])
+        _unique("devices", [d.id for d in self.devices])
+        host_ids = {h.id for h in self.hosts}
+        for i, d in enumerate(self.devices):
+            if d.host is not None and d.host not in host_ids:
+                known = ", ".join(sorted(host_ids)) or "none: the profile has no [[hosts]]"
+                raise ValueError(f"devices[{i}].host: unknown host {d.host!r} (known: {known})")
+            if d.host is None and len(self.hosts) > 1:
+                raise ValueError(f"devices[{i}].host: required when the profile has several hosts")
+        dev_ids = {d.id for d in self.devices}
+        pairs: set[frozenset[str]] = set()
+        for i, link in enumerate(self.links):
+            a, b = link.between
+            for end in (a, b):
+                if end not in dev_ids:
+                    raise ValueError(f"links[{i}].between: unknown device {end!r}")
+            if a == b:
+                raise ValueError(f"links[{i}].between: a device cannot link to itself ({a!r})")
+            pair = frozenset((a, b))
+            if pair in pairs:
+                raise ValueError(f"links[{i}].between: a second link between {a!r} and {b!r}")
+            pairs.add(pair)
+        return self
+
+    # ---- pure lookups the planner uses -------------------------------------------------------------------------
+
+    def device(self, device_id: str) -> Device:
+        for d in self.devices:
+            if d.id == device_id:
+                return d
+        raise KeyError(device_id)
+
+    def host_of(self, device: Device) -> Host | None:
+        hid = device.host or (self.hosts[0].id if self.hosts else None)
+        return next((h for h in self.hosts if h.id == hid), None)
+
+    def link(self, a: str, b: str) -> Link:
+        """The link between two devices: the profile's own, or the host default (PCIe, or the network)."""
+        for link in self.links:
+            if set(link.between) == {a, b}:
+                return link
+        da, db = self.device(a), self.device(b)
+        ha, hb = self.host_of(da), self.host_of(db)
+        if (ha.id if ha else None) != (hb.id if hb else None):
+            gbps = min(ha.network_gbps if ha else DEFAULT_NETWORK_GBPS, hb.network_gbps if hb else DEFAULT_NETWORK_GBPS)
+            return Link(between=(a, b), kind="ethernet", bandwidth_gbs=gbps / 8, latency_us=DEFAULT_NETWORK_LATENCY_US)
+        return Link(between=(a, b), kind="pcie", bandwidth_gbs=ha.pcie_gbs if ha else DEFAULT_PCIE_GBS,
+                    latency_us=DEFAULT_PCIE_LATENCY_US)
+
+
+def _unique(what: str, ids: list[str]) -> None:
+    seen: set[str] = set()
+    for i, x in enumerate(ids):
+        if x in seen:
+            raise ValueError(f"{what}[{i}].id: duplicate id {x!r}")
+        seen.add(x)
+
+
+# ---- errors -----------------------------------------------------------------------------------------------------
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or str(part).startswith(("function-", "constrained-")):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def validation_messages(err: ValidationError) -> list[str]:
+    """``field.path: problem`` for each error, worded for people."""
+    msgs = []
+    for e in err.errors(include_url=False):
+        path = _loc(tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p)))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (a typo? free-form values go in [extra])"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        if msg.split(":", 1)[0].count(".") or msg.startswith(("devices[", "links[", "hosts[")):
+            msgs.append(msg)  # the model validator already named the field
+        else:
+            msgs.append(f"{path}: {msg}" if path else msg)
+    return msgs
+
+
+# ---- load / save ------------------------------------------------------------------------------------------------
+
+MAX_PROFILE_BYTES = 4 * 1024 * 1024
+
+
+def parse_profile(data: dict[str, Any], origin: str) -> RigProfile:
+    try:
+        return RigProfile.model_validate(data)
+    except ValidationError as e:
+        msgs = validation_messages(e)
+        more = f" (and {len(msgs) - 1} more)" if len(msgs) > 1 else ""
+        raise ProfileError(where(origin, msgs[0] + more)) from None
+
+
+def load_profile_file(path: str | os.PathLike[str]) -> RigProfile:
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > MAX_PROFILE_BYTES:
+            raise ProfileError(where(p, f"{size:,} bytes is too large for a profile (limit {MAX_PROFILE_BYTES:,})"))
+        text = p.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ProfileError(where(p, "no such file")) from None
+    except IsADirectoryError:
+        raise ProfileError(where(p, "is a directory, not a profile")) from None
+    except UnicodeDecodeError:
+        raise ProfileError(where(p, "not UTF-8 text")) from None
+    except OSError as e:
+        raise ProfileError(where(p, f"cannot read ({e.strerror})")) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(where(p, f"not valid TOML ({e})")) from None
+    return parse_profile(data, str(p))
+
+
+def dump_profile(profile: RigProfile) -> str:
+    import tomli_w
+
+    data = profile.model_dump(mode="json", exclude_none=True)
+    for key in ("hosts", "links", "results"):
+        if not data.get(key):
+            data.pop(key, None)
+    if not data.get("extra"):
+        data.pop("extra", None)
+    return tomli_w.dumps(data)
+
+
+def save_profile(profile: RigProfile, path: str | os.PathLike[str]) -> Path:
+    from mixrun.fsutil import atomic_write_text
+
+    return atomic_write_text(path, dump_profile(profile))
+
+
+def user_profile_dir() -> Path:
+    """Where the user's own profiles live (``$MIXRUN_CONFIG_DIR/profiles`` or the platform's config dir)."""
+    base = os.environ.get("MIXRUN_CONFIG_DIR")
+    if not base:
+        import platformdirs
+
+        base = platformdirs.user_config_dir("mixrun")
+    return Path(base) / "profiles"
+
+
+def bundled_profiles() -> Iterator[tuple[str, Any]]:
+    """(name, Traversable) of each profile shipped in ``mixrun.profiles``."""
+    for entry in sorted(resources.files("mixrun.profiles").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            yield entry.name.removesuffix(".toml"), entry
+
+
+def user_profiles() -> Iterator[tuple[str, Path]]:
+    d = user_profile_dir()
+    if d.is_dir():
+        for p in sorted(d.glob("*.toml")):
+            yield p.stem, p
+
+
+def find_profile(ref: str) -> tuple[str, str]:
+    """Resolve a path or name to ``(origin, kind)`` where kind is ``file``, ``user`` or ``bundled``.
+
+    A user profile shadows a bundled one of the same name, so a user's copy (with recorded results) wins.
+    """
+    if os.sep in ref or ref.endswith(".toml") or Path(ref).exists():
+        return ref, "file"
+    for name, path in user_profiles():
+        if name == ref:
+            return str(path), "user"
+    for name, entry in bundled_profiles():
+        if name == ref:
+            return str(entry), "bundled"
+    names = sorted({n for n, _ in bundled_profiles()} | {n for n, _ in user_profiles()})
+    raise ProfileError(where(ref, "no such profile file or name (try `mixrun profile list`; known: "
+                                  + ", ".join(names) + ")"))
+
+
+def load_profile(ref: str) -> RigProfile:
+    origin, kind = find_profile(ref)
+    if kind == "bundled":
+        entry = next(e for n, e in bundled_profiles() if n == ref)
+        with resources.as_file(entry) as p:
+            prof = load_profile_file(p)
+            return prof
+    return load_profile_file(origin)

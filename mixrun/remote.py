@@ -1,0 +1,112 @@
+"""Read a remote GGUF's header with HTTP Range requests, so a 40 GB model can be checked before downloading it.
+
+The bytes fetched so far are written at their offsets into a sparse temporary file as large as the remote file;
+``gguf_spec.parse_part`` parses it with ``header_limit`` set to the fetched length. When the header runs past what
+was fetched, the parse says how far it needs to get (an estimate from the average item size inside a long string
+array) and only the missing bytes are fetched. Tensor data is never downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import PurePosixPath
+from urllib.parse import urlsplit, urlunsplit
+
+from mixrun import __version__
+from mixrun.errors import GGUFError, where
+
+FIRST_WINDOW_BYTES = 512 * 1024
+MAX_HEADER_BYTES = 512 * 1024 * 1024  # no real GGUF header is this large; stop before fetching more
+TIMEOUT_S = 30.0
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+
+
+class RangeReader:
+    """Fetches byte ranges of one URL into a sparse local file; counts what it transferred."""
+
+    def __init__(self, url: str, tmpdir: str) -> None:
+        self.url = url
+        self.fetched = 0  # bytes [0, fetched) are present in the local file
+        self.transferred = 0
+        self.total: int | None = None
+        fd, self.path = tempfile.mkstemp(suffix=".gguf", dir=tmpdir)
+        os.close(fd)
+
+    def _get(self, start: int, end: int) -> bytes:
+        req = urllib.request.Request(self.url, headers={"Range": f"bytes={start}-{end - 1}",
+                                                        "User-Agent": f"mixrun/{__version__}"})
+        try:
+            with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
+                if resp.status != 206:
+                    raise GGUFError(where(self.url, f"the server ignored the Range request (HTTP {resp.status}); "
+                                                    "download the file and inspect it locally"))
+                m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+                if not m or int(m.group(1)) != start:
+                    raise GGUFError(where(self.url, "the server sent no usable Content-Range header"))
+                total = int(m.group(3))
+                if self.total is not None and total != self.total:
+                    raise GGUFError(where(self.url, "the remote file changed size while being read"))
+                self.total = total
+                want = min(end, total) - start
+                body = resp.read(want + 1)
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and start > 0:
+                return b""
+            raise GGUFError(where(self.url, f"HTTP {e.code} {e.reason}")) from None
+        except (urllib.error.URLError, TimeoutError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise GGUFError(where(self.url, f"cannot fetch ({reason})")) from None
+        if len(body) != want:
+            raise GGUFError(where(self.url, f"the server sent {len(body):,} bytes for a {want:,}-byte range"))
+        self.transferred += len(body)
+        return body
+
+    def ensure(self, end: int) -> None:
+        """Make bytes [0, end) present locally (clipped to the file's size)."""
+        if self.total is not None:
+            end = min(end, self.total)
+        if end <= self.fetched:
+            return
+        if end > MAX_HEADER_BYTES:
+            raise GGUFError(where(self.url, f"header larger than {MAX_HEADER_BYTES >> 20} MiB; not a usable GGUF"))
+        body = self._get(self.fetched, end)
+        with open(self.path, "r+b") as f:
+            f.seek(self.fetched)
+            f.write(body)
+            f.truncate(self.total)  # sparse: the rest of the file reads as zeros and takes no disk
+        self.fetched += len(body)
+
+
+def split_urls(url: str) -> list[str]:
+    """All parts of a split model given the URL of any part, like ``gguf_spec.split_parts`` for paths."""
+    from mixrun.gguf_spec import split_parts
+
+    parts = urlsplit(url)
+    names = split_parts(str(PurePosixPath(parts.path)))
+    return [urlunsplit(parts._replace(path=n)) for n in names]
+
+
+def read_remote_parts(url: str) -> list:
+    """Parse the header of each part of a remote model; returns gguf_spec parts named by their URLs."""
+    from mixrun.gguf_spec import _Truncated, check_tensor_data, parse_part
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="mixrun-remote-") as tmp:
+        for part_url in split_urls(url):
+            rr = RangeReader(part_url, tmp)
+            rr.ensure(FIRST_WINDOW_BYTES)
+            while True:
+                try:
+                    part = parse_part(rr.path, header_limit=rr.fetched, display=part_url)
+                    break
+                except _Truncated as t:
+                    if rr.total is not None and rr.fetched >= rr.total:
+                        raise GGUFError(where(part_url, "truncated header")) from None
+                    rr.ensure(max(t.need, rr.fetched + rr.fetched // 2))
+            check_tensor_data(part)
+            out.append(part)
+    return out

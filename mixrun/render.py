@@ -1,0 +1,182 @@
+"""Human output for the CLI (rich). The only place bytes become GiB."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from mixrun.model_spec import KV_CACHE_TYPES, ModelSpec
+from mixrun.profile import RigProfile
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    if abs(n) >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    if abs(n) >= MIB:
+        return f"{n / MIB:.1f} MiB"
+    if abs(n) >= 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n} B"
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def render_spec(spec: ModelSpec, show_tensors: bool = False) -> None:
+    from rich.table import Table
+
+    con = _console()
+    title = spec.name or Path(spec.source).name
+    con.print(f"[bold]{title}[/]  [dim]{spec.source}" + (f" ({len(spec.files)} parts)" if len(spec.files) > 1 else ""))
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="dim")
+    facts.add_column()
+    rows = [
+        ("architecture", spec.arch + ("" if spec.plannable else f"  [yellow]({spec.not_plannable})[/]")),
+        ("file type", spec.file_type or "n/a"),
+        ("layers", str(spec.n_layers)),
+        ("embedding", str(spec.n_embd)),
+        ("heads / KV heads", f"{spec.n_head} / {spec.n_head_kv}  (head dim {spec.head_dim}"
+                             + (f", V {spec.head_dim_v}" if spec.head_dim_v != spec.head_dim else "") + ")"),
+        ("FFN", str(spec.n_ff)),
+        ("vocabulary", f"{spec.n_vocab:,}  ({spec.tokenizer_model or 'n/a'} tokenizer"
+                       + (", chat template" if spec.has_chat_template else ", no chat template") + ")"),
+        ("training context", f"{spec.n_ctx_train:,}"),
+        ("RoPE", f"dim {spec.rope.dim}, base {spec.rope.freq_base:g}"
+                 + (f", {spec.rope.scaling_type} x{spec.rope.scaling_factor:g}" if spec.rope.scaling_factor else "")),
+        ("output", "tied to token_embd" if spec.tied_output else "separate output.weight"),
+        ("parameters", f"{spec.n_params / 1e9:.3f} B  ({spec.bits_per_weight:.2f} bits per weight)"),
+        ("weights", f"{fmt_bytes(spec.total_bytes)}  ({spec.total_bytes:,} bytes; "
+                    f"{fmt_bytes(sum(spec.other_bytes.values()))} outside layers)"),
+        ("KV cache / token", "  ".join(f"{t} {fmt_bytes(spec.kv_bytes_per_token(t))}" for t in KV_CACHE_TYPES)),
+    ]
+    if spec.sliding_window:
+        n_swa = sum(kv.sliding for kv in spec.kv_layers)
+        rows.append(("sliding window", f"{spec.sliding_window:,} on {n_swa} of {spec.n_layers} layers"))
+    for k, v in rows:
+        facts.add_row(k, v)
+    con.print(facts)
+    mix = Table(title="tensor types", title_justify="left", show_edge=False)
+    mix.add_column("type")
+    mix.add_column("tensors", justify="right")
+    mix.add_column("bytes", justify="right")
+    mix.add_column("share", justify="right")
+    for qtype, (count, n_bytes) in spec.quant_mix().items():
+        mix.add_row(qtype, str(count), fmt_bytes(n_bytes), f"{100 * n_bytes / spec.total_bytes:.1f}%")
+    mix.add_row("[bold]total", f"[bold]{len(spec.tensors)}", f"[bold]{fmt_bytes(spec.total_bytes)}", "100%")
+    con.print(mix)
+    if show_tensors:
+        t = Table(show_edge=False)
+        for col in ("name", "type", "shape", "bytes"):
+            t.add_column(col, justify="right" if col == "bytes" else "left")
+        for ts in spec.tensors:
+            t.add_row(ts.name, ts.qtype, " x ".join(map(str, ts.shape)), f"{ts.n_bytes:,}")
+        con.print(t)
+
+
+def render_profile_list(bundled: list[tuple[str, Any]], user: list[tuple[str, Path]], user_dir: Path) -> None:
+    from rich.table import Table
+
+    from mixrun.errors import ProfileError
+    from mixrun.profile import load_profile_file
+
+    t = Table(show_edge=False)
+    for col in ("name", "where", "devices", "description"):
+        t.add_column(col)
+    user_names = {n for n, _ in user}
+    for name, path in user:
+        try:
+            prof = load_profile_file(path)
+            t.add_row(name, "user", _device_summary(prof), prof.description)
+        except ProfileError as e:
+            t.add_row(name, "user", "[red]invalid[/]", str(e))
+    for name, entry in bundled:
+        from importlib import resources
+
+        with resources.as_file(entry) as p:
+            prof = load_profile_file(p)
+        where = "bundled (shadowed)" if name in user_names else "bundled"
+        t.add_row(name, where, _device_summary(prof), prof.description)
+    con = _console()
+    con.print(t)
+    con.print(f"[dim]user profiles: {user_dir}")
+
+
+def _device_summary(prof: RigProfile) -> str:
+    counts: dict[str, int] = {}
+    for d in prof.devices:
+        if d.backend != "cpu":
+            counts[d.name.replace("NVIDIA ", "").replace("GeForce ", "")] = counts.get(d.name, 0) + 1
+    return ", ".join(f"{n}x {k}" for k, n in counts.items()) or "CPU only"
+
+
+def render_profile(prof: RigProfile) -> None:
+    from rich.table import Table
+
+    con = _console()
+    con.print(f"[bold]{prof.name}[/]  [dim]{prof.format}, {prof.source}")
+    if prof.description:
+        con.print(prof.description)
+    if prof.hosts:
+        h = Table(title="hosts", title_justify="left", show_edge=False)
+        for col in ("id", "RAM", "cores", "PCIe GB/s", "network Gb/s"):
+            h.add_column(col)
+        for host in prof.hosts:
+            h.add_row(host.id, f"{host.ram_gib:g} GiB" if host.ram_gib else "n/a", str(host.cpu_cores or "n/a"),
+                      f"{host.pcie_gbs:g}", f"{host.network_gbps:g}")
+        con.print(h)
+    t = Table(title="devices", title_justify="left", show_edge=False)
+    for col in ("id", "host", "backend", "name", "memory", "reserved", "GB/s", "TFLOP/s", "source"):
+        t.add_column(col)
+    for d in prof.devices:
+        t.add_row(d.id, d.host or "-", d.backend, d.name, f"{d.vram_gib:g} GiB", f"{d.reserved_gib:g} GiB",
+                  f"{d.mem_bandwidth_gbs:g}", f"{d.fp16_tflops:g}", d.source or prof.source)
+    con.print(t)
+    if prof.links:
+        lt = Table(title="links", title_justify="left", show_edge=False)
+        for col in ("between", "kind", "GB/s (one way)", "latency", "source"):
+            lt.add_column(col)
+        for link in prof.links:
+            lt.add_row(" <-> ".join(link.between), link.kind, f"{link.bandwidth_gbs:g}",
+                       f"{link.latency_us:g} us" if link.latency_us else "n/a", link.source or prof.source)
+        con.print(lt)
+    if prof.results:
+        rt = Table(title="measured results", title_justify="left", show_edge=False)
+        for col in ("model", "split", "backend", "decode tok/s", "prefill tok/s", "date"):
+            rt.add_column(col)
+        for r in prof.results:
+            rt.add_row(r.model, r.split, r.backend or "n/a", f"{r.decode_tok_s:g}",
+                       f"{r.prefill_tok_s:g}" if r.prefill_tok_s else "n/a", r.date or "n/a")
+        con.print(rt)
+    notes = prof.extra.get("notes") if isinstance(prof.extra, dict) else None
+    if isinstance(notes, list):
+        for n in notes:
+            con.print(f"[dim]note: {n}")
+
+
+@contextlib.contextmanager
+def progress_status() -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr for steps that take more than a moment; plain lines when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        start = time.perf_counter()
+
+        def plain(msg: str) -> None:
+            print(f"[{time.perf_counter() - start:5.1f}s] {msg}", file=sys.stderr)
+
+        yield plain
+        return
+    con = _console(stderr=True)
+    with con.status("working") as status:
+        yield lambda msg: status.update(msg)

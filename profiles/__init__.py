@@ -1,0 +1,1 @@
+"""Curated rig profiles (``*.toml``, format ``mixrun-profile/1``) shipped with mixrun."""

@@ -1,0 +1,1 @@
+"""The Textual app of mixrun, imported as ``mixrun.tui``."""
