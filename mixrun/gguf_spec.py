@@ -54,12 +54,17 @@ class _BoundedReader(GGUFReader):
     def __init__(self, path: os.PathLike[str] | str, header_limit: int | None = None) -> None:
         size = os.path.getsize(path)
         self._limit = size if header_limit is None else min(header_limit, size)
+        self._tensor_data = False
         super().__init__(path, "r")
 
     def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
         count = int(count)
         end = offset + np.dtype(dtype).itemsize * count
         if end > self._limit:
+            if self._tensor_data:
+                # Data past the end (or a remote file's hole): a zero-stride placeholder that allocates nothing;
+                # check_tensor_data reports it with the tensor's name.
+                return np.broadcast_to(np.zeros(1, dtype=dtype), (count,))
             raise _Truncated(offset, end, end)
         return super()._get(offset, dtype, count, override_order)
 
@@ -85,7 +90,7 @@ class _BoundedReader(GGUFReader):
         """End offset of ``n`` length-prefixed strings starting at ``offs``; raises :class:`_Truncated` with an
         estimate of the array's end (from the average length so far) when the readable bytes run out first."""
         if n * 8 > len(self.data) - offs:
-            raise ValueError(f"string array of {n:,} items is longer than the file")
+            raise ValueError(f"truncated header (a string array of {n:,} items is longer than the file)")
         buf = memoryview(self.data)
         order = "little" if (self.byte_order == "I") == (sys.byteorder == "little") else "big"
         start, limit = offs, self._limit
@@ -99,8 +104,8 @@ class _BoundedReader(GGUFReader):
         return offs
 
     def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
-        self._header_end = start_offs
-        self._limit = len(self.data)  # tensor data is checked against the whole file
+        self._tensor_data = True
+        self._limit = len(self.data)
         super()._build_tensors(start_offs, fields)
 
 

@@ -1,0 +1,142 @@
+"""Write tiny (or sparse, huge-shaped) GGUF files with ``gguf.GGUFWriter`` for the tests.
+
+``write_model`` lays out a Llama-family model's tensors the way llama.cpp names them, with per-architecture
+differences (qwen2 QKV bias, qwen3 QK norm and explicit head dim, gemma post-norms, phi3 fused QKV and gate/up).
+``sparse=True`` writes a real header and leaves the tensor data as a hole, so a 70B-shaped file costs no disk.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+
+
+def _tensor_bytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(shape))
+    return n // block * size
+
+
+def model_tensors(arch: str, *, n_layers: int, n_embd: int, n_head: int, n_head_kv: int, head_dim: int,
+                  n_ff: int, n_vocab: int, tied: bool) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, row-major shape) of every tensor of a model of this shape."""
+    q, kv = n_head * head_dim, n_head_kv * head_dim
+    out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (n_vocab, n_embd))]
+    for i in range(n_layers):
+        b = f"blk.{i}."
+        out.append((b + "attn_norm.weight", (n_embd,)))
+        if arch == "phi3":
+            out.append((b + "attn_qkv.weight", (q + 2 * kv, n_embd)))
+        else:
+            out += [(b + "attn_q.weight", (q, n_embd)), (b + "attn_k.weight", (kv, n_embd)),
+                    (b + "attn_v.weight", (kv, n_embd))]
+        if arch == "qwen2":
+            out += [(b + "attn_q.bias", (q,)), (b + "attn_k.bias", (kv,)), (b + "attn_v.bias", (kv,))]
+        if arch in ("qwen3", "gemma3"):
+            out += [(b + "attn_q_norm.weight", (head_dim,)), (b + "attn_k_norm.weight", (head_dim,))]
+        out.append((b + "attn_output.weight", (n_embd, q)))
+        if arch in ("gemma2", "gemma3"):
+            out += [(b + "post_attention_norm.weight", (n_embd,)), (b + "post_ffw_norm.weight", (n_embd,))]
+        out.append((b + "ffn_norm.weight", (n_embd,)))
+        if arch == "phi3":
+            out.append((b + "ffn_up.weight", (2 * n_ff, n_embd)))
+        else:
+            out += [(b + "ffn_gate.weight", (n_ff, n_embd)), (b + "ffn_up.weight", (n_ff, n_embd))]
+        out.append((b + "ffn_down.weight", (n_embd, n_ff)))
+    out.append(("output_norm.weight", (n_embd,)))
+    if not tied:
+        out.append(("output.weight", (n_vocab, n_embd)))
+    return out
+
+
+def write_model(path: str | os.PathLike[str], arch: str = "llama", *, n_layers: int = 2, n_embd: int = 64,
+                n_head: int = 4, n_head_kv: int = 2, head_dim: int | None = None, n_ff: int = 128, n_vocab: int = 64,
+                n_ctx: int = 2048, tied: bool = True, qtype: str = "F32", sparse: bool = False,
+                sliding_window: int | None = None, extra_kv: dict[str, Any] | None = None,
+                split_max_tensors: int = 0, seed: int = 0) -> Path:
+    """Write a model; returns the path (the first part's when split)."""
+    head_dim = head_dim or n_embd // n_head
+    qt = GGMLQuantizationType[qtype]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    w = GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
+    w.add_name(f"tiny-{arch}")
+    w.add_block_count(n_layers)
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    if head_dim != n_embd // n_head:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(n_vocab)
+    if sliding_window:
+        w.add_sliding_window(sliding_window)
+    w.add_tokenizer_model("gpt2")
+    tokens = [f"t{i}" for i in range(n_vocab)]
+    w.add_token_list(tokens)
+    w.add_token_types([1] * n_vocab)
+    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    for k, v in (extra_kv or {}).items():
+        if isinstance(v, str):
+            w.add_string(k, v)
+        elif isinstance(v, float):
+            w.add_float32(k, v)
+        else:
+            w.add_uint32(k, v)
+    rng = np.random.default_rng(seed)
+    shapes = model_tensors(arch, n_layers=n_layers, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+                           head_dim=head_dim, n_ff=n_ff, n_vocab=n_vocab, tied=tied)
+    for name, shape in shapes:
+        t = qt if (len(shape) == 2 and not name.endswith("norm.weight")) else GGMLQuantizationType.F32
+        if sparse:
+            # Only the header matters: declare the tensor's type and shape and write no data (see below).
+            if t == GGMLQuantizationType.F32:
+                w.add_tensor_info(name, shape, np.dtype(np.float32), _tensor_bytes(shape, t))
+            else:
+                byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, t)
+                w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), _tensor_bytes(shape, t), raw_dtype=t)
+            continue
+        data = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if name.endswith("norm.weight"):
+            data = 1.0 + data
+        if t == GGMLQuantizationType.F32:
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(data, t), raw_dtype=t)
+    if sparse:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        total = sum(_tensor_bytes(s, qt if len(s) == 2 else GGMLQuantizationType.F32) for _, s in shapes)
+        fout = w.fout[0]
+        data_start = fout.tell()
+        w.close()
+        with open(path, "r+b") as f:
+            f.truncate(data_start + total + 32 * len(shapes))  # a hole: no disk used, reads as zeros
+        return Path(path)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if split_max_tensors:
+        p = Path(path)
+        return p.with_name(f"{p.stem}-00001-of-{_count_parts(p):05d}.gguf")
+    return Path(path)
+
+
+def _count_parts(p: Path) -> int:
+    return len(list(p.parent.glob(f"{p.stem}-*-of-*.gguf")))
+
+
+def header_size(path: str | os.PathLike[str]) -> int:
+    """Offset where tensor data starts (the end of the padded header)."""
+    return int(gguf.GGUFReader(str(path)).data_offset)
