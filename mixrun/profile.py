@@ -8,6 +8,7 @@ within physical bounds, ids must be unique and every reference must resolve. Err
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Iterator
 from importlib import resources
@@ -70,9 +71,9 @@ class Device(_Strict):
     @model_validator(mode="after")
     def _check(self) -> Device:
         if self.backend != "cpu" and self.vram_gib > MAX_VRAM_GIB:
-            raise ValueError(f"vram_gib {self.vram_gib} is over {MAX_VRAM_GIB:.0f} GiB; no GPU has that much")
+            raise ValueError(f"vram_gib: {self.vram_gib:g} is over {MAX_VRAM_GIB:.0f} GiB; no GPU has that much")
         if self.reserved_gib >= self.vram_gib:
-            raise ValueError(f"reserved_gib {self.reserved_gib} leaves nothing of vram_gib {self.vram_gib}")
+            raise ValueError(f"reserved_gib: {self.reserved_gib:g} leaves nothing of vram_gib {self.vram_gib:g}")
         return self
 
     @property
@@ -198,17 +199,22 @@ def validation_messages(err: ValidationError) -> list[str]:
     """``field.path: problem`` for each error, worded for people."""
     msgs = []
     for e in err.errors(include_url=False):
-        path = _loc(tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p)))
+        path = _loc(e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (a typo? free-form values go in [extra])"
         elif e["type"] == "missing":
             msg = "required field is missing"
-        if msg.split(":", 1)[0].count(".") or msg.startswith(("devices[", "links[", "hosts[")):
-            msgs.append(msg)  # the model validator already named the field
+        if not path:
+            msgs.append(msg)  # a whole-profile check: its message names the field path itself
+        elif _FIELD_PREFIX.match(msg):
+            msgs.append(f"{path}.{msg}")  # a per-entry check naming one of the entry's fields
         else:
-            msgs.append(f"{path}: {msg}" if path else msg)
+            msgs.append(f"{path}: {msg}")
     return msgs
+
+
+_FIELD_PREFIX = re.compile(r"^[a-z_]+: ")
 
 
 # ---- load / save ------------------------------------------------------------------------------------------------

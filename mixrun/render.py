@@ -93,8 +93,10 @@ def render_profile_list(bundled: list[tuple[str, Any]], user: list[tuple[str, Pa
     from mixrun.profile import load_profile_file
 
     t = Table(show_edge=False)
-    for col in ("name", "where", "devices", "description"):
-        t.add_column(col)
+    t.add_column("name", no_wrap=True)
+    t.add_column("where", no_wrap=True)
+    t.add_column("devices")
+    t.add_column("description", ratio=1)
     user_names = {n for n, _ in user}
     for name, path in user:
         try:
@@ -118,7 +120,8 @@ def _device_summary(prof: RigProfile) -> str:
     counts: dict[str, int] = {}
     for d in prof.devices:
         if d.backend != "cpu":
-            counts[d.name.replace("NVIDIA ", "").replace("GeForce ", "")] = counts.get(d.name, 0) + 1
+            short = d.name.replace("NVIDIA ", "").replace("GeForce ", "")
+            counts[short] = counts.get(short, 0) + 1
     return ", ".join(f"{n}x {k}" for k, n in counts.items()) or "CPU only"
 
 
