@@ -212,28 +212,32 @@ def _measure_cuda(gpus: list[GPUInfo], progress: Progress, notes: list[str]) -> 
             continue
         dev = torch.device("cuda", by_bus[g.bus_id])
         progress(f"measuring {g.name} (cuda:{dev.index}) memory bandwidth and fp16 matmul")
-        x = torch.empty(1 << 28, dtype=torch.float32, device=dev)  # 1 GiB
-        y = torch.empty_like(x)
-        out[g.bus_id] = {
-            "mem_bandwidth_gbs": round(2 * x.nbytes / _cuda_time(lambda: y.copy_(x), dev) / 1e9, 1),
-        }
-        del x, y
-        a = torch.randn(8192, 8192, dtype=torch.float16, device=dev)
-        out[g.bus_id]["fp16_tflops"] = round(2 * 8192**3 / _cuda_time(lambda: a @ a, dev) / 1e12, 1)
-        del a
+        out[g.bus_id] = {"mem_bandwidth_gbs": _copy_gbs(torch, dev, dev, 1 << 30, both_ways=True),
+                         "fp16_tflops": _matmul_tflops(torch, dev)}
     for ga in gpus:
         for gb in gpus:
             if ga.bus_id >= gb.bus_id or ga.bus_id not in by_bus or gb.bus_id not in by_bus:
                 continue
             da, db = torch.device("cuda", by_bus[ga.bus_id]), torch.device("cuda", by_bus[gb.bus_id])
             progress(f"measuring link cuda:{da.index} <-> cuda:{db.index}")
-            big = torch.empty(1 << 26, dtype=torch.float32, device=da)  # 256 MiB
-            small = torch.empty(1, dtype=torch.float32, device=da)
-            dst_big, dst_small = torch.empty_like(big, device=db), torch.empty_like(small, device=db)
-            bw = big.nbytes / _cuda_time(lambda: dst_big.copy_(big), da, db) / 1e9
-            lat = _cuda_time(lambda: dst_small.copy_(small), da, db) * 1e6
-            out[f"{ga.bus_id}|{gb.bus_id}"] = {"bandwidth_gbs": round(bw, 2), "latency_us": round(lat, 2)}
+            bw = _copy_gbs(torch, da, db, 256 << 20)
+            lat_us = 4 / (_copy_gbs(torch, da, db, 4) * 1e9) * 1e6  # a 4-byte copy: all latency
+            out[f"{ga.bus_id}|{gb.bus_id}"] = {"bandwidth_gbs": bw, "latency_us": round(lat_us, 2)}
     return out
+
+
+def _copy_gbs(torch: Any, src_dev: Any, dst_dev: Any, n_bytes: int, both_ways: bool = False) -> float:
+    """GB/s of a copy of ``n_bytes`` from one device to another; ``both_ways`` counts read plus write bytes
+    (for a copy within one device's memory)."""
+    src = torch.empty(max(n_bytes // 4, 1), dtype=torch.float32, device=src_dev)
+    dst = torch.empty_like(src, device=dst_dev)
+    seconds = _cuda_time(lambda: dst.copy_(src), src_dev, dst_dev)
+    return round((2 if both_ways else 1) * src.nbytes / seconds / 1e9, 2)
+
+
+def _matmul_tflops(torch: Any, dev: Any, n: int = 8192) -> float:
+    a = torch.randn(n, n, dtype=torch.float16, device=dev)
+    return round(2 * n**3 / _cuda_time(lambda: a @ a, dev) / 1e12, 1)
 
 
 def _cuda_time(fn: Callable[[], Any], *devices: Any, repeats: int = 10) -> float:

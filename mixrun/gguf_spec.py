@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, Keys
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, Keys
 from gguf.constants import GGUF_MAGIC
 
 from mixrun.errors import GGUFError, where

@@ -39,7 +39,7 @@ def _base() -> dict:
 
 def test_every_bundled_profile_validates() -> None:
     names = {n for n, _ in bundled_profiles()}
-    assert REQUIRED <= names
+    assert names >= REQUIRED
     for name in names:
         prof = load_profile(name)
         assert prof.name == name

@@ -1,0 +1,108 @@
+"""Hardware discovery: the CPU host here, and NVML logic against a fake NVML of a 2x3090 NVLink + 3060 rig."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from mixrun.cli import main
+from mixrun.discover import detect, normalize_bus_id
+from mixrun.profile import load_profile_file
+
+
+class FakeNVML:
+    """Just enough of pynvml: three GPUs, gpu0 and gpu1 joined by four NVLink links."""
+
+    NVML_CLOCK_MEM, NVML_CLOCK_SM, NVML_FEATURE_ENABLED, NVML_NVLINK_MAX_LINKS = 2, 1, 1, 12
+    NVML_NVLINK_DEVICE_TYPE_GPU, NVML_NVLINK_DEVICE_TYPE_SWITCH = 0, 2
+    GPUS = [  # name, GiB, NVML bus id, mem clock MHz, bus bits, cores, SM MHz, cc, pcie gen, width, nvlink peer
+        ("NVIDIA GeForce RTX 3090", 24, "00000000:01:00.0", 9751, 384, 10496, 1695, (8, 6), 4, 16, "00000000:02:00.0"),
+        ("NVIDIA GeForce RTX 3090", 24, "00000000:02:00.0", 9751, 384, 10496, 1695, (8, 6), 4, 16, "00000000:01:00.0"),
+        ("NVIDIA GeForce RTX 3060", 12, "00000000:07:00.0", 7501, 192, 3584, 1777, (8, 6), 4, 4, None),
+    ]
+
+    def __init__(self) -> None:
+        self.shutdown = False
+
+    def nvmlInit(self) -> None: ...
+    def nvmlShutdown(self) -> None:
+        self.shutdown = True
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.GPUS)
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+    def nvmlDeviceGetName(self, h: int) -> bytes:
+        return self.GPUS[h][0].encode()
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> SimpleNamespace:
+        return SimpleNamespace(total=self.GPUS[h][1] << 30)
+    def nvmlDeviceGetPciInfo(self, h: int) -> SimpleNamespace:
+        return SimpleNamespace(busId=self.GPUS[h][2])
+    def nvmlDeviceGetMaxClockInfo(self, h: int, kind: int) -> int:
+        return self.GPUS[h][3] if kind == self.NVML_CLOCK_MEM else self.GPUS[h][6]
+    def nvmlDeviceGetMemoryBusWidth(self, h: int) -> int:
+        return self.GPUS[h][4]
+    def nvmlDeviceGetNumGpuCores(self, h: int) -> int:
+        return self.GPUS[h][5]
+    def nvmlDeviceGetCudaComputeCapability(self, h: int) -> tuple[int, int]:
+        return self.GPUS[h][7]
+    def nvmlDeviceGetMaxPcieLinkGeneration(self, h: int) -> int:
+        return self.GPUS[h][8]
+    def nvmlDeviceGetCurrPcieLinkWidth(self, h: int) -> int:
+        return self.GPUS[h][9]
+    def nvmlDeviceGetNvLinkState(self, h: int, link: int) -> int:
+        if self.GPUS[h][10] is None or link >= 4:
+            raise RuntimeError("NVMLError_NotSupported")
+        return 1
+    def nvmlDeviceGetNvLinkVersion(self, h: int, link: int) -> int:
+        return 3
+    def nvmlDeviceGetNvLinkRemoteDeviceType(self, h: int, link: int) -> int:
+        return self.NVML_NVLINK_DEVICE_TYPE_GPU
+    def nvmlDeviceGetNvLinkRemotePciInfo_v2(self, h: int, link: int) -> SimpleNamespace:
+        return SimpleNamespace(busId=self.GPUS[h][10])
+
+
+def test_fake_nvml_rig() -> None:
+    nvml = FakeNVML()
+    prof, notes = detect(nvml=nvml, measure=False)
+    assert nvml.shutdown
+    gpus = [d for d in prof.devices if d.backend == "cuda"]
+    assert [d.name for d in gpus] == ["NVIDIA GeForce RTX 3090"] * 2 + ["NVIDIA GeForce RTX 3060"]
+    assert gpus[0].vram_gib == 24.0 and gpus[0].pci_bus_id == "0000:01:00.0"
+    assert gpus[0].mem_bandwidth_gbs == pytest.approx(936.1, abs=0.2)  # the datasheet says 936
+    assert gpus[2].mem_bandwidth_gbs == pytest.approx(360.0, abs=0.1)
+    assert gpus[0].fp16_tflops == pytest.approx(71.2, abs=0.2)  # 3090: 71 dense FP16 tensor, FP32 accumulate
+    nvlinks = [lk for lk in prof.links if lk.kind == "nvlink"]
+    assert len(nvlinks) == 1 and set(nvlinks[0].between) == {"gpu0", "gpu1"}
+    assert nvlinks[0].bandwidth_gbs == 56.25  # 4 links x 14.0625 GB/s
+    assert prof.link("gpu0", "gpu2").kind == "pcie"
+    assert prof.hosts[0].pcie_gbs == pytest.approx(1.969 * 4 * 0.8, abs=0.01)  # the slowest GPU's x4 slot
+    assert any(d.backend == "cpu" for d in prof.devices)
+
+
+def test_no_driver_means_cpu_only() -> None:
+    class NoDriver:
+        def nvmlInit(self) -> None:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    prof, notes = detect(nvml=NoDriver(), measure=False)
+    assert [d.backend for d in prof.devices] == ["cpu"]
+    assert any("no NVIDIA GPU found" in n for n in notes)
+
+
+def test_bus_ids_match_across_nvml_and_cuda() -> None:
+    assert normalize_bus_id(b"00000000:0A:00.0") == normalize_bus_id("0000:0a:00.0") == "0000:0a:00.0"
+
+
+def test_detect_here_writes_a_valid_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "here.toml"
+    assert main(["profile", "detect", "-o", str(out)]) == 0
+    prof = load_profile_file(out)
+    cpu = prof.device("cpu")
+    assert cpu.source == "measured" and cpu.mem_bandwidth_gbs > 0.5 and cpu.vram_gib > 1
+    assert prof.hosts[0].cpu_cores >= 1
+    err = capsys.readouterr().err
+    assert "no NVIDIA GPU" in err or "GPU" in err  # says why no GPU was found
+    assert main(["profile", "show", str(out)]) == 0
+    assert "cpu" in capsys.readouterr().out
