@@ -119,6 +119,36 @@ def cmd_profile_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from mixrun.backends.base import Sampling, start
+    from mixrun.chat import Conversation
+    from mixrun.chat_session import interactive, one_shot
+
+    if args.backend not in ("auto", "llama.cpp"):
+        from mixrun.errors import MixrunError
+
+        raise MixrunError(f"--backend {args.backend}: not available yet (this build runs plans through llama.cpp)")
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                        repeat_penalty=args.repeat_penalty, seed=args.seed, max_tokens=args.max_tokens,
+                        stop=tuple(args.stop or ()))
+    prompt = args.prompt
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            from mixrun.errors import MixrunError
+
+            raise MixrunError("stdin: no prompt given (empty input)")
+    engine = start("llama.cpp", model=args.model or default_model(), n_ctx=args.ctx, n_threads=args.threads,
+                   seed=args.seed)
+    try:
+        conv = Conversation(system=args.system)
+        if prompt is not None:
+            return one_shot(engine, conv, prompt, sampling, as_json=args.json, quiet=args.quiet)
+        return interactive(engine, conv, sampling, quiet=args.quiet)
+    finally:
+        engine.close()
+
+
 # ---- parser ------------------------------------------------------------------------------------------------------
 
 
@@ -134,6 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tensors", action="store_true", help="list every tensor (human output)")
     s.add_argument("--no-tensors", action="store_true", help="leave the tensor list out of --json")
     s.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("chat", help="chat with a model (default: the bundled SmolLM2)")
+    c.add_argument("model", nargs="?", help=".gguf path (default: the bundled SmolLM2-135M-Instruct)")
+    c.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "torch"])
+    c.add_argument("--prompt", help="answer this once and exit (stdin that is not a terminal works too)")
+    c.add_argument("--system", help="system prompt")
+    c.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
+    c.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)")
+    c.add_argument("--max-tokens", type=int, default=512)
+    c.add_argument("--temperature", type=float, default=0.7, help="0 is greedy and deterministic")
+    c.add_argument("--top-p", type=float, default=0.95)
+    c.add_argument("--top-k", type=int, default=40)
+    c.add_argument("--min-p", type=float, default=0.05)
+    c.add_argument("--repeat-penalty", type=float, default=1.1)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--stop", action="append", help="stop at this text (repeatable)")
+    c.add_argument("--json", action="store_true", help="with --prompt or piped input: print answer and stats as JSON")
+    c.add_argument("--quiet", action="store_true", help="no stats line")
+    c.set_defaults(func=cmd_chat)
 
     prof = sub.add_parser("profile", help="rig profiles: detect, list, show, validate, schema")
     psub = prof.add_subparsers(dest="profile_command", metavar="ACTION", required=True)

@@ -1,0 +1,112 @@
+"""The llama.cpp backend, through llama-cpp-python: load a GGUF and stream tokens.
+
+Prompts are rendered by :mod:`mixrun.chat` (the sandboxed template, the same for every backend) and tokenized by
+llama.cpp itself. Generation reuses the KV cache for the prompt prefix the previous turn left (llama-cpp-python's
+``generate`` matches the prefix), so a follow-up question only prefills the new turn.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from mixrun.backends.base import EngineInfo, Sampling, Stats, register
+from mixrun.chat import ChatTemplate
+from mixrun.errors import GGUFError, where
+
+
+class LlamaCppEngine:
+    def __init__(self, model: str, n_ctx: int = 4096, n_threads: int | None = None, seed: int | None = None,
+                 kwargs: dict[str, Any] | None = None) -> None:
+        import llama_cpp
+
+        self._llama_cpp = llama_cpp
+        if not os.path.isfile(model):
+            raise GGUFError(where(model, "no such file"))
+        try:
+            self.llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_threads=n_threads,
+                                       seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
+                                       verbose=False, **(kwargs or {}))
+        except ValueError as e:  # llama-cpp-python raises ValueError("Failed to load model from file: ...")
+            raise GGUFError(where(model, f"llama.cpp could not load it ({e})")) from None
+        notes = []
+        if not llama_cpp.llama_supports_gpu_offload():
+            notes.append("llama.cpp was built without GPU support: running on the CPU")
+        self.info = EngineInfo(backend="llama.cpp", model=model, n_ctx=self.llm.n_ctx(), notes=notes)
+        bos = self._piece(self.llm.token_bos())
+        eos = self._piece(self.llm.token_eos())
+        self.template = ChatTemplate(self.llm.metadata.get("tokenizer.chat_template"), model, bos, eos)
+        self._add_bos = self.llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
+        self._bos_text = bos
+
+    def _piece(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str) -> list[int]:
+        add_bos = self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def generate(self, prompt: str, sampling: Sampling, stats: Stats) -> Iterator[str]:
+        tokens = self.tokenize(prompt)
+        stats.prompt_tokens = len(tokens)
+        room = self.info.n_ctx - len(tokens)
+        if room <= 0:
+            stats.stop_reason = "context full"
+            return
+        if sampling.seed is not None:
+            self.llm.set_seed(sampling.seed)
+        vocab = self.llm._model.vocab
+        is_eog = self._llama_cpp.llama_vocab_is_eog
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        hold = max((len(s) for s in sampling.stop), default=0)
+        text, emitted = "", 0
+        stats.stop_reason = "length"
+        t0 = time.perf_counter()
+        t_first = None
+        for tok in self.llm.generate(tokens, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
+                                     temp=sampling.temperature, repeat_penalty=sampling.repeat_penalty):
+            now = time.perf_counter()
+            if t_first is None:
+                t_first = now
+                stats.prefill_s = now - t0
+            else:
+                stats.decode_s = now - t_first
+            if is_eog(vocab, tok):
+                stats.stop_reason = "eos"
+                break
+            stats.completion_tokens += 1
+            text += decoder.decode(self.llm.detokenize([tok]))
+            cut = min((i for i in (text.find(s, max(emitted - hold, 0)) for s in sampling.stop) if i >= 0),
+                      default=-1)
+            if cut >= 0:
+                text = text[:cut]
+                stats.stop_reason = "stop"
+                break
+            safe = len(text) - hold
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+            if stats.completion_tokens >= min(sampling.max_tokens, room):
+                stats.stop_reason = "length" if stats.completion_tokens >= sampling.max_tokens else "context full"
+                break
+        text += decoder.decode(b"", final=True)
+        if len(text) > emitted:
+            yield text[emitted:]
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.close()
+
+
+@register("llama.cpp")
+def start(**kwargs: Any) -> LlamaCppEngine:
+    return LlamaCppEngine(**kwargs)

@@ -1,0 +1,175 @@
+"""``mixrun chat``: the interactive loop and the one-shot (scripted) answer, over any Engine.
+
+Interactive: answers stream as tokens arrive; Ctrl-C stops the current answer and keeps the session; Ctrl-D or
+``/quit`` leaves. Scripted (``--prompt``, or stdin that is not a terminal): one answer, only the answer on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from mixrun.backends.base import Engine, Sampling, Stats
+from mixrun.chat import Conversation
+from mixrun.errors import MixrunError, where
+
+HELP = """commands:
+  /reset          forget the conversation (keeps the system prompt)
+  /system TEXT    set the system prompt (and reset)
+  /save FILE      write the conversation as JSON
+  /load FILE      read a conversation written by /save
+  /stats          figures of the last answer
+  /help           this list
+  /quit           leave (Ctrl-D works too); Ctrl-C stops an answer"""
+
+
+def stats_line(stats: Stats) -> str:
+    return (f"{stats.completion_tokens} tokens, prefill {stats.prefill_tok_s:.1f} tok/s "
+            f"({stats.prompt_tokens} prompt tokens), decode {stats.decode_tok_s:.1f} tok/s")
+
+
+def fit_prompt(engine: Engine, conv: Conversation, sampling: Sampling, notify: Any) -> str:
+    """Render the conversation, dropping the oldest exchanges while it leaves no room to answer."""
+    want = min(sampling.max_tokens, max(engine.info.n_ctx // 4, 16))
+    while True:
+        prompt = engine.template.render(conv.messages())
+        if engine.count_tokens(prompt) + want <= engine.info.n_ctx or not conv.drop_oldest_exchange():
+            return prompt
+        notify("the conversation outgrew the context: dropped the oldest exchange")
+
+
+def answer(engine: Engine, conv: Conversation, sampling: Sampling, out: TextIO, notify: Any) -> Stats:
+    """Stream one answer to ``out`` and add it to the conversation (partial, if interrupted)."""
+    stats = Stats()
+    pieces: list[str] = []
+    try:
+        prompt = fit_prompt(engine, conv, sampling, notify)
+        for piece in engine.generate(prompt, sampling, stats):
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        stats.stop_reason = "interrupted"
+    conv.add("assistant", "".join(pieces).strip())
+    return stats
+
+
+def one_shot(engine: Engine, conv: Conversation, prompt: str, sampling: Sampling, *, as_json: bool,
+             quiet: bool) -> int:
+    conv.add("user", prompt)
+    if as_json:
+        import io
+
+        buf = io.StringIO()
+        stats = answer(engine, conv, sampling, buf, lambda m: None)
+        json.dump({"answer": buf.getvalue().strip(), "stats": stats.to_json()}, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    stats = answer(engine, conv, sampling, sys.stdout, lambda m: print(f"mixrun: {m}", file=sys.stderr))
+    sys.stdout.write("\n")
+    if not quiet and sys.stderr.isatty():
+        print(f"\x1b[2m{stats_line(stats)}\x1b[0m", file=sys.stderr)
+    return 130 if stats.stop_reason == "interrupted" else 0
+
+
+def interactive(engine: Engine, conv: Conversation, sampling: Sampling, *, quiet: bool) -> int:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    dim, reset = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
+    say = lambda m: print(f"{dim}{m}{reset}")  # noqa: E731
+    name = Path(engine.info.model).name
+    say(f"mixrun chat: {name} on {engine.info.backend}, context {engine.info.n_ctx}. /help for commands.")
+    for note in engine.info.notes:
+        say(f"note: {note}")
+    last: Stats | None = None
+    while True:
+        try:
+            line = _read_message()
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.strip().partition(" ")
+            if cmd in ("/quit", "/exit"):
+                return 0
+            try:
+                msg = _command(cmd, arg.strip(), conv, last)
+            except MixrunError as e:
+                msg = f"mixrun: {e}"
+            say(msg)
+            continue
+        conv.add("user", line)
+        last = answer(engine, conv, sampling, sys.stdout, say)
+        try:
+            print()
+            if last.stop_reason == "interrupted":
+                say("(stopped)")
+            if not quiet:
+                say(stats_line(last))
+        except KeyboardInterrupt:
+            print()
+
+
+def _read_message() -> str:
+    """One message; a line ending in a backslash continues on the next line."""
+    lines = [input(">>> ")]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(input("... "))
+    return "\n".join(lines)
+
+
+def _command(cmd: str, arg: str, conv: Conversation, last: Stats | None) -> str:
+    match cmd:
+        case "/help":
+            return HELP
+        case "/reset":
+            conv.reset()
+            return "conversation reset"
+        case "/system":
+            conv.system = arg or None
+            conv.reset()
+            return "system prompt set" if arg else "system prompt cleared"
+        case "/stats":
+            return stats_line(last) if last else "no answer yet"
+        case "/save":
+            if not arg:
+                return "usage: /save FILE"
+            from mixrun.fsutil import atomic_write_text
+
+            atomic_write_text(arg, json.dumps(conv.to_json(), indent=2) + "\n")
+            return f"saved {len(conv.turns)} messages to {arg}"
+        case "/load":
+            if not arg:
+                return "usage: /load FILE"
+            loaded = load_transcript(arg)
+            conv.system, conv.turns = loaded.system, loaded.turns
+            return f"loaded {len(conv.turns)} messages from {arg}"
+        case _:
+            return f"unknown command {cmd} (/help lists them)"
+
+
+def load_transcript(path: str) -> Conversation:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MixrunError(where(path, "no such file")) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MixrunError(where(path, f"not a mixrun transcript ({e})")) from None
+    msgs = data.get("messages") if isinstance(data, dict) else None
+    system = data.get("system") if isinstance(data, dict) else None
+    ok = isinstance(msgs, list) and all(
+        isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+        for m in msgs)
+    if not ok or not (system is None or isinstance(system, str)):
+        raise MixrunError(where(path, "not a mixrun transcript (expected {system, messages: [{role, content}]})"))
+    return Conversation(system=system, turns=[{"role": m["role"], "content": m["content"]} for m in msgs])

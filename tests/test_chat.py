@@ -1,0 +1,140 @@
+"""``mixrun chat`` on the bundled model: templates in a sandbox, scripted answers, and a real terminal session."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from mixrun.chat import ChatTemplate, Conversation, TemplateError
+from mixrun.chat_session import load_transcript
+from mixrun.errors import MixrunError
+
+MALICIOUS = [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os.popen('touch {marker}').read() }}",
+    "{{ joiner.__init__.__globals__['os'].system('touch {marker}') }}",
+    "{{ namespace.__init__.__globals__.os.system('touch {marker}') }}",
+    "{{ raise_exception.__globals__['__builtins__']['__import__']('os').system('touch {marker}') }}",
+    "{{ messages.__class__.__base__.__subclasses__() }}",
+    "{% for c in ().__class__.__base__.__subclasses__() %}{% if c.__name__ == 'Popen' %}"
+    "{{ c(['touch', '{marker}']) }}{% endif %}{% endfor %}",
+    "{{ self.__init__.__globals__.__builtins__.__import__('subprocess').call(['touch', '{marker}']) }}",
+    "{{ lipsum.__globals__['os'].system('touch {marker}') }}",
+    "{{ messages.append({'role': 'x'}) }}",  # mutation of the caller's data is refused too
+]
+
+
+@pytest.mark.parametrize("source", MALICIOUS)
+def test_malicious_templates_run_nothing(tmp_path: Path, source: str) -> None:
+    marker = tmp_path / "pwned"
+    tpl = ChatTemplate(source.replace("{marker}", str(marker)), "evil.gguf")
+    messages = [{"role": "user", "content": "hi"}]
+    try:
+        out = tpl.render(messages)
+    except TemplateError as e:
+        assert str(e).startswith("evil.gguf: ")
+    else:
+        assert "Popen" not in out and "subclasses" not in out.lower()
+    assert not marker.exists()
+    assert messages == [{"role": "user", "content": "hi"}]
+
+
+def test_fallback_and_real_template() -> None:
+    tpl = ChatTemplate(None, "x.gguf")
+    assert tpl.is_fallback
+    text = tpl.render([{"role": "user", "content": "hello"}])
+    assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(TemplateError, match=r"x\.gguf: chat template does not parse"):
+        ChatTemplate("{% for %}", "x.gguf")
+    with pytest.raises(TemplateError, match="the chat template raised: no system"):
+        ChatTemplate("{{ raise_exception('no system') }}", "x.gguf").render([])
+
+
+def test_conversation_and_transcripts(tmp_path: Path) -> None:
+    conv = Conversation(system="be brief")
+    conv.add("user", "a")
+    conv.add("assistant", "b")
+    conv.add("user", "c")
+    assert conv.messages()[0] == {"role": "system", "content": "be brief"}
+    assert conv.drop_oldest_exchange() and [m["content"] for m in conv.turns] == ["c"]
+    assert not conv.drop_oldest_exchange()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"messages": [{"role": "root", "content": 1}]}))
+    with pytest.raises(MixrunError, match=r"bad\.json: not a mixrun transcript"):
+        load_transcript(str(bad))
+
+
+def _chat(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mixrun.cli", "chat", *args], input=stdin, capture_output=True,
+                          text=True, timeout=180)
+
+
+def test_piped_question_prints_just_an_answer() -> None:
+    r = _chat("--temperature", "0", "--max-tokens", "48", stdin="What is 2+2?\n")
+    assert r.returncode == 0, r.stderr
+    assert "4" in r.stdout
+    assert ">>>" not in r.stdout and "tok/s" not in r.stdout
+
+
+def test_greedy_is_deterministic_and_json_has_stats() -> None:
+    args = ("--prompt", "Name three colors.", "--temperature", "0", "--max-tokens", "24", "--json")
+    a, b = _chat(*args), _chat(*args)
+    assert a.returncode == 0, a.stderr
+    da, db = json.loads(a.stdout), json.loads(b.stdout)
+    assert da["answer"] == db["answer"] and da["answer"]
+    s = da["stats"]
+    assert s["prompt_tokens"] > 5 and 1 <= s["completion_tokens"] <= 24
+    assert s["decode_tok_s"] > 0 and s["stop_reason"] in ("eos", "length")
+
+
+def test_stop_string_and_missing_model(tmp_path: Path) -> None:
+    r = _chat("--prompt", "Count from 1 to 20 separated by commas.", "--temperature", "0", "--stop", "5",
+              "--max-tokens", "80")
+    assert r.returncode == 0 and "5" not in r.stdout and "6" not in r.stdout
+    r = _chat(str(tmp_path / "none.gguf"), "--prompt", "hi")
+    assert r.returncode == 2 and r.stderr.strip() == f"mixrun: {tmp_path / 'none.gguf'}: no such file"
+
+
+def test_terminal_session(tmp_path: Path) -> None:
+    """A real pseudo-terminal: question, streaming, /stats, Ctrl-C mid-answer, /save then /load, Ctrl-D."""
+    child = pexpect.spawn(sys.executable, ["-m", "mixrun.cli", "chat", "--temperature", "0", "--max-tokens",
+                                           "400"], encoding="utf-8", timeout=120, dimensions=(40, 120))
+    try:
+        child.expect("mixrun chat: .*SmolLM2")
+        child.expect(">>> ")
+        child.sendline("What is the capital of France?")
+        child.expect("Paris")
+        child.expect(r"decode [0-9.]+ tok/s")
+        child.expect(">>> ")
+        child.sendline("/stats")
+        child.expect(r"tokens, prefill [0-9.]+ tok/s")
+        child.expect(">>> ")
+        child.sendline("Write a very long story about a dragon, with many chapters.")
+        child.expect("chapters.\r\n")  # the echoed question
+        child.expect(r"\w+ \w+ \w+ \w+")  # the answer is streaming
+        child.sendintr()
+        child.expect(r"\(stopped\)")
+        child.expect(">>> ")
+        transcript = tmp_path / "t.json"
+        child.sendline(f"/save {transcript}")
+        child.expect("saved 4 messages")
+        child.expect(">>> ")
+        child.sendline("/reset")
+        child.expect("conversation reset")
+        child.sendline(f"/load {transcript}")
+        child.expect("loaded 4 messages")
+        child.expect(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    saved = json.loads(transcript.read_text())
+    assert saved["messages"][0]["content"] == "What is the capital of France?"
+    assert "Paris" in saved["messages"][1]["content"]
+    assert saved["messages"][3]["role"] == "assistant" and saved["messages"][3]["content"]
