@@ -6,6 +6,7 @@ Interactive: answers stream as tokens arrive; Ctrl-C stops the current answer an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -75,10 +76,8 @@ def one_shot(engine: Engine, conv: Conversation, prompt: str, sampling: Sampling
 
 
 def interactive(engine: Engine, conv: Conversation, sampling: Sampling, *, quiet: bool) -> int:
-    try:
+    with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
     dim, reset = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
     say = lambda m: print(f"{dim}{m}{reset}")  # noqa: E731
     name = Path(engine.info.model).name
