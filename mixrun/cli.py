@@ -119,6 +119,25 @@ def cmd_profile_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from mixrun.gguf_spec import read_spec
+    from mixrun.planner import PlanRequest, plan
+    from mixrun.profile import load_profile
+
+    prof = load_profile(args.profile)
+    spec = read_spec(args.model or default_model())
+    req = PlanRequest(ctx=args.ctx, kv_type=args.kv_type, split=args.split, backend=args.backend,
+                      ubatch=args.ubatch, flash_attn=not args.no_flash_attn)
+    report = plan(prof, spec, req)
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        from mixrun.render import render_plan
+
+        render_plan(report, all_devices=args.all)
+    return 0 if report.best is not None and report.best.fits else 3
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from mixrun.backends.base import Sampling, start
     from mixrun.chat import Conversation
@@ -164,6 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tensors", action="store_true", help="list every tensor (human output)")
     s.add_argument("--no-tensors", action="store_true", help="leave the tensor list out of --json")
     s.set_defaults(func=cmd_inspect)
+
+    pl = sub.add_parser("plan", help="the best split of a model over a rig, predicted before loading")
+    pl.add_argument("model", nargs="?", help=".gguf path or URL (default: the bundled SmolLM2)")
+    pl.add_argument("--profile", "-p", required=True, help="rig profile: name or .toml path")
+    pl.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
+    pl.add_argument("--split", default="auto", choices=["auto", "none", "layer", "row", "tensor", "hybrid"])
+    pl.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "torch"])
+    pl.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"], help="KV cache type")
+    pl.add_argument("--ubatch", type=int, default=512, help="micro-batch size (llama.cpp -ub)")
+    pl.add_argument("--no-flash-attn", action="store_true", help="plan without flash attention")
+    pl.add_argument("--all", action="store_true", help="show every candidate's devices, not just the chosen one")
+    pl.add_argument("--json", action="store_true", help="print the report as JSON (contract 2)")
+    pl.set_defaults(func=cmd_plan)
 
     c = sub.add_parser("chat", help="chat with a model (default: the bundled SmolLM2)")
     c.add_argument("model", nargs="?", help=".gguf path (default: the bundled SmolLM2-135M-Instruct)")

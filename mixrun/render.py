@@ -183,3 +183,52 @@ def progress_status() -> Iterator[Callable[[str], None]]:
     con = _console(stderr=True)
     with con.status("working") as status:
         yield lambda msg: status.update(msg)
+
+
+def render_plan(report: Any, all_devices: bool = False) -> None:
+    """Candidates ranked, the chosen one's devices and commands, and what would make a model fit."""
+    from rich.table import Table
+
+    con = _console()
+    m = report.model
+    req = report.request
+    con.print(f"[bold]{Path(m['path']).name}[/] ({m['arch']}, {m['n_layers']} layers, {fmt_bytes(m['weights_bytes'])})"
+              f" on [bold]{report.profile}[/], context {req.ctx:,}, KV {req.kv_type}")
+    t = Table(show_edge=False)
+    for col, just in (("#", "right"), ("candidate", "left"), ("fits", "left"), ("decode tok/s", "right"),
+                      ("prefill tok/s", "right"), ("why", "left")):
+        t.add_column(col, justify=just, overflow="fold")
+    for i, c in enumerate(report.candidates):
+        mark = "[bold green]>[/]" if i == report.chosen else str(i)
+        fits = "[green]yes[/]" if c.fits else "[red]no[/]"
+        dec = f"{c.decode_tok_s:.1f}" + (" [cyan]measured[/]" if c.measured else "")
+        t.add_row(mark, c.label, fits, dec, f"{c.prefill_tok_s:.0f}", c.why)
+    con.print(t)
+    shown = list(report.candidates) if all_devices else ([report.best] if report.best else [])
+    for c in shown:
+        con.print(f"\n[bold]{c.label}[/] ({c.split.value}, {c.backend.value})")
+        layers = {}
+        for g in c.groups:
+            for d in g.devices:
+                layers[d] = f"{g.layers[0]}-{g.layers[1] - 1}" + (f" (TP {g.tp})" if g.tp > 1 else "")
+        dt = Table(show_edge=False)
+        for col in ("device", "layers", "weights", "KV", "compute", "overhead", "total", "capacity", "free"):
+            dt.add_column(col, justify="left" if col in ("device", "layers") else "right")
+        for d in c.devices:
+            free = d.capacity_bytes - d.total_bytes
+            style = "" if d.fits else "[red]"
+            dt.add_row(d.id, layers.get(d.id, "-"), fmt_bytes(d.weights_bytes), fmt_bytes(d.kv_bytes),
+                       fmt_bytes(d.compute_bytes), fmt_bytes(d.overhead_bytes), fmt_bytes(d.total_bytes),
+                       fmt_bytes(d.capacity_bytes), f"{style}{fmt_bytes(free)}")
+        con.print(dt)
+        for name, cmd in c.commands.items():
+            con.print(f"[dim]{name}:[/] {cmd}", soft_wrap=True)
+        if c.llama_kwargs:
+            con.print(f"[dim]llama_cpp.Llama kwargs:[/] {c.llama_kwargs}", soft_wrap=True)
+    if report.best is None:
+        con.print("\n[bold red]Nothing fits this rig.[/]")
+    for s in report.suggestions:
+        speed = f" ({s.decode_tok_s:.1f} tok/s)" if s.decode_tok_s else ""
+        con.print(f"[yellow]suggestion:[/] {s.what}{speed}", soft_wrap=True)
+    for n in report.notes:
+        con.print(f"[dim]note: {n}")

@@ -54,14 +54,32 @@ def model_tensors(arch: str, *, n_layers: int, n_embd: int, n_head: int, n_head_
     return out
 
 
+def _use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's Q4_K_M rule for which layers' attn_v/ffn_down get Q6_K."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def tensor_type(name: str, shape: tuple[int, ...], qtype: str, n_layers: int) -> GGMLQuantizationType:
+    """The GGML type of one tensor under ``qtype``; ``Q4_K_M`` follows llama.cpp's mix."""
+    if len(shape) < 2 or name.endswith("norm.weight"):
+        return GGMLQuantizationType.F32
+    if qtype != "Q4_K_M":
+        return GGMLQuantizationType[qtype]
+    if name == "output.weight":
+        return GGMLQuantizationType.Q6_K
+    if name.endswith(("attn_v.weight", "ffn_down.weight")) and _use_more_bits(int(name.split(".")[1]), n_layers):
+        return GGMLQuantizationType.Q6_K
+    return GGMLQuantizationType.Q4_K
+
+
 def write_model(path: str | os.PathLike[str], arch: str = "llama", *, n_layers: int = 2, n_embd: int = 64,
                 n_head: int = 4, n_head_kv: int = 2, head_dim: int | None = None, n_ff: int = 128, n_vocab: int = 64,
                 n_ctx: int = 2048, tied: bool = True, qtype: str = "F32", sparse: bool = False,
                 sliding_window: int | None = None, extra_kv: dict[str, Any] | None = None,
                 split_max_tensors: int = 0, seed: int = 0) -> Path:
-    """Write a model; returns the path (the first part's when split)."""
+    """Write a model; returns the path (the first part's when split). ``qtype`` is a GGML type name or
+    ``Q4_K_M`` (llama.cpp's mix of Q4_K and Q6_K)."""
     head_dim = head_dim or n_embd // n_head
-    qt = GGMLQuantizationType[qtype]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     w = GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_name(f"tiny-{arch}")
@@ -96,7 +114,7 @@ def write_model(path: str | os.PathLike[str], arch: str = "llama", *, n_layers: 
     shapes = model_tensors(arch, n_layers=n_layers, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
                            head_dim=head_dim, n_ff=n_ff, n_vocab=n_vocab, tied=tied)
     for name, shape in shapes:
-        t = qt if (len(shape) == 2 and not name.endswith("norm.weight")) else GGMLQuantizationType.F32
+        t = tensor_type(name, shape, qtype, n_layers)
         if sparse:
             # Only the header matters: declare the tensor's type and shape and write no data (see below).
             if t == GGMLQuantizationType.F32:
@@ -116,7 +134,7 @@ def write_model(path: str | os.PathLike[str], arch: str = "llama", *, n_layers: 
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        total = sum(_tensor_bytes(s, qt if len(s) == 2 else GGMLQuantizationType.F32) for _, s in shapes)
+        total = sum(_tensor_bytes(s, tensor_type(n, s, qtype, n_layers)) for n, s in shapes)
         fout = w.fout[0]
         data_start = fout.tell()
         w.close()
@@ -135,6 +153,10 @@ def write_model(path: str | os.PathLike[str], arch: str = "llama", *, n_layers: 
 
 def _count_parts(p: Path) -> int:
     return len(list(p.parent.glob(f"{p.stem}-*-of-*.gguf")))
+
+
+LLAMA3_70B = dict(n_layers=80, n_embd=8192, n_head=64, n_head_kv=8, n_ff=28672, n_vocab=128256, n_ctx=131072,
+                  tied=False)
 
 
 def header_size(path: str | os.PathLike[str]) -> int:

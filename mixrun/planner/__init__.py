@@ -1,0 +1,184 @@
+"""The planner: ``plan(profile, spec, request) -> PlanReport``. Pure: no I/O, no torch, no textual, no NVML.
+
+It builds one candidate per split mode (best single device, llama.cpp layer with the default split and with
+mixrun's optimized ``-ts``, llama.cpp row, llama.cpp tensor, and mixrun's torch TP x pipeline plan), ranks the
+ones that fit by predicted decode speed (or by measured speed where the profile recorded a run of this model and
+split), and, when nothing fits, says what would: each suggestion is checked by planning again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import PurePath
+
+from mixrun.errors import MixrunError
+from mixrun.model_spec import ModelSpec
+from mixrun.planner import candidates as cands
+from mixrun.planner.evaluate import Context
+from mixrun.planner.memory import ModelFacts
+from mixrun.planner.types import BackendName, Candidate, PlanReport, PlanRequest, Split, Suggestion
+from mixrun.profile import RigProfile
+
+__all__ = ["PlanRequest", "PlanReport", "Candidate", "Split", "BackendName", "plan", "PlanError"]
+
+
+class PlanError(MixrunError):
+    """The request cannot be planned (bad value, or a model the planner does not understand)."""
+
+
+def _check(spec: ModelSpec, req: PlanRequest) -> None:
+    if not spec.plannable:
+        raise PlanError(f"{spec.source}: {spec.not_plannable}")
+    if not 16 <= req.ctx <= (1 << 24):
+        raise PlanError(f"--ctx {req.ctx}: must be between 16 and 16,777,216 tokens")
+    if req.kv_type not in ("f16", "q8_0", "q4_0"):
+        raise PlanError(f"--kv-type {req.kv_type}: must be f16, q8_0 or q4_0")
+    if req.split != "auto" and req.split not in {s.value for s in Split}:
+        raise PlanError(f"--split {req.split}: must be auto, " + ", ".join(s.value for s in Split))
+    if req.backend not in ("auto", "llama.cpp", "torch"):
+        raise PlanError(f"--backend {req.backend}: must be auto, llama.cpp or torch")
+
+
+def build_candidates(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> list[Candidate]:
+    ctx = Context(profile=profile, spec=spec, req=req, facts=ModelFacts(spec, req.kv_type))
+    builders: list[Callable[[], Candidate | None]] = [
+        lambda: cands.single_device(ctx),
+        lambda: cands.layer_default(ctx),
+        lambda: cands.layer_optimized(ctx),
+        lambda: cands.row(ctx),
+        lambda: cands.tensor_llamacpp(ctx),
+        lambda: cands.torch_plan(ctx),
+    ]
+    out = [c for c in (b() for b in builders) if c is not None]
+    if not any(c.fits for c in out) and ctx.gpus:
+        off = cands.layer_optimized(ctx, offload=True)
+        if off is not None:
+            out.append(off)
+    return _apply_measured(profile, spec, out)
+
+
+def _apply_measured(profile: RigProfile, spec: ModelSpec, out: list[Candidate]) -> list[Candidate]:
+    """Use the profile's recorded results for this model file, split and backend in place of predictions."""
+    name = PurePath(spec.source).name
+    done = []
+    for c in out:
+        hits = [r for r in profile.results if r.model == name and r.split == c.split.value
+                and (r.backend is None or r.backend == c.backend.value)]
+        if hits:
+            r = hits[-1]
+            c = dataclasses.replace(c, decode_tok_s=r.decode_tok_s, prefill_tok_s=r.prefill_tok_s or c.prefill_tok_s,
+                                    measured=True, why=c.why + f"; measured {r.decode_tok_s:g} tok/s"
+                                    + (f" on {r.date}" if r.date else ""))
+        done.append(c)
+    return done
+
+
+def _choose(out: list[Candidate], req: PlanRequest) -> int | None:
+    pool = [i for i, c in enumerate(out)
+            if (req.split == "auto" or c.split.value == req.split)
+            and (req.backend == "auto" or c.backend.value == req.backend)]
+    if not pool:
+        return None
+    fitting = [i for i in pool if out[i].fits]
+    if fitting:
+        return max(fitting, key=lambda i: (out[i].decode_tok_s, -i))
+    if req.split != "auto" or req.backend != "auto":  # a forced choice is chosen even when it does not fit
+        return min(pool, key=lambda i: sum(d.shortfall_bytes for d in out[i].devices))
+    return None
+
+
+def plan(profile: RigProfile, spec: ModelSpec, req: PlanRequest | None = None, *,
+         suggest: bool = True) -> PlanReport:
+    req = req or PlanRequest()
+    _check(spec, req)
+    out = build_candidates(profile, spec, req)
+    chosen = _choose(out, req)
+    notes = []
+    hosts = {d.host for d in profile.devices if d.host}
+    if len(hosts) > 1:
+        notes.append("llama.cpp candidates use the first host's devices only; the torch plan spans hosts")
+    suggestions: tuple[Suggestion, ...] = ()
+    if suggest and not any(c.fits for c in out):
+        suggestions = tuple(_suggestions(profile, spec, req))
+    model = {"path": spec.source, "arch": spec.arch, "n_layers": spec.n_layers, "weights_bytes": spec.total_bytes,
+             "kv_bytes_per_token": spec.kv_bytes_per_token(req.kv_type)}
+    return PlanReport(model=model, profile=profile.name, request=req, candidates=tuple(out), chosen=chosen,
+                      suggestions=suggestions, notes=tuple(notes))
+
+
+# ---- what would make it fit --------------------------------------------------------------------------------------
+
+
+def _best_fitting(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> Candidate | None:
+    fits = [c for c in build_candidates(profile, spec, req) if c.fits and c.backend == BackendName.LLAMACPP
+            or c.fits and req.backend != "llama.cpp"]
+    return max(fits, key=lambda c: c.decode_tok_s) if fits else None
+
+
+def _suggestions(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> list[Suggestion]:
+    out: list[Suggestion] = []
+    # the largest context that fits (binary search on 256-token steps)
+    lo, hi = 0, req.ctx // 256
+    best: Candidate | None = None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        c = _best_fitting(profile, spec, dataclasses.replace(req, ctx=mid * 256))
+        if c:
+            lo, best = mid, c
+        else:
+            hi = mid - 1
+    if best is not None and lo > 0:
+        out.append(Suggestion(f"a context of {lo * 256:,} tokens fits ({best.label})", {"ctx": lo * 256},
+                              best.decode_tok_s))
+    for kv in ("q8_0", "q4_0"):
+        if req.kv_type == kv or (req.kv_type == "q8_0" and kv == "q8_0"):
+            continue
+        c = _best_fitting(profile, spec, dataclasses.replace(req, kv_type=kv))
+        if c:
+            out.append(Suggestion(f"a {kv} KV cache fits at {req.ctx:,} tokens ({c.label})", {"kv_type": kv},
+                                  c.decode_tok_s))
+            break
+    ctx = Context(profile=profile, spec=spec, req=req, facts=ModelFacts(spec, req.kv_type))
+    off = cands.layer_optimized(ctx, offload=True) if ctx.gpus else None
+    if off is not None and off.fits:
+        n_cpu = next((g.n_layers for g in off.groups if ctx.host_cpu and g.devices[0] == ctx.host_cpu.id), 0)
+        out.append(Suggestion(f"offload {n_cpu} layers to the CPU: {off.commands.get('llama_server', '')}",
+                              {"cpu_layers": n_cpu}, off.decode_tok_s))
+    bpw = _fitting_bpw(profile, spec, req)
+    if bpw is not None:
+        out.append(Suggestion(f"a quant of about {bpw:.2f} bits per weight (now {spec.bits_per_weight:.2f}) fits",
+                              {"bits_per_weight": round(bpw, 2)}, 0.0))
+    return out
+
+
+def scaled_spec(spec: ModelSpec, factor: float) -> ModelSpec:
+    """The same model with its 2-D tensors ``factor`` times as large: a smaller or larger quant of it."""
+    tensors = tuple(dataclasses.replace(t, n_bytes=int(t.n_bytes * factor)) if len(t.shape) >= 2 else t
+                    for t in spec.tensors)
+    layer_bytes = [0] * spec.n_layers
+    other: dict[str, int] = {}
+    for t in tensors:
+        if t.layer is None:
+            other[t.name] = t.n_bytes
+        else:
+            layer_bytes[t.layer] += t.n_bytes
+    return dataclasses.replace(spec, tensors=tensors, layer_bytes=tuple(layer_bytes), other_bytes=other,
+                               total_bytes=sum(t.n_bytes for t in tensors))
+
+
+def _fitting_bpw(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> float | None:
+    """Bits per weight of the largest quant of this model that fits (bisection on a scale factor), or None."""
+    lo, hi = 0.05, 1.0
+    if _best_fitting(profile, scaled_spec(spec, lo), req) is None:
+        return None
+    for _ in range(12):
+        mid = math.sqrt(lo * hi)
+        if _best_fitting(profile, scaled_spec(spec, mid), req):
+            lo = mid
+        else:
+            hi = mid
+    return scaled_spec(spec, lo).bits_per_weight
+
+

@@ -1,0 +1,215 @@
+"""Memory and predicted time of one concrete layout (ordered groups with layer ranges), per backend."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from mixrun.model_spec import ModelSpec
+from mixrun.planner.cost import allreduce_s, costs, flop_time_s, read_time_s, transfer_s
+from mixrun.planner.memory import GPU_OVERHEAD_BYTES, ModelFacts, compute_bytes, output_buffer_bytes
+from mixrun.planner.types import DeviceUse, Group, PlanRequest, Timing
+from mixrun.profile import Device, RigProfile
+
+F32 = 4
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything one planning run shares: the rig, the model and the request."""
+
+    profile: RigProfile
+    spec: ModelSpec
+    req: PlanRequest
+    facts: ModelFacts = field(compare=False)
+
+    @cached_property
+    def gpus(self) -> tuple[Device, ...]:
+        """GPUs on the first host (llama.cpp runs on one host)."""
+        host = self.hosts_of()[0] if self.profile.devices else None
+        return tuple(d for d in self.profile.devices if d.backend != "cpu" and self.host_id(d) == host)
+
+    @cached_property
+    def all_gpus(self) -> tuple[Device, ...]:
+        return tuple(d for d in self.profile.devices if d.backend != "cpu")
+
+    @cached_property
+    def host_cpu(self) -> Device | None:
+        """The CPU device of the first host: where llama.cpp keeps the input embedding and the logits."""
+        host = self.hosts_of()[0]
+        return next((d for d in self.profile.devices if d.backend == "cpu" and self.host_id(d) == host), None)
+
+    def host_id(self, d: Device) -> str | None:
+        h = self.profile.host_of(d)
+        return h.id if h else None
+
+    def hosts_of(self) -> list[str | None]:
+        seen: list[str | None] = []
+        for d in self.profile.devices:
+            h = self.host_id(d)
+            if h not in seen:
+                seen.append(h)
+        return seen
+
+    @cached_property
+    def layer_params(self) -> tuple[int, ...]:
+        out = [0] * self.spec.n_layers
+        for t in self.spec.tensors:
+            if t.layer is not None:
+                out[t.layer] += t.n_elements
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    devices: tuple[DeviceUse, ...]
+    decode: Timing
+    prefill_s: float
+    stage_s: tuple[float, ...]  # decode seconds of each group (compute + overhead + TP), for the "why"
+
+    @property
+    def fits(self) -> bool:
+        return all(d.fits for d in self.devices)
+
+
+class _Ledger:
+    """Bytes per device, accumulated in the order devices first appear."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[int]] = {}
+
+    def add(self, dev: str, weights: int = 0, kv: int = 0, comp: int = 0, ovh: int = 0) -> None:
+        r = self.rows.setdefault(dev, [0, 0, 0, 0])
+        r[0] += weights
+        r[1] += kv
+        r[2] = max(r[2], comp) if comp >= 0 else r[2]
+        r[3] = max(r[3], ovh)
+
+    def uses(self, profile: RigProfile, gpu_util: float = 1.0) -> tuple[DeviceUse, ...]:
+        return tuple(DeviceUse(id=d, weights_bytes=r[0], kv_bytes=r[1], compute_bytes=r[2], overhead_bytes=r[3],
+                               capacity_bytes=planned_capacity(profile.device(d), gpu_util))
+                     for d, r in self.rows.items())
+
+
+def planned_capacity(dev: Device, gpu_util: float = 1.0) -> int:
+    """Bytes the planner may fill on a device: the torch backend keeps ``1 - gpu_util`` of each GPU free for
+    allocator fragmentation and NCCL buffers; llama.cpp allocates exact buffers and plans to the profile's capacity."""
+    return dev.capacity_bytes if dev.backend == "cpu" else int(dev.capacity_bytes * gpu_util)
+
+
+def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_output: bool = False) -> Evaluation:
+    """A pipeline of groups (each maybe TP): the layout of ``none``, ``layer``, ``tensor`` and ``hybrid``.
+
+    ``split_output``: the last group shards the output projection like its layers (TP backends)."""
+    p, spec, req, facts = ctx.profile, ctx.spec, ctx.req, ctx.facts
+    led = _Ledger()
+    torch = backend == "torch"
+    act_bytes = 2 if torch else F32
+    cpu = ctx.host_cpu if not torch else None
+    if cpu is not None:  # llama.cpp: the input embedding and the returned logits live in host memory
+        led.add(cpu.id, weights=facts.embd_bytes, comp=output_buffer_bytes(spec, req.batch))
+    stage_s: list[float] = []
+    compute = tp_comm = handoff = overhead = 0.0
+    prefill_parts: list[float] = []
+    n_micro = max(1, math.ceil(req.prompt_tokens / req.ubatch))
+    for gi, g in enumerate(groups):
+        first, last = gi == 0, gi == len(groups) - 1
+        a, b = g.layers
+        devs = [p.device(d) for d in g.devices]
+        dev_s, dev_pre = [], []
+        for dev, s in zip(devs, g.shares, strict=True):
+            w = facts.weights(a, b, s)
+            read = w
+            if last:
+                out = int(facts.output_bytes * (s if (torch or split_output) else 1.0))
+                w += out + facts.misc_bytes
+                read += out
+                if torch and not spec.tied_output:  # vocab-parallel embedding, with the output (shared if tied)
+                    w += int(facts.embd_bytes * s)
+            kv = int(facts.kv_bytes(req.ctx, req.ubatch, a, b) * s)
+            comp = compute_bytes(spec, ctx=req.ctx, ubatch=req.ubatch, n_layers=b - a, last=last,
+                                 flash_attn=req.flash_attn, share=s, host=dev.backend == "cpu")
+            ovh = GPU_OVERHEAD_BYTES[backend] if dev.backend != "cpu" else 0
+            led.add(dev.id, weights=w, kv=kv, comp=comp, ovh=ovh)
+            dev_s.append(read_time_s(read, dev, backend))
+            flops = 2.0 * sum(ctx.layer_params[a:b]) * s * req.prompt_tokens
+            flops += 2.0 * req.prompt_tokens**2 * spec.n_head * spec.head_dim * (b - a) * s  # causal attention
+            dev_pre.append(flop_time_s(flops, dev, backend))
+        c0 = costs(backend, devs[0])
+        g_compute = max(dev_s)
+        g_overhead = c0.layer_overhead_s * (b - a)
+        g_tp = 2 * (b - a) * allreduce_s(p, g.devices, spec.n_embd * act_bytes) if g.tp > 1 else 0.0
+        compute += g_compute
+        overhead += g_overhead
+        tp_comm += g_tp
+        stage_s.append(g_compute + g_overhead + g_tp)
+        pre = max(dev_pre) + c0.layer_overhead_s * (b - a) * n_micro
+        if g.tp > 1:
+            pre += 2 * (b - a) * allreduce_s(p, g.devices, req.prompt_tokens * spec.n_embd * act_bytes)
+        if not first:
+            prev = groups[gi - 1].devices[-1]
+            handoff += transfer_s(p, prev, g.devices[0], spec.n_embd * act_bytes)
+            pre += transfer_s(p, prev, g.devices[0], req.prompt_tokens * spec.n_embd * act_bytes)
+        prefill_parts.append(pre)
+    if torch and len(groups) > 1:  # the last stage looks up the next token's embedding and sends it to the first
+        handoff += transfer_s(p, groups[-1].devices[-1], groups[0].devices[0], spec.n_embd * act_bytes)
+    if cpu is not None:
+        first_dev, last_dev = groups[0].devices[0], groups[-1].devices[-1]
+        if first_dev != cpu.id:  # embedding rows go up, logits come back down
+            handoff += transfer_s(p, cpu.id, first_dev, spec.n_embd * F32)
+        if last_dev != cpu.id:
+            handoff += transfer_s(p, last_dev, cpu.id, spec.n_vocab * F32)
+    overhead += costs(backend, p.device(groups[0].devices[0])).token_overhead_s
+    pipelined = costs(backend, p.device(groups[0].devices[0])).pipelined_prefill and n_micro > 1
+    if pipelined:
+        prefill_s = sum(prefill_parts) / n_micro + max(prefill_parts) * (n_micro - 1) / n_micro
+    else:
+        prefill_s = sum(prefill_parts)
+    util = req.torch_gpu_util if torch else 1.0
+    return Evaluation(devices=led.uses(p, util), decode=Timing(compute, tp_comm, handoff, overhead),
+                      prefill_s=prefill_s, stage_s=tuple(stage_s))
+
+
+def evaluate_row(ctx: Context, gpus: list[Device], ratios: list[float], main: str) -> Evaluation:
+    """llama.cpp ``-sm row``: every layer's matrices split by ``ratios``; norms, KV cache, output and compute
+    buffers on the main GPU; after each split matmul the partial results are gathered on the main GPU."""
+    p, spec, req, facts = ctx.profile, ctx.spec, ctx.req, ctx.facts
+    led = _Ledger()
+    L = spec.n_layers
+    cpu = ctx.host_cpu
+    if cpu is not None:
+        led.add(cpu.id, weights=facts.embd_bytes, comp=output_buffer_bytes(spec, req.batch))
+    total = sum(ratios)
+    shares = [r / total for r in ratios]
+    matrix = sum(facts.layer_matrix_bytes)
+    others = sum(facts.layer_other_bytes) + facts.misc_bytes
+    dev_s, dev_pre = [], []
+    for dev, s in zip(gpus, shares, strict=True):
+        w = int(matrix * s)
+        kv = comp = 0
+        if dev.id == main:
+            w += others + facts.output_bytes
+            kv = facts.kv_bytes(req.ctx, req.ubatch, 0, L)
+            comp = compute_bytes(spec, ctx=req.ctx, ubatch=req.ubatch, n_layers=L, last=True,
+                                 flash_attn=req.flash_attn)
+        else:
+            comp = 2 * req.ubatch * spec.n_ff * F32
+        led.add(dev.id, weights=w, kv=kv, comp=comp, ovh=GPU_OVERHEAD_BYTES["llama.cpp"])
+        read = matrix * s + (others + facts.output_bytes if dev.id == main else 0)
+        dev_s.append(read_time_s(read, dev, "llama.cpp"))
+        dev_pre.append(flop_time_s(2.0 * sum(ctx.layer_params) * s * req.prompt_tokens, dev, "llama.cpp"))
+    c = costs("llama.cpp", gpus[0])
+    worst_lat = max((p.link(d.id, main).latency_us or 10.0) * 1e-6 for d in gpus if d.id != main)
+    worst_bw = min(p.link(d.id, main).bandwidth_gbs for d in gpus if d.id != main) * 1e9
+    syncs = c.row_syncs_per_layer * L
+    gather = spec.n_embd * F32  # the typical output row of a split matmul, gathered to the main GPU
+    sync_s = syncs * (worst_lat + gather / worst_bw)
+    compute = max(dev_s)
+    overhead = c.layer_overhead_s * L + c.token_overhead_s
+    handoff = 0.0
+    if cpu is not None:
+        handoff = transfer_s(p, cpu.id, main, spec.n_embd * F32) + transfer_s(p, main, cpu.id, spec.n_vocab * F32)
+    pre = max(dev_pre) + syncs * (worst_lat + req.prompt_tokens * gather / worst_bw)
+    return Evaluation(devices=led.uses(p), decode=Timing(compute, sync_s, handoff, overhead), prefill_s=pre,
+                      stage_s=(compute + sync_s,))

@@ -1,0 +1,243 @@
+"""Search: TP groups (cliques of matched devices on fast links) and the assignment of contiguous layer ranges to
+ordered groups that minimises predicted decode time under every device's memory.
+
+The decode time of a pipeline is the sum of its stages' layer times plus the hand-offs between consecutive
+stages, so the search splits into independent parts:
+1. the stage order of a set of groups only changes the hand-off sum and which group is last (the last holds
+   the output layer, and for torch the embedding): a Held-Karp DP gives the cheapest path (llama.cpp) or ring
+   (torch: the last stage hands the next token back to the first) over every set of groups at once;
+2. for a set and its last group, identical layers are placed optimally by filling the fastest groups first
+   (an exchange argument: moving a layer to a faster group with room never costs more);
+3. the winner is refined by an exact DP over layer boundaries with the true per-layer bytes and times.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from mixrun.profile import Device, RigProfile
+
+FAST_LINKS = ("nvlink", "nvswitch")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A candidate pipeline stage: devices that do TP together (one device: no TP), with their shares."""
+
+    devices: tuple[str, ...]
+    shares: tuple[float, ...]
+
+
+def matched(a: Device, b: Device) -> bool:
+    """Devices TP can pair without one waiting on the other: same backend and product."""
+    return a.backend == b.backend and a.name == b.name and abs(a.vram_gib - b.vram_gib) <= 0.05 * a.vram_gib
+
+
+def tp_cliques(profile: RigProfile, min_link_gbs: float) -> list[tuple[str, ...]]:
+    """Maximal sets (size >= 2) of matched GPUs joined pairwise by NVLink-class links of at least ``min_link_gbs``
+    on one host (Bron-Kerbosch; a profile has few GPUs per host, so this is quick)."""
+    gpus = [d for d in profile.devices if d.backend != "cpu"]
+    adj: dict[str, set[str]] = {d.id: set() for d in gpus}
+    for a, b in itertools.combinations(gpus, 2):
+        link = profile.link(a.id, b.id)
+        if link.kind in FAST_LINKS and link.bandwidth_gbs >= min_link_gbs and matched(a, b):
+            adj[a.id].add(b.id)
+            adj[b.id].add(a.id)
+    order = {d.id: i for i, d in enumerate(profile.devices)}
+    out: list[tuple[str, ...]] = []
+
+    def bk(r: set[str], p: set[str], x: set[str]) -> None:
+        if not p and not x:
+            if len(r) >= 2:
+                out.append(tuple(sorted(r, key=order.__getitem__)))
+            return
+        pivot = max(p | x, key=lambda v: len(adj[v] & p))
+        for v in list(p - adj[pivot]):
+            bk(r | {v}, p & adj[v], x & adj[v])
+            p = p - {v}
+            x = x | {v}
+
+    bk(set(), set(adj), set())
+    return sorted(out, key=lambda c: (-len(c), order[c[0]]))
+
+
+def head_shares(weights: Sequence[float], n_kv_heads: int, even: bool) -> tuple[float, ...] | None:
+    """Split ``n_kv_heads`` KV-head groups over devices (largest remainder, at least one each), proportional to
+    ``weights`` or evenly; returns each device's share, or None when there are fewer groups than devices."""
+    n = len(weights)
+    if n_kv_heads < n:
+        return None
+    if even:
+        if n_kv_heads % n:
+            return None
+        return tuple(1.0 / n for _ in range(n))
+    counts = allocate(n_kv_heads, weights, minimum=1)
+    return tuple(c / n_kv_heads for c in counts)
+
+
+def allocate(total: int, weights: Sequence[float], minimum: int = 0) -> list[int]:
+    """Largest-remainder integer allocation of ``total`` proportional to ``weights``, each at least ``minimum``."""
+    n = len(weights)
+    base = [minimum] * n
+    rest = total - minimum * n
+    if rest < 0:
+        raise ValueError("not enough to give each its minimum")
+    s = sum(weights) or 1.0
+    exact = [rest * w / s for w in weights]
+    floors = [math.floor(e) for e in exact]
+    left = rest - sum(floors)
+    order = sorted(range(n), key=lambda i: (-(exact[i] - floors[i]), i))
+    for i in order[:left]:
+        floors[i] += 1
+    return [b + f for b, f in zip(base, floors, strict=True)]
+
+
+# ---- choosing a set of stages, their order and their layer counts -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """What the search needs of one unit, in one position (last or not), from the caller's cost model."""
+
+    layer_s: float  # seconds per average layer per token (compute + per-layer overhead + TP collectives)
+    cap_layers: int  # how many average layers fit after the unit's fixed memory costs
+    fixed_s: float  # seconds per token that do not depend on layers (e.g. the output projection when last)
+
+
+def best_layout(units: Sequence[Unit], n_layers: int, *, cost: Callable[[int, bool, bool], StageCosts | None],
+                handoff_s: Callable[[int, int], float], allowed: Callable[[tuple[int, ...]], bool],
+                first_only: frozenset[int] = frozenset(), cyclic: bool = False
+                ) -> tuple[tuple[int, ...], list[int], float] | None:
+    """The cheapest (order of unit indices, layer counts, seconds per token) over every set of disjoint units.
+
+    ``cost(i, first, last)`` gives a unit's StageCosts in that position (None: it cannot take that position;
+    only ``last`` may change memory or time); ``handoff_s(i, j)`` the seconds to pass a token's hidden state from
+    unit i to unit j; ``allowed(set)`` rejects sets (units sharing a device); units in ``first_only`` may only
+    lead. ``cyclic``: the last stage hands the next token back to the first, so a layout is a cycle cut after
+    its last stage, and any member may be last at the same hand-off cost.
+    """
+    n = len(units)
+    if n == 0:
+        return None
+    inf = float("inf")
+    full = 1 << n
+    # paths[mask][end] = (hand-off seconds of the cheapest path over mask ending at end, previous unit); for a
+    # cyclic layout every path starts at the lowest unit of its mask, so each mask's cycles are found exactly once.
+    paths: list[dict[int, tuple[float, int]]] = [{} for _ in range(full)]
+    for i in range(n):
+        paths[1 << i][i] = (0.0, -1)
+    for mask in range(1, full):
+        low = (mask & -mask).bit_length() - 1
+        for end, (c, _prev) in list(paths[mask].items()):
+            for j in range(n):
+                if mask >> j & 1 or j in first_only or (cyclic and j < low):
+                    continue
+                nm = mask | 1 << j
+                cand = c + handoff_s(end, j)
+                if cand < paths[nm].get(j, (inf, 0))[0]:
+                    paths[nm][j] = (cand, end)
+    top: tuple[float, int, int, int, dict[int, int]] | None = None
+    for mask in range(1, full):
+        members = tuple(i for i in range(n) if mask >> i & 1)
+        if not allowed(members):
+            continue
+        if cyclic:
+            low = members[0]
+            ring = [(c + (handoff_s(end, low) if len(members) > 1 else 0.0), end) for end, (c, _p) in paths[mask].items()
+                    if paths[mask] and (end != low or len(members) == 1)]
+            if not ring:
+                continue
+            ring_s, ring_end = min(ring)
+            options = [(ring_s, ring_end, last) for last in members]
+        else:
+            options = [(c, end, end) for end, (c, _p) in paths[mask].items()]
+        for hand_s, end, last in options:
+            counts = _fill(members, last, n_layers, cost)
+            if counts is None:
+                continue
+            total = hand_s + counts[1] + counts[2]
+            if top is None or total < top[0] - 1e-12:
+                top = (total, mask, end, last, counts[0])
+    if top is None:
+        return None
+    total, mask, end, last, per_unit = top
+    order = _path(paths, mask, end)
+    if cyclic:  # rotate the ring so that it ends at the chosen last stage
+        k = order.index(last)
+        order = order[k + 1:] + order[:k + 1]
+    return tuple(order), [per_unit[i] for i in order], total
+
+
+def _fill(members: tuple[int, ...], last: int, n_layers: int,
+          cost: Callable[[int, bool, bool], StageCosts | None]) -> tuple[dict[int, int], float, float] | None:
+    """Fill the fastest members first, every member at least one layer; None if the layers do not fit."""
+    sc: dict[int, StageCosts] = {}
+    for i in members:
+        c = cost(i, False, i == last)
+        if c is None or c.cap_layers < 1:
+            return None
+        sc[i] = c
+    if sum(c.cap_layers for c in sc.values()) < n_layers or len(members) > n_layers:
+        return None
+    counts = {i: 1 for i in members}
+    left = n_layers - len(members)
+    for i in sorted(members, key=lambda i: sc[i].layer_s):
+        take = min(left, sc[i].cap_layers - 1)
+        counts[i] += take
+        left -= take
+    if left:
+        return None
+    return counts, sum(counts[i] * sc[i].layer_s for i in members), sum(sc[i].fixed_s for i in members)
+
+
+def _path(paths: list[dict[int, tuple[float, int]]], mask: int, end: int) -> list[int]:
+    out = [end]
+    while True:
+        _c, prev = paths[mask][end]
+        if prev < 0:
+            break
+        mask &= ~(1 << end)
+        end = prev
+        out.append(end)
+    return out[::-1]
+
+
+# ---- exact refinement over real per-layer figures ---------------------------------------------------------------
+
+
+def exact_boundaries(n_layers: int, n_stages: int, stage_time: Callable[[int, int, int], float | None]
+                     ) -> tuple[list[int], float] | None:
+    """Exact DP over contiguous layer ranges for stages in a fixed order.
+
+    ``stage_time(k, start, end)`` is stage k's seconds for layers ``[start, end)``, or None when they don't fit.
+    Returns the stage boundaries ``[0, b1, ..., n_layers]`` and the summed stage time; each stage gets >= 1 layer.
+    """
+    inf = float("inf")
+    dp = [[inf] * (n_layers + 1) for _ in range(n_stages + 1)]
+    arg = [[-1] * (n_layers + 1) for _ in range(n_stages + 1)]
+    dp[0][0] = 0.0
+    for k in range(1, n_stages + 1):
+        lo, hi = k, n_layers - (n_stages - k)
+        for end in range(lo, hi + 1):
+            bestv, besta = inf, -1
+            for start in range(k - 1, end):
+                prev = dp[k - 1][start]
+                if prev == inf:
+                    continue
+                t = stage_time(k - 1, start, end)
+                if t is None:
+                    continue
+                if prev + t < bestv:
+                    bestv, besta = prev + t, start
+            dp[k][end], arg[k][end] = bestv, besta
+    if dp[n_stages][n_layers] == inf:
+        return None
+    bounds = [n_layers]
+    end = n_layers
+    for k in range(n_stages, 0, -1):
+        end = arg[k][end]
+        bounds.append(end)
+    return bounds[::-1], dp[n_stages][n_layers]

@@ -1,0 +1,179 @@
+"""The planner's values: request in, report out. Plain frozen dataclasses; bytes are ints; layer ranges are
+half-open ``[start, end)``; speeds are tokens per second for one sequence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Split(StrEnum):
+    NONE = "none"  # one device holds everything
+    LAYER = "layer"  # llama.cpp -sm layer: contiguous layer ranges, one device each
+    ROW = "row"  # llama.cpp -sm row: every matrix split by rows, results gathered on the main GPU
+    TENSOR = "tensor"  # tensor parallel over all devices (llama.cpp -sm tensor, or torch TP in one group)
+    HYBRID = "hybrid"  # torch: TP groups inside pipeline stages
+
+
+class BackendName(StrEnum):
+    LLAMACPP = "llama.cpp"
+    TORCH = "torch"
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the user asks for. ``split``/``backend`` of ``auto`` let the planner choose."""
+
+    ctx: int = 4096
+    batch: int = 1
+    ubatch: int = 512
+    kv_type: str = "f16"
+    split: str = "auto"
+    backend: str = "auto"
+    prompt_tokens: int = 512  # prefill speed is predicted for a prompt of this length
+    tp_min_link_gbs: float = 40.0  # devices join a TP group only over links at least this fast (NVLink-class)
+    flash_attn: bool = True
+    torch_gpu_util: float = 0.9  # share of a GPU's capacity the torch backend plans into (vLLM's default)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ctx": self.ctx, "batch": self.batch, "kv_type": self.kv_type, "split": self.split,
+                "backend": self.backend}
+
+
+@dataclass(frozen=True)
+class Group:
+    """A pipeline stage: devices doing tensor parallelism over layers ``[start, end)``.
+
+    ``shares`` is each device's fraction of every sharded matrix (and of the KV heads); they sum to 1."""
+
+    devices: tuple[str, ...]
+    layers: tuple[int, int]
+    shares: tuple[float, ...] = (1.0,)
+
+    @property
+    def tp(self) -> int:
+        return len(self.devices)
+
+    @property
+    def n_layers(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"devices": list(self.devices), "tp": self.tp, "layers": list(self.layers)}
+        if self.tp > 1:
+            out["shares"] = [round(s, 4) for s in self.shares]
+        return out
+
+
+@dataclass(frozen=True)
+class DeviceUse:
+    """Bytes one device holds under a candidate, against what it may hold."""
+
+    id: str
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    overhead_bytes: int
+    capacity_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
+
+    @property
+    def shortfall_bytes(self) -> int:
+        return max(0, self.total_bytes - self.capacity_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.capacity_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"id": self.id, "weights_bytes": self.weights_bytes, "kv_bytes": self.kv_bytes,
+               "compute_bytes": self.compute_bytes, "overhead_bytes": self.overhead_bytes,
+               "total_bytes": self.total_bytes, "capacity_bytes": self.capacity_bytes}
+        if not self.fits:
+            out["shortfall_bytes"] = self.shortfall_bytes
+        return out
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Predicted seconds per token, by part, so a plan can say where its time goes."""
+
+    compute_s: float
+    tp_comm_s: float
+    handoff_s: float
+    overhead_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.tp_comm_s + self.handoff_s + self.overhead_s
+
+
+@dataclass(frozen=True)
+class Candidate:
+    split: Split
+    backend: BackendName
+    label: str  # e.g. "llama.cpp layer, optimized -ts"
+    groups: tuple[Group, ...]
+    devices: tuple[DeviceUse, ...]
+    decode_tok_s: float
+    prefill_tok_s: float
+    decode: Timing
+    why: str = ""
+    commands: dict[str, str] = field(default_factory=dict)
+    llama_kwargs: dict[str, Any] = field(default_factory=dict)
+    measured: bool = False  # decode/prefill figures come from the profile's recorded results
+
+    @property
+    def fits(self) -> bool:
+        return all(d.fits for d in self.devices)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "split": self.split.value, "backend": self.backend.value, "label": self.label, "fits": self.fits,
+            "decode_tok_s": round(self.decode_tok_s, 2), "prefill_tok_s": round(self.prefill_tok_s, 1),
+            "groups": [g.to_json() for g in self.groups], "devices": [d.to_json() for d in self.devices],
+            "why": self.why, "commands": dict(self.commands),
+        }
+        if self.llama_kwargs:
+            out["llama_cpp_kwargs"] = dict(self.llama_kwargs)
+        if self.measured:
+            out["measured"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """A change that makes a non-fitting model fit, checked by re-planning."""
+
+    what: str
+    change: dict[str, Any]
+    decode_tok_s: float
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    model: dict[str, Any]
+    profile: str
+    request: PlanRequest
+    candidates: tuple[Candidate, ...]
+    chosen: int | None
+    suggestions: tuple[Suggestion, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def best(self) -> Candidate | None:
+        return None if self.chosen is None else self.candidates[self.chosen]
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model, "profile": self.profile, "request": self.request.to_json(),
+                               "chosen": self.chosen, "candidates": [c.to_json() for c in self.candidates]}
+        if self.suggestions:
+            out["suggestions"] = [{"what": s.what, "change": s.change, "decode_tok_s": round(s.decode_tok_s, 2)}
+                                  for s in self.suggestions]
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
