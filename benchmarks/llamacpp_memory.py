@@ -153,6 +153,7 @@ def _log_tail(log: str, n: int = 6) -> str:
     ours = [ln for ln in lines if re.match(r"^\w+: ", ln) and not ln.startswith("print_info") and re.search(
         r"\berror\b|failed|assert|requires|does not|not supported|invalid", ln, re.IGNORECASE)]
     theirs = [ln for ln in lines if re.match(r"^\w*(Error|Exception|Exit)\b", ln)]
+    ours = [ln for ln in ours if ln not in theirs]
     return "\n".join(ours[-n:] + theirs[-1:]) or "\n".join(lines[-n:])
 
 
@@ -260,7 +261,8 @@ def _child(cfg_json: str) -> None:
             buft = names[i].value.decode()
             for j, part in enumerate(("model", "context", "compute")):
                 res[f"exact_{part}"] = res.get(f"exact_{part}", 0) + sizes[3 * i + j]
-                res[f"exact_{part}_{buft}"] = sizes[3 * i + j]
+                if sizes[3 * i + j]:
+                    res[f"exact_{part}_{buft}"] = sizes[3 * i + j]
     sys.stderr.flush()
     print(_MARK + json.dumps(res), flush=True)
     if llm is not None:
@@ -305,14 +307,34 @@ def llamacpp_buffers(model_path: str, n_ctx: int, n_batch: int = 512, n_ubatch: 
 
 # --- the benchmark matrix --------------------------------------------------------------------------------------
 
+# Real GGUFs written by tests/gguf_factory.py (F32 weights unless qtype says otherwise), loaded for real.
 TINY_MODELS: dict[str, dict[str, Any]] = {
     "tiny-llama": {"arch": "llama", "n_layers": 2, "n_embd": 64},
     "tiny-qwen2": {"arch": "qwen2", "n_layers": 2, "n_embd": 64},
     "tiny-qwen3": {"arch": "qwen3", "n_layers": 2, "n_embd": 64, "head_dim": 32},
     "tiny-gemma2": {"arch": "gemma2", "n_layers": 4, "n_embd": 64, "sliding_window": 16},
-    # wide enough that logits, attention and FFN terms of the compute buffer can be told apart
+    # wide enough that the logits, attention and FFN terms of the compute buffer can be told apart
     "small-llama": {"arch": "llama", "n_layers": 4, "n_embd": 256, "n_head": 8, "n_head_kv": 4, "n_ff": 768,
                     "n_vocab": 8000},
+    # Q4_0 weights are repacked for the CPU (AVX2): a CPU_REPACK buffer beside the mapped file
+    "small-llama-q4_0": {"arch": "llama", "n_layers": 4, "n_embd": 256, "n_head": 8, "n_head_kv": 4, "n_ff": 768,
+                         "n_vocab": 8000, "qtype": "Q4_0"},
+}
+
+# Header-only (sparse) GGUFs shaped like real models: no tensor data, so they are only projected (no_alloc).
+SHAPED_MODELS: dict[str, dict[str, Any]] = {
+    "shape-llama2-7b": {"arch": "llama", "n_layers": 32, "n_embd": 4096, "n_head": 32, "n_head_kv": 32,
+                        "n_ff": 11008, "n_vocab": 32000},
+    "shape-llama3-8b": {"arch": "llama", "n_layers": 32, "n_embd": 4096, "n_head": 32, "n_head_kv": 8,
+                        "n_ff": 14336, "n_vocab": 128256},
+    "shape-llama3.2-1b": {"arch": "llama", "n_layers": 16, "n_embd": 2048, "n_head": 32, "n_head_kv": 8,
+                          "n_ff": 8192, "n_vocab": 128256},
+    "shape-qwen2.5-7b": {"arch": "qwen2", "n_layers": 28, "n_embd": 3584, "n_head": 28, "n_head_kv": 4,
+                         "n_ff": 18944, "n_vocab": 152064},
+    "shape-qwen3-4b": {"arch": "qwen3", "n_layers": 36, "n_embd": 2560, "n_head": 32, "n_head_kv": 8,
+                       "head_dim": 128, "n_ff": 9728, "n_vocab": 151936},
+    "shape-gemma2-9b": {"arch": "gemma2", "n_layers": 42, "n_embd": 3584, "n_head": 16, "n_head_kv": 8,
+                        "head_dim": 256, "n_ff": 14336, "n_vocab": 256000, "sliding_window": 4096},
 }
 
 
@@ -336,57 +358,67 @@ def _writer_with_merges() -> Iterator[None]:
         gguf_factory.GGUFWriter = saved
 
 
-def write_tiny_models(folder: Path, names: list[str] | None = None) -> dict[str, Path]:
-    """Write the TINY_MODELS (F32 weights) with tests/gguf_factory.py; returns name -> path."""
+def write_models(folder: Path, specs: dict[str, dict[str, Any]], *, sparse: bool = False) -> dict[str, Path]:
+    """Write each spec with tests/gguf_factory.py's ``write_model``; returns name -> path."""
     sys.path.insert(0, str(_HERE.parent / "tests"))
     import gguf_factory
 
     out = {}
     with _writer_with_merges():
-        for name, spec in TINY_MODELS.items():
-            if names is None or name in names:
-                kw = dict(spec)
-                out[name] = gguf_factory.write_model(folder / f"{name}.gguf", kw.pop("arch"), **kw)
+        for name, spec in specs.items():
+            kw = dict(spec)
+            if sparse:
+                kw.update(sparse=True, qtype=kw.get("qtype", "F16"), n_ctx=131072)
+            out[name] = gguf_factory.write_model(folder / f"{name}.gguf", kw.pop("arch"), **kw)
     return out
 
 
-def kv_configs(has_swa: bool) -> list[dict[str, Any]]:
-    """(type_k, type_v, flash_attn, swa_full) combinations to run; q8_0 without FA records llama.cpp's refusal."""
+def kv_configs(has_swa: bool, full: bool = True) -> list[dict[str, Any]]:
+    """type_k/type_v/flash_attn(/swa_full) cases; q8_0 without FA is kept to record llama.cpp's refusal."""
     cfgs = [{"type_k": "f16", "type_v": "f16", "flash_attn": False},
-            {"type_k": "f16", "type_v": "f16", "flash_attn": True},
-            {"type_k": "q8_0", "type_v": "q8_0", "flash_attn": True},
-            {"type_k": "q8_0", "type_v": "q8_0", "flash_attn": False}]
+            {"type_k": "f16", "type_v": "f16", "flash_attn": True}]
+    if full:
+        cfgs += [{"type_k": "q8_0", "type_v": "q8_0", "flash_attn": True},
+                 {"type_k": "q8_0", "type_v": "q8_0", "flash_attn": False}]
     if has_swa:
         cfgs.append({"type_k": "f16", "type_v": "f16", "flash_attn": False, "swa_full": False})
     return cfgs
 
 
 def run_matrix(models: dict[str, Path], n_ctxs: list[int], n_ubatches: list[int], *, n_batch: int = 512,
-               exact: bool = False, no_alloc: bool = False, check_no_alloc: bool = False,
-               echo: Any = sys.stderr) -> list[dict[str, Any]]:
-    """Run every model x n_ctx x n_ubatch x kv_configs() case; prints one table row per case to ``echo``."""
+               specs: dict[str, dict[str, Any]] | None = None, exact: bool = False, no_alloc: bool = False,
+               check_no_alloc: bool = False, full_kv: bool = True, echo: Any = sys.stderr) -> list[dict[str, Any]]:
+    """Run every model x n_ctx x n_ubatch x kv_configs() case; prints one table row per case to ``echo``.
+
+    ``n_batch`` is raised to ``n_ubatch`` where smaller (llama.cpp would clamp the micro-batch to it).
+    """
     shim = build_breakdown_shim() if exact else None
     if exact and not shim:
         print("note: no C++ compiler or llama.h; running without --exact", file=sys.stderr)
     rows = []
     for name, path in models.items():
-        has_swa = bool(TINY_MODELS.get(name, {}).get("sliding_window"))
+        has_swa = bool((specs or {}).get(name, {}).get("sliding_window"))
         for n_ctx in n_ctxs:
             for ub in n_ubatches:
-                for kv in kv_configs(has_swa):
-                    row: dict[str, Any] = {"model": name, "n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": ub,
-                                           "swa_full": None, **kv}
+                for kv in kv_configs(has_swa, full_kv):
+                    row: dict[str, Any] = {"model": name, "n_ctx": n_ctx, "n_batch": max(n_batch, ub),
+                                           "n_ubatch": ub, "swa_full": None, **kv, "no_alloc": no_alloc}
                     args = {k: row[k] for k in ("n_ctx", "n_batch", "n_ubatch", "type_k", "type_v", "flash_attn",
                                                 "swa_full")}
                     try:
                         row["result"] = llamacpp_buffers(str(path), **args, no_alloc=no_alloc, exact=shim or False)
                         if check_no_alloc and not no_alloc:
-                            row["no_alloc"] = llamacpp_buffers(str(path), **args, no_alloc=True, exact=shim or False)
+                            pr = llamacpp_buffers(str(path), **args, no_alloc=True, exact=shim or False)
+                            row["projected"] = {k: pr.get(k) for k in _COMPARED if k in row["result"]}
                     except LlamaCppLoadError as e:
                         row["error"], row["error_log"] = str(e), e.log_tail.splitlines()
                     rows.append(row)
                     print(_row_text(row), file=echo, flush=True)
     return rows
+
+
+# what a no_alloc projection is compared on (the weights differ by design: it loads without mmap)
+_COMPARED = ("kv", "kv_swa", "compute", "output", "exact_context", "exact_compute")
 
 
 def _fmt(v: int | None) -> str:
@@ -395,7 +427,7 @@ def _fmt(v: int | None) -> str:
 
 def _row_text(row: dict[str, Any]) -> str:
     kv = f"{row['type_k']}/{row['type_v']}"
-    head = (f"{row['model']:12} {row['n_ctx']:>5} {row['n_ubatch']:>4} {kv:9} {'fa' if row['flash_attn'] else '  '}"
+    head = (f"{row['model']:17} {row['n_ctx']:>5} {row['n_ubatch']:>4} {kv:9} {'fa' if row['flash_attn'] else '  '}"
             f" {'swa' if row.get('swa_full') is False else '   '}")
     if "error" in row:
         return f"{head}  ERROR {(row['error_log'] or [row['error']])[0][:100]}"
@@ -406,61 +438,83 @@ def _row_text(row: dict[str, Any]) -> str:
             f" {_fmt(r.get('output')):>6}")
     if "exact_compute" in r:
         text += f" {r['exact_model']:>10} {r['exact_context']:>10} {r['exact_compute']:>10}"
-    if "no_alloc" in row:
-        na = row["no_alloc"]
-        same = all(na.get(k) == r.get(k) for k in ("kv", "compute", "exact_compute", "exact_context") if k in r)
-        text += "  no_alloc " + ("same" if same else f"DIFFERS compute={na.get('compute')}")
+    if row.get("no_alloc"):
+        text += "  (projected)"
+    if "projected" in row:
+        diff = [f"{k}={v}" for k, v in row["projected"].items() if v != r[k]]
+        text += "  no_alloc: " + ("same" if not diff else "DIFFERS " + ", ".join(diff))
     return text
 
 
 def _header(exact: bool) -> str:
-    h = (f"{'model':12} {'n_ctx':>5} {'ub':>4} {'K/V':9} fa swa {'weights':>8} {'kv':>8} {'kv cells':>10}"
+    h = (f"{'model':17} {'n_ctx':>5} {'ub':>4} {'K/V':9} fa swa {'weights':>8} {'kv':>8} {'kv cells':>10}"
          f" {'compute':>8} {'output':>6}")
     if exact:
         h += f" {'ex.model':>10} {'ex.ctx':>10} {'ex.comp':>10}"
-    return h + "\n" + "(MiB, from the log; ex.* exact bytes from llama_get_memory_breakdown)"
+    return h + "\n(MiB as logged, 2 decimals; ex.* exact bytes from llama_get_memory_breakdown)"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON (the table goes to stderr)")
     ap.add_argument("--out", type=Path, help="also write the JSON to this file")
     ap.add_argument("--exact", action="store_true", help="add llama.cpp's exact byte counts (needs g++)")
     ap.add_argument("--no-alloc", action="store_true", help="project with no_alloc instead of allocating")
-    ap.add_argument("--check-no-alloc", action="store_true", help="run each case with no_alloc too and compare")
+    ap.add_argument("--check-no-alloc", action="store_true", help="also project each case with no_alloc, compare")
+    ap.add_argument("--shapes", action="store_true",
+                    help="also project header-only GGUFs shaped like real 1B-9B models (no_alloc)")
     ap.add_argument("--n-ctx", type=int, nargs="+", default=[512, 2048, 8192])
     ap.add_argument("--n-ubatch", type=int, nargs="+", default=[512, 128])
-    ap.add_argument("--models", nargs="+", help="subset of: smollm2 " + " ".join(TINY_MODELS))
-    ap.add_argument("--quick", action="store_true", help="one context and micro-batch size only")
+    ap.add_argument("--shape-n-ctx", type=int, nargs="+", default=[512, 4096, 16384, 32768])
+    ap.add_argument("--shape-n-ubatch", type=int, nargs="+", default=[512, 128, 2048])
+    ap.add_argument("--models", nargs="+", metavar="NAME",
+                    help="subset of: smollm2 " + " ".join([*TINY_MODELS, *SHAPED_MODELS]))
+    ap.add_argument("--quick", action="store_true", help="first context and micro-batch size only")
     args = ap.parse_args()
     if args.quick:
         args.n_ctx, args.n_ubatch = args.n_ctx[:1], args.n_ubatch[:1]
+        args.shape_n_ctx, args.shape_n_ubatch = args.shape_n_ctx[:1], args.shape_n_ubatch[:1]
 
     import llama_cpp
 
     from mixrun.cli import default_model
 
+    def wanted(specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {k: v for k, v in specs.items() if not args.models or k in args.models}
+
+    echo = sys.stderr if args.json else sys.stdout
+    print(_header(args.exact and build_breakdown_shim() is not None), file=echo)
     with tempfile.TemporaryDirectory(prefix="llamacpp-memory-") as tmp:
         models: dict[str, Path] = {}
         if not args.models or "smollm2" in args.models:
             models["smollm2"] = Path(default_model())
-        models.update(write_tiny_models(Path(tmp), args.models))
-        echo = sys.stderr if args.json else sys.stdout
-        print(_header(args.exact and build_breakdown_shim() is not None), file=echo)
-        rows = run_matrix(models, args.n_ctx, args.n_ubatch, exact=args.exact, no_alloc=args.no_alloc,
-                          check_no_alloc=args.check_no_alloc, echo=echo)
+        models.update(write_models(Path(tmp), wanted(TINY_MODELS)))
+        rows = run_matrix(models, args.n_ctx, args.n_ubatch, specs=TINY_MODELS, exact=args.exact,
+                          no_alloc=args.no_alloc, check_no_alloc=args.check_no_alloc, echo=echo)
+        shaped = wanted(SHAPED_MODELS) if args.shapes else {}
+        if shaped:
+            rows += run_matrix(write_models(Path(tmp), shaped, sparse=True), args.shape_n_ctx, args.shape_n_ubatch,
+                               specs=SHAPED_MODELS, exact=args.exact, no_alloc=True, full_kv=False, echo=echo)
+    hparams: dict[str, dict[str, int]] = {}
+    for row in rows:  # the shapes llama.cpp read, once per model rather than in every row
+        for k in [k for k in row.get("result", {}) if k.startswith("hp_")]:
+            hparams.setdefault(row["model"], {})[k[3:]] = row["result"].pop(k)
+    specs = {**({"smollm2": {"path": str(models["smollm2"])}} if "smollm2" in models else {}),
+             **{k: v for k, v in TINY_MODELS.items() if k in models},
+             **{k: {**v, "sparse": True} for k, v in shaped.items()}}
     doc = {
         "llama_cpp_python": llama_cpp.__version__,
         "system_info": llama_cpp.llama_print_system_info().decode().strip(),
-        "units": "bytes; values parsed from the log are MiB with 2 decimals (see log_precision_bytes)",
+        "units": "bytes; keys without exact_ are parsed from log lines printed in MiB with 2 decimals",
         "log_precision_bytes": LOG_PRECISION_BYTES,
         "log_precision_bytes_compute_4dp": LOG_PRECISION_BYTES_4DP,
-        "no_alloc": args.no_alloc,
-        "models": {"smollm2": str(models.get("smollm2", "")), **{k: v for k, v in TINY_MODELS.items()
-                                                                 if k in models}},
+        "models": {k: {**v, "llama_cpp_hparams": hparams.get(k, {})} for k, v in specs.items()},
         "rows": rows,
     }
-    text = json.dumps(doc, indent=1)
+    # one line per row keeps the file diffable without making it long
+    body = ",\n".join("  " + json.dumps(row) for row in rows)
+    text = json.dumps({**doc, "rows": []}, indent=1)[:-len(' "rows": []\n}')] + f' "rows": [\n{body}\n ]\n}}'
+    json.loads(text)
     if args.out:
         args.out.write_text(text + "\n")
     if args.json:

@@ -127,7 +127,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     prof = load_profile(args.profile)
     spec = read_spec(args.model or default_model())
     req = PlanRequest(ctx=args.ctx, kv_type=args.kv_type, split=args.split, backend=args.backend,
-                      ubatch=args.ubatch, flash_attn=not args.no_flash_attn)
+                      ubatch=args.ubatch, flash_attn=not args.no_flash_attn, cpu_offload=args.offload)
     report = plan(prof, spec, req)
     if args.json:
         _print_json(report.to_json())
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"], help="KV cache type")
     pl.add_argument("--ubatch", type=int, default=512, help="micro-batch size (llama.cpp -ub)")
     pl.add_argument("--no-flash-attn", action="store_true", help="plan without flash attention")
+    pl.add_argument("--offload", action="store_true", help="let llama.cpp run the first layers on the CPU")
     pl.add_argument("--all", action="store_true", help="show every candidate's devices, not just the chosen one")
     pl.add_argument("--json", action="store_true", help="print the report as JSON (contract 2)")
     pl.set_defaults(func=cmd_plan)

@@ -21,7 +21,8 @@ from mixrun.planner.memory import ModelFacts
 from mixrun.planner.types import BackendName, Candidate, PlanReport, PlanRequest, Split, Suggestion
 from mixrun.profile import RigProfile
 
-__all__ = ["PlanRequest", "PlanReport", "Candidate", "Split", "BackendName", "plan", "PlanError"]
+__all__ = ["PlanRequest", "PlanReport", "Candidate", "Split", "BackendName", "plan", "PlanError", "spec_at_bpw",
+           "scaled_spec"]
 
 
 class PlanError(MixrunError):
@@ -51,11 +52,9 @@ def build_candidates(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> 
         lambda: cands.tensor_llamacpp(ctx),
         lambda: cands.torch_plan(ctx),
     ]
+    if req.cpu_offload and ctx.gpus:
+        builders.append(lambda: cands.layer_optimized(ctx, offload=True))
     out = [c for c in (b() for b in builders) if c is not None]
-    if not any(c.fits for c in out) and ctx.gpus:
-        off = cands.layer_optimized(ctx, offload=True)
-        if off is not None:
-            out.append(off)
     return _apply_measured(profile, spec, out)
 
 
@@ -112,9 +111,9 @@ def plan(profile: RigProfile, spec: ModelSpec, req: PlanRequest | None = None, *
 
 
 def _best_fitting(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> Candidate | None:
-    fits = [c for c in build_candidates(profile, spec, req) if c.fits and c.backend == BackendName.LLAMACPP
-            or c.fits and req.backend != "llama.cpp"]
-    return max(fits, key=lambda c: c.decode_tok_s) if fits else None
+    out = build_candidates(profile, spec, req)
+    chosen = _choose(out, dataclasses.replace(req, split="auto", backend="auto"))
+    return out[chosen] if chosen is not None and out[chosen].fits else None
 
 
 def _suggestions(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> list[Suggestion]:
@@ -140,12 +139,12 @@ def _suggestions(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> list
             out.append(Suggestion(f"a {kv} KV cache fits at {req.ctx:,} tokens ({c.label})", {"kv_type": kv},
                                   c.decode_tok_s))
             break
-    ctx = Context(profile=profile, spec=spec, req=req, facts=ModelFacts(spec, req.kv_type))
-    off = cands.layer_optimized(ctx, offload=True) if ctx.gpus else None
-    if off is not None and off.fits:
-        n_cpu = next((g.n_layers for g in off.groups if ctx.host_cpu and g.devices[0] == ctx.host_cpu.id), 0)
-        out.append(Suggestion(f"offload {n_cpu} layers to the CPU: {off.commands.get('llama_server', '')}",
-                              {"cpu_layers": n_cpu}, off.decode_tok_s))
+    if not req.cpu_offload:
+        off = _best_fitting(profile, spec, dataclasses.replace(req, cpu_offload=True))
+        if off is not None:
+            n_cpu = sum(g.n_layers for g in off.groups for d in g.devices if profile.device(d).backend == "cpu")
+            out.append(Suggestion(f"offload {n_cpu} layers to the CPU (--offload): "
+                                  f"{off.commands.get('llama_server', '')}", {"cpu_offload": True}, off.decode_tok_s))
     bpw = _fitting_bpw(profile, spec, req)
     if bpw is not None:
         out.append(Suggestion(f"a quant of about {bpw:.2f} bits per weight (now {spec.bits_per_weight:.2f}) fits",
@@ -168,17 +167,23 @@ def scaled_spec(spec: ModelSpec, factor: float) -> ModelSpec:
                                total_bytes=sum(t.n_bytes for t in tensors))
 
 
+def spec_at_bpw(spec: ModelSpec, bpw: float) -> ModelSpec:
+    """The same model quantized to ``bpw`` bits per weight overall (its 2-D tensors scaled; norms stay F32)."""
+    matrix = sum(t.n_bytes for t in spec.tensors if len(t.shape) >= 2)
+    rest = spec.total_bytes - matrix
+    factor = (bpw * spec.n_params / 8 - rest) / matrix
+    return scaled_spec(spec, max(factor, 1e-3))
+
+
 def _fitting_bpw(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> float | None:
-    """Bits per weight of the largest quant of this model that fits (bisection on a scale factor), or None."""
-    lo, hi = 0.05, 1.0
-    if _best_fitting(profile, scaled_spec(spec, lo), req) is None:
+    """Bits per weight (rounded down to 0.01) of the largest quant of this model that fits, or None."""
+    lo, hi = 1.0, spec.bits_per_weight
+    if _best_fitting(profile, spec_at_bpw(spec, lo), req) is None:
         return None
-    for _ in range(12):
-        mid = math.sqrt(lo * hi)
-        if _best_fitting(profile, scaled_spec(spec, mid), req):
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        if _best_fitting(profile, spec_at_bpw(spec, mid), req):
             lo = mid
         else:
             hi = mid
-    return scaled_spec(spec, lo).bits_per_weight
-
-
+    return math.floor(lo * 100) / 100

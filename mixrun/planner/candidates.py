@@ -4,12 +4,14 @@ memory, predicted speed, a one-line why, and the commands that reproduce it."""
 from __future__ import annotations
 
 import bisect
+import itertools
+import math
 from collections.abc import Sequence
 
 from mixrun.planner.cost import allreduce_s, costs, read_time_s, transfer_s
 from mixrun.planner.evaluate import Context, Evaluation, evaluate_pipeline, evaluate_row, planned_capacity
 from mixrun.planner.memory import GPU_OVERHEAD_BYTES, compute_bytes
-from mixrun.planner.search import StageCosts, Unit, best_layout, exact_boundaries, head_shares, tp_cliques
+from mixrun.planner.search import StageCosts, Unit, allocate, best_layout, exact_boundaries, head_shares, tp_cliques
 from mixrun.planner.types import BackendName, Candidate, Group, Split
 from mixrun.profile import Device
 
@@ -33,11 +35,12 @@ def llamacpp_layer_map(n_layers: int, ratios: Sequence[float]) -> list[int]:
     return [min(bisect.bisect_right(cum, il / act), len(ratios) - 1) for il in range(act)]
 
 
-def ts_for_counts(gpus: Sequence[Device], counts: dict[str, int]) -> list[int]:
-    """``-ts`` values that make llama.cpp reproduce per-GPU layer counts: the output layer counts as one more
-    layer on the last GPU used."""
+def ts_for_counts(gpus: Sequence[Device], counts: dict[str, int], output_on_gpu: bool = True) -> list[int]:
+    """``-ts`` values that make llama.cpp reproduce per-GPU layer counts: when every layer is offloaded the
+    output layer counts as one more layer on the last GPU used."""
     used = [g.id for g in gpus if counts.get(g.id)]
-    return [counts.get(g.id, 0) + (1 if used and g.id == used[-1] else 0) for g in gpus]
+    extra = 1 if output_on_gpu else 0
+    return [counts.get(g.id, 0) + (extra if used and g.id == used[-1] else 0) for g in gpus]
 
 
 def _cuda_index(ctx: Context, dev: str) -> int:
@@ -98,9 +101,10 @@ def _why(ctx: Context, groups: list[Group], ev: Evaluation, split: Split) -> str
 
 
 def single_device(ctx: Context) -> Candidate | None:
-    """The best one device (GPU, or the CPU host): fastest that fits, else the one closest to fitting."""
+    """The best one device: fastest that fits, else the one closest to fitting. The CPU host counts only on a
+    rig without GPUs (on others it enters through ``--offload``)."""
     options = []
-    for dev in list(ctx.gpus) + ([ctx.host_cpu] if ctx.host_cpu else []):
+    for dev in list(ctx.gpus) or ([ctx.host_cpu] if ctx.host_cpu else []):
         groups = [Group((dev.id,), (0, ctx.spec.n_layers))]
         ev = evaluate_pipeline(ctx, "llama.cpp", groups)
         options.append((not ev.fits, sum(d.shortfall_bytes for d in ev.devices), ev.decode.total_s, dev, groups, ev))
@@ -162,18 +166,20 @@ def layer_optimized(ctx: Context, offload: bool = False) -> Candidate | None:
     if len(ctx.gpus) < 2 and not (offload and ctx.gpus):
         return None
     groups = _search(ctx, "llama.cpp", units, first_only=first_only)
-    if groups is None:
-        return None
+    fallback = groups is None
+    if groups is None:  # nothing fits: show the memory-proportional layout and its shortfalls
+        ratios = [d.capacity_bytes for d in ctx.gpus]
+        groups = _groups_from_map(ctx, llamacpp_layer_map(ctx.spec.n_layers, ratios), ctx.gpus)
     ev = evaluate_pipeline(ctx, "llama.cpp", groups)
     counts = {g.devices[0]: g.n_layers for g in groups}
     cpu_layers = counts.pop(ctx.host_cpu.id, 0) if ctx.host_cpu else 0
-    ts = ts_for_counts(ctx.gpus, counts)
-    ngl = ctx.spec.n_layers - cpu_layers + (1 if cpu_layers == 0 else 0)
+    ts = ts_for_counts(ctx.gpus, counts, output_on_gpu=cpu_layers == 0)
+    ngl = ctx.spec.n_layers - cpu_layers
     llama = {"n_gpu_layers": -1 if cpu_layers == 0 else ngl, "split_mode": 1, "tensor_split": ts,
              "n_ctx": ctx.req.ctx}
     _llama_common(ctx, llama)
     server = f"-ngl {999 if cpu_layers == 0 else ngl} -sm layer -ts {','.join(map(str, ts))}"
-    label = "llama.cpp layer, optimized -ts"
+    label = "llama.cpp layer, optimized -ts" + (" (no layout fits)" if fallback else "")
     if cpu_layers:
         label = f"llama.cpp layer, {cpu_layers} layers offloaded to the CPU"
     return _finish(ctx, Split.LAYER, BackendName.LLAMACPP, label, groups, ev, llama, server)
@@ -204,7 +210,7 @@ def tensor_llamacpp(ctx: Context) -> Candidate | None:
     if not ctx.req.flash_attn or ctx.req.kv_type != "f16":
         return None
     gpus = list(ctx.gpus)
-    shares = head_shares([d.capacity_bytes for d in gpus], ctx.spec.n_head_kv, even=False)
+    shares = _tensor_shares(ctx, gpus)
     if shares is None:
         return None
     groups = [Group(tuple(d.id for d in gpus), (0, ctx.spec.n_layers), shares)]
@@ -213,6 +219,29 @@ def tensor_llamacpp(ctx: Context) -> Candidate | None:
     llama = {"n_gpu_layers": -1, "split_mode": 3, "tensor_split": ts, "n_ctx": ctx.req.ctx, "flash_attn": True}
     return _finish(ctx, Split.TENSOR, BackendName.LLAMACPP, "llama.cpp tensor parallel (all GPUs)", groups, ev,
                    llama, f"-ngl 999 -sm tensor -ts {','.join(map(str, ts))} -fa on")
+
+
+def _tensor_shares(ctx: Context, gpus: list[Device]) -> tuple[float, ...] | None:
+    """Whole KV heads per GPU for ``-sm tensor``: the split that reads fastest among those that fit (every split
+    when there are few), else the one proportional to bandwidth."""
+    n, heads = len(gpus), ctx.spec.n_head_kv
+    if heads < n:
+        return None
+    if math.comb(heads - 1, n - 1) > 5000:
+        return head_shares([d.mem_bandwidth_gbs for d in gpus], heads, even=False)
+    facts, req = ctx.facts, ctx.req
+    weights = ctx.spec.total_bytes - facts.embd_bytes
+    kv = facts.kv_bytes(req.ctx, req.ubatch, 0, ctx.spec.n_layers)
+    best: tuple[float, tuple[float, ...]] | None = None
+    for cuts in itertools.combinations(range(1, heads), n - 1):
+        counts = [b - a for a, b in zip((0, *cuts), (*cuts, heads), strict=True)]
+        shares = tuple(c / heads for c in counts)
+        fits = all(s * (weights + kv) + GPU_OVERHEAD_BYTES["llama.cpp"] <= d.capacity_bytes * 0.97
+                   for d, s in zip(gpus, shares, strict=True))
+        t = max(s / d.mem_bandwidth_gbs for d, s in zip(gpus, shares, strict=True))
+        if fits and (best is None or t < best[0]):
+            best = (t, shares)
+    return best[1] if best else head_shares([d.mem_bandwidth_gbs for d in gpus], heads, even=False)
 
 
 # ---- torch: TP groups inside pipeline stages ----------------------------------------------------------------------
@@ -244,8 +273,20 @@ def torch_plan(ctx: Context) -> Candidate | None:
     if not units:
         return None
     groups = _search(ctx, "torch", units)
-    if groups is None:
-        return None
+    if groups is None:  # nothing fits: every TP clique and lone GPU, layers in proportion to memory
+        taken: set[str] = set()
+        stages = []
+        for u in units:
+            if not taken & set(u.devices):
+                stages.append(u)
+                taken |= set(u.devices)
+        caps = [sum(ctx.profile.device(d).capacity_bytes for d in u.devices) for u in stages]
+        stages = stages[: ctx.spec.n_layers]
+        counts = allocate(ctx.spec.n_layers, caps[: len(stages)], minimum=1)
+        bounds = [0]
+        for c in counts:
+            bounds.append(bounds[-1] + c)
+        groups = [Group(u.devices, (bounds[k], bounds[k + 1]), u.shares) for k, u in enumerate(stages)]
     ev = evaluate_pipeline(ctx, "torch", groups)
     if len(groups) == 1:
         split = Split.TENSOR if groups[0].tp > 1 else Split.NONE
@@ -270,6 +311,10 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
     mat = sum(facts.layer_matrix_bytes) / L
     oth = sum(facts.layer_other_bytes) / L
     kv = facts.kv_bytes(req.ctx, req.ubatch, 0, L) / L
+    mean_layer = (mat, oth, kv)
+    max_layer = (max(facts.layer_matrix_bytes), max(facts.layer_other_bytes),
+                 max(facts.kv_cells(req.ctx, req.ubatch, i) * facts.kv_bytes_per_cell[i] for i in range(L)))
+    state = {"layer": mean_layer}
     host_cpu = ctx.host_cpu.id if (ctx.host_cpu and not torch) else None
     util = req.torch_gpu_util if torch else 1.0
 
@@ -287,9 +332,10 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
     def cost(i: int, first: bool, last: bool) -> StageCosts | None:
         u = units[i]
         cap, layer_s, fixed_s = 10**9, 0.0, 0.0
+        lm, lo, lk = state["layer"]
         for d, s in zip(u.devices, u.shares, strict=True):
             dev = p.device(d)
-            per_layer = mat * s + oth + kv * s
+            per_layer = lm * s + lo + lk * s
             room = planned_capacity(dev, util) - fixed_bytes(dev, s, first, last)
             cap = min(cap, int(room // per_layer) if room > 0 else 0)
             layer_s = max(layer_s, read_time_s(mat * s + oth, dev, backend))
@@ -302,26 +348,25 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
         return StageCosts(layer_s=layer_s, cap_layers=min(cap, L), fixed_s=fixed_s)
 
     def handoff(i: int, j: int) -> float:
-        return transfer_s(p, units[i].devices[-1], units[j].devices[0], spec.n_embd * act)
+        stage = costs(backend, p.device(units[j].devices[0])).stage_overhead_s
+        return transfer_s(p, units[i].devices[-1], units[j].devices[0], spec.n_embd * act) + stage
 
     def allowed(members: tuple[int, ...]) -> bool:
         devs = [d for i in members for d in units[i].devices]
         return len(devs) == len(set(devs))
 
-    found = best_layout(units, L, cost=cost, handoff_s=handoff, allowed=allowed, first_only=first_only,
-                        cyclic=torch)
-    if found is None:
-        return None
-    order, counts, _total = found
-    stages = [units[i] for i in order]
-    refined = _refine(ctx, backend, stages, fixed_bytes, util)
-    if refined is None:
-        bounds = [0]
-        for c in counts:
-            bounds.append(bounds[-1] + c)
-    else:
-        bounds = refined
-    return [Group(u.devices, (bounds[k], bounds[k + 1]), u.shares) for k, u in enumerate(stages)]
+    for per_layer in (mean_layer, max_layer):  # layers differ (Q6_K ones are larger): retry with the largest
+        state["layer"] = per_layer
+        found = best_layout(units, L, cost=cost, handoff_s=handoff, allowed=allowed, first_only=first_only,
+                            cyclic=torch)
+        if found is None:
+            return None
+        order, _counts, _total = found
+        stages = [units[i] for i in order]
+        bounds = _refine(ctx, backend, stages, fixed_bytes, util)
+        if bounds is not None:
+            return [Group(u.devices, (bounds[k], bounds[k + 1]), u.shares) for k, u in enumerate(stages)]
+    return None
 
 
 def _refine(ctx: Context, backend: str, stages: list[Unit], fixed_bytes, util: float) -> list[int] | None:

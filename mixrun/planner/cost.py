@@ -22,30 +22,62 @@ F32 = 4
 
 @dataclass(frozen=True)
 class BackendCosts:
-    """Efficiency constants of one backend on one kind of device (see docs/cost-model.md)."""
+    """Efficiency constants of one backend on one class of device (see docs/cost-model.md for each source)."""
 
-    bw_eff: float  # share of the memory bandwidth decode achieves on large matrices
+    bw_eff: float  # share of the memory bandwidth decode achieves on the weights
     layer_overhead_s: float  # fixed cost per layer per token (kernel launches, synchronisation)
     token_overhead_s: float  # fixed cost per token (graph build, sampling, host round trip)
-    prefill_eff: float  # share of the dense matmul rate prefill achieves
-    row_syncs_per_layer: int = 0  # llama.cpp -sm row: gathers to the main GPU per layer
+    prefill_eff: float  # share of the profile's fp16_tflops (dense, FP32 accumulate) prefill achieves
+    stage_overhead_s: float = 0.0  # extra cost per pipeline boundary per token (scheduler copies, syncs)
+    row_sync_fast_s: float = 0.0  # llama.cpp -sm row: synchronisation per layer over NVLink
+    row_sync_slow_s: float = 0.0  # ... and over PCIe
+    tp_sync_s: float = 0.0  # fixed cost per TP layer beyond the all-reduce model (implementation overhead)
     pipelined_prefill: bool = False
 
 
-# Calibrated on published llama-bench/vLLM figures; see docs/cost-model.md for each source and fit.
+# Calibrated on published llama-bench, vLLM and exllama figures: docs/cost-model.md gives each constant's source.
+# The torch GPU figures are targets for mixrun's own runtime (fused GGUF dequant-matmul kernels, CUDA graphs), not
+# yet measured; a profile's recorded results replace every prediction they cover.
 COSTS: dict[tuple[str, str], BackendCosts] = {
-    ("llama.cpp", "gpu"): BackendCosts(bw_eff=0.80, layer_overhead_s=45e-6, token_overhead_s=0.4e-3,
-                                       prefill_eff=0.55, row_syncs_per_layer=7, pipelined_prefill=True),
-    ("llama.cpp", "cpu"): BackendCosts(bw_eff=0.65, layer_overhead_s=25e-6, token_overhead_s=0.3e-3,
-                                       prefill_eff=0.45),
-    ("torch", "gpu"): BackendCosts(bw_eff=0.60, layer_overhead_s=90e-6, token_overhead_s=1.5e-3, prefill_eff=0.45,
-                                   pipelined_prefill=True),
-    ("torch", "cpu"): BackendCosts(bw_eff=0.35, layer_overhead_s=120e-6, token_overhead_s=2e-3, prefill_eff=0.30),
+    ("llama.cpp", "gpu"): BackendCosts(bw_eff=0.85, layer_overhead_s=20e-6, token_overhead_s=0.4e-3,
+                                       prefill_eff=0.85, stage_overhead_s=150e-6, row_sync_fast_s=75e-6,
+                                       row_sync_slow_s=400e-6, tp_sync_s=0.0, pipelined_prefill=True),
+    ("llama.cpp", "pascal"): BackendCosts(bw_eff=0.73, layer_overhead_s=100e-6, token_overhead_s=0.4e-3,
+                                          prefill_eff=0.9, stage_overhead_s=150e-6, row_sync_fast_s=75e-6,
+                                          row_sync_slow_s=400e-6, pipelined_prefill=True),
+    ("llama.cpp", "datacenter"): BackendCosts(bw_eff=0.70, layer_overhead_s=60e-6, token_overhead_s=0.4e-3,
+                                              prefill_eff=0.35, stage_overhead_s=150e-6, row_sync_fast_s=75e-6,
+                                              row_sync_slow_s=400e-6, pipelined_prefill=True),
+    ("llama.cpp", "cpu"): BackendCosts(bw_eff=0.60, layer_overhead_s=250e-6, token_overhead_s=0.5e-3,
+                                       prefill_eff=1.0),
+    ("torch", "gpu"): BackendCosts(bw_eff=0.85, layer_overhead_s=30e-6, token_overhead_s=1.0e-3, prefill_eff=0.6,
+                                   stage_overhead_s=50e-6, pipelined_prefill=True),
+    ("torch", "pascal"): BackendCosts(bw_eff=0.60, layer_overhead_s=100e-6, token_overhead_s=1.0e-3,
+                                      prefill_eff=0.6, stage_overhead_s=50e-6, pipelined_prefill=True),
+    ("torch", "datacenter"): BackendCosts(bw_eff=0.85, layer_overhead_s=30e-6, token_overhead_s=1.0e-3,
+                                          prefill_eff=0.5, stage_overhead_s=50e-6, pipelined_prefill=True),
+    ("torch", "cpu"): BackendCosts(bw_eff=0.35, layer_overhead_s=300e-6, token_overhead_s=2e-3, prefill_eff=0.5),
 }
+# One all-reduce: a fixed launch cost plus 2(n-1) hops of the slowest link's latency (ring), plus the bytes.
+# 2 GPUs over PCIe (15 us) give 37.5 us, i.e. the 75 us per layer (two all-reduces) llama.cpp -sm tensor measures.
+ALLREDUCE_BASE_S = 7.5e-6
+_PASCAL = ("P40", "P100", "P4 ", "P6000", "GTX 10", "TITAN X", "TITAN Xp")
+_DATACENTER = ("A100", "A800", "H100", "H800", "H200", "GH200", "B200", "B100", "V100")
+
+
+def device_class(device: Device) -> str:
+    if device.backend == "cpu":
+        return "cpu"
+    name = device.name + " "
+    if any(k in name for k in _PASCAL):
+        return "pascal"
+    if any(k in name for k in _DATACENTER):
+        return "datacenter"
+    return "gpu"
 
 
 def costs(backend: str, device: Device) -> BackendCosts:
-    return COSTS[(backend, "cpu" if device.backend == "cpu" else "gpu")]
+    return COSTS[(backend, device_class(device))]
 
 
 def read_time_s(n_bytes: float, device: Device, backend: str) -> float:
@@ -63,14 +95,15 @@ def transfer_s(profile: RigProfile, a: str, b: str, n_bytes: float) -> float:
 
 
 def allreduce_s(profile: RigProfile, devices: tuple[str, ...], n_bytes: float) -> float:
-    """One ring all-reduce of ``n_bytes`` over a group: latency plus 2(n-1)/n of the bytes over the slowest link."""
+    """One ring all-reduce of ``n_bytes`` over a group: a launch cost, 2(n-1) hops of the slowest link's latency,
+    and 2(n-1)/n of the bytes over the slowest link."""
     n = len(devices)
     if n < 2:
         return 0.0
     links = [profile.link(a, b) for i, a in enumerate(devices) for b in devices[i + 1:]]
     bw = min(lk.bandwidth_gbs for lk in links) * 1e9
     lat = max(lk.latency_us or 10.0 for lk in links) * 1e-6
-    return lat + 2 * (n - 1) / n * n_bytes / bw
+    return ALLREDUCE_BASE_S + 2 * (n - 1) * lat + 2 * (n - 1) / n * n_bytes / bw
 
 
 def sum_timings(parts: list[Timing]) -> Timing:

@@ -109,6 +109,8 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
     cpu = ctx.host_cpu if not torch else None
     if cpu is not None:  # llama.cpp: the input embedding and the returned logits live in host memory
         led.add(cpu.id, weights=facts.embd_bytes, comp=output_buffer_bytes(spec, req.batch))
+    # llama.cpp offloads the output layer only when every layer is offloaded; with CPU layers it stays on the host
+    out_on_host = cpu is not None and any(d == cpu.id for g in groups for d in g.devices)
     stage_s: list[float] = []
     compute = tp_comm = handoff = overhead = 0.0
     prefill_parts: list[float] = []
@@ -121,11 +123,12 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
         for dev, s in zip(devs, g.shares, strict=True):
             w = facts.weights(a, b, s)
             read = w
-            if last:
+            on_this = dev.id == cpu.id if out_on_host else last
+            if on_this:
                 out = int(facts.output_bytes * (s if (torch or split_output) else 1.0))
                 w += out + facts.misc_bytes
                 read += out
-                if torch and not spec.tied_output:  # vocab-parallel embedding, with the output (shared if tied)
+                if torch and last and not spec.tied_output:  # vocab-parallel embedding, with the output (shared if tied)
                     w += int(facts.embd_bytes * s)
             kv = int(facts.kv_bytes(req.ctx, req.ubatch, a, b) * s)
             comp = compute_bytes(spec, ctx=req.ctx, ubatch=req.ubatch, n_layers=b - a, last=last,
@@ -149,7 +152,7 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
             pre += 2 * (b - a) * allreduce_s(p, g.devices, req.prompt_tokens * spec.n_embd * act_bytes)
         if not first:
             prev = groups[gi - 1].devices[-1]
-            handoff += transfer_s(p, prev, g.devices[0], spec.n_embd * act_bytes)
+            handoff += transfer_s(p, prev, g.devices[0], spec.n_embd * act_bytes) + c0.stage_overhead_s
             pre += transfer_s(p, prev, g.devices[0], req.prompt_tokens * spec.n_embd * act_bytes)
         prefill_parts.append(pre)
     if torch and len(groups) > 1:  # the last stage looks up the next token's embedding and sends it to the first
@@ -199,17 +202,20 @@ def evaluate_row(ctx: Context, gpus: list[Device], ratios: list[float], main: st
         read = matrix * s + (others + facts.output_bytes if dev.id == main else 0)
         dev_s.append(read_time_s(read, dev, "llama.cpp"))
         dev_pre.append(flop_time_s(2.0 * sum(ctx.layer_params) * s * req.prompt_tokens, dev, "llama.cpp"))
-    c = costs("llama.cpp", gpus[0])
-    worst_lat = max((p.link(d.id, main).latency_us or 10.0) * 1e-6 for d in gpus if d.id != main)
-    worst_bw = min(p.link(d.id, main).bandwidth_gbs for d in gpus if d.id != main) * 1e9
-    syncs = c.row_syncs_per_layer * L
+    c = costs("llama.cpp", p.device(main))
+    others = [p.link(d.id, main) for d in gpus if d.id != main]
+    fast = all(lk.kind in ("nvlink", "nvswitch") for lk in others)
+    worst_bw = min(lk.bandwidth_gbs for lk in others) * 1e9
+    # measured per-layer synchronisation of row split (grows with the number of GPUs: 400 us for 2, ~550 for 4)
+    per_layer = (c.row_sync_fast_s if fast else c.row_sync_slow_s) * (1 + 0.2 * (len(gpus) - 2))
+    sync_s = per_layer * L
     gather = spec.n_embd * F32  # the typical output row of a split matmul, gathered to the main GPU
-    sync_s = syncs * (worst_lat + gather / worst_bw)
     compute = max(dev_s)
     overhead = c.layer_overhead_s * L + c.token_overhead_s
     handoff = 0.0
     if cpu is not None:
         handoff = transfer_s(p, cpu.id, main, spec.n_embd * F32) + transfer_s(p, main, cpu.id, spec.n_vocab * F32)
-    pre = max(dev_pre) + syncs * (worst_lat + req.prompt_tokens * gather / worst_bw)
+    pre = max(dev_pre) + sync_s * max(1, math.ceil(req.prompt_tokens / req.ubatch)) \
+        + 7 * L * req.prompt_tokens * gather / worst_bw
     return Evaluation(devices=led.uses(p), decode=Timing(compute, sync_s, handoff, overhead), prefill_s=pre,
                       stage_s=(compute + sync_s,))

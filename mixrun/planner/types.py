@@ -34,11 +34,15 @@ class PlanRequest:
     prompt_tokens: int = 512  # prefill speed is predicted for a prompt of this length
     tp_min_link_gbs: float = 40.0  # devices join a TP group only over links at least this fast (NVLink-class)
     flash_attn: bool = True
+    cpu_offload: bool = False  # let llama.cpp run the first layers on the CPU host (-ngl < layers)
     torch_gpu_util: float = 0.9  # share of a GPU's capacity the torch backend plans into (vLLM's default)
 
     def to_json(self) -> dict[str, Any]:
-        return {"ctx": self.ctx, "batch": self.batch, "kv_type": self.kv_type, "split": self.split,
-                "backend": self.backend}
+        out = {"ctx": self.ctx, "batch": self.batch, "kv_type": self.kv_type, "split": self.split,
+               "backend": self.backend}
+        if self.cpu_offload:
+            out["cpu_offload"] = True
+        return out
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,148 @@
+"""Whole plans on bundled rigs: the hybrid for the matched NVLink pair plus an odd card, shortfalls and
+suggestions when nothing fits, forced splits, measured results, and the JSON contract."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from mixrun.cli import main
+from mixrun.model_spec import ModelSpec
+from mixrun.planner import PlanError, PlanRequest, plan, scaled_spec, spec_at_bpw
+from mixrun.planner.types import Split
+from mixrun.profile import Result, load_profile
+
+
+def test_hybrid_on_nvlink_pair_plus_3060(llama70b: ModelSpec) -> None:
+    assert 42.0e9 < llama70b.total_bytes < 43.0e9  # Llama-3-70B Q4_K_M is 42.5 GB
+    rep = plan(load_profile("dual-3090-nvlink-plus-3060"), llama70b, PlanRequest(ctx=4096))
+    best = rep.best
+    assert best is not None and best.fits
+    assert best.split == Split.HYBRID and best.backend.value == "torch"
+    tp = [g for g in best.groups if g.tp == 2]
+    assert len(tp) == 1 and set(tp[0].devices) == {"gpu0", "gpu1"}
+    rest = [g for g in best.groups if g.tp == 1]
+    assert [g.devices for g in rest] == [("gpu2",)]
+    assert sum(g.n_layers for g in best.groups) == 80
+    assert sorted(g.layers for g in best.groups)[0][0] == 0  # contiguous, half-open, covering every layer
+    labels = {c.split.value for c in rep.candidates if c.backend.value == "llama.cpp"}
+    assert {"layer", "row", "tensor"} <= labels
+    for c in rep.candidates:
+        assert c.decode_tok_s > 0 and c.prefill_tok_s > 0 and c.why
+
+
+def test_too_big_reports_shortfalls_and_checked_suggestions(llama70b: ModelSpec) -> None:
+    prof = load_profile("2x-5060ti-pcie")
+    req = PlanRequest(ctx=8192)
+    rep = plan(prof, llama70b, req)
+    assert rep.chosen is None and not any(c.fits for c in rep.candidates)
+    for c in rep.candidates:
+        assert any(d.shortfall_bytes > 0 for d in c.devices)
+        assert all(d.shortfall_bytes == max(0, d.total_bytes - d.capacity_bytes) for d in c.devices)
+    assert rep.suggestions
+    kinds = {k for s in rep.suggestions for k in s.change}
+    assert {"cpu_offload", "bits_per_weight"} <= kinds
+    for s in rep.suggestions:  # every suggestion re-plans as fitting
+        spec, r = llama70b, req
+        for key, value in s.change.items():
+            if key == "bits_per_weight":
+                spec = spec_at_bpw(llama70b, value)
+                assert abs(spec.bits_per_weight - value) < 1e-6
+            else:
+                r = dataclasses.replace(r, **{key: value})
+        again = plan(prof, spec, r, suggest=False)
+        assert again.best is not None and again.best.fits, s.what
+
+
+def test_context_and_kv_suggestions(llama70b: ModelSpec) -> None:
+    """A rig where the weights fit but a long context does not: a shorter context and a smaller KV cache fit."""
+    prof = load_profile("dual-3090-nvlink-plus-3060")
+    req = PlanRequest(ctx=131072)
+    rep = plan(prof, llama70b, req)
+    assert rep.chosen is None
+    by_key = {k: s for s in rep.suggestions for k in s.change}
+    assert "ctx" in by_key and by_key["ctx"].change["ctx"] < 131072
+    again = plan(prof, llama70b, dataclasses.replace(req, ctx=by_key["ctx"].change["ctx"]), suggest=False)
+    assert again.best is not None and again.best.fits
+    over = plan(prof, llama70b, dataclasses.replace(req, ctx=by_key["ctx"].change["ctx"] + 256), suggest=False)
+    assert over.best is None  # the largest context, not just one that fits
+
+
+def test_forced_split_is_chosen(llama70b: ModelSpec) -> None:
+    prof = load_profile("dual-3090-nvlink-plus-3060")
+    for split in ("layer", "row", "tensor"):
+        rep = plan(prof, llama70b, PlanRequest(split=split, backend="llama.cpp"))
+        assert rep.best is not None and rep.best.split.value == split and rep.best.backend.value == "llama.cpp"
+
+
+def test_measured_results_win(llama70b: ModelSpec) -> None:
+    prof = load_profile("dual-3090-nvlink-plus-3060")
+    name = "Llama-3-70B-Q4_K_M.gguf"
+    prof = prof.model_copy(update={"results": (Result(model=name, split="row", backend="llama.cpp",
+                                                      decode_tok_s=99.0),)})
+    rep = plan(prof, llama70b)
+    assert rep.best is not None and rep.best.split == Split.ROW and rep.best.measured
+    assert rep.best.decode_tok_s == 99.0 and "measured" in rep.best.why
+
+
+def test_fewer_devices_can_be_faster(small_spec: ModelSpec) -> None:
+    """A model that fits one card: a layer split gains nothing, so the optimized -ts uses the faster card alone,
+    while llama.cpp's default split also drags in the slower one."""
+    rep = plan(load_profile("3090-plus-4090-pcie"), small_spec)
+    by_label = {c.label: c for c in rep.candidates}
+    opt = by_label["llama.cpp layer, optimized -ts"]
+    assert [g.devices for g in opt.groups] == [("gpu1",)]  # the 4090: more bandwidth
+    default = by_label["llama.cpp layer, default split (by free memory)"]
+    assert len(default.groups) == 2 and default.decode_tok_s < opt.decode_tok_s
+    single = plan(load_profile("3090-plus-4090-pcie"), small_spec, PlanRequest(split="none")).best
+    assert single is not None and single.groups[0].devices == ("gpu1",)
+    assert "-sm none -mg 1" in single.commands["llama_server"]
+
+
+def test_cpu_only_rig_and_two_hosts(small_spec: ModelSpec, llama70b: ModelSpec) -> None:
+    rep = plan(load_profile("cpu-only"), small_spec)
+    assert rep.best is not None and rep.best.groups[0].devices == ("cpu",)
+    big = scaled_spec(llama70b, 1.4)  # ~60 GB: more than one host's two 3090s hold
+    two = plan(load_profile("two-hosts-2x3090-10gbe"), big)
+    assert two.notes and "first host" in two.notes[0]
+    torch = next(c for c in two.candidates if c.backend.value == "torch")
+    assert torch.fits and all(g.tp == 1 for g in torch.groups)  # never TP across hosts (nor over PCIe)
+    hosts = {two_host(d) for g in torch.groups for d in g.devices}
+    assert hosts == {"a", "b"}
+    assert torch.decode.handoff_s > 2 * 100e-6  # at least two crossings of the 10 GbE network per token
+
+
+def two_host(device_id: str) -> str:
+    return device_id.split(".")[0]
+
+
+def test_not_plannable_and_bad_request(tmp_path, llama70b: ModelSpec) -> None:
+    import gguf_factory
+    from mixrun.gguf_spec import read_spec
+
+    mamba = read_spec(gguf_factory.write_model(tmp_path / "m.gguf", "mamba"))
+    with pytest.raises(PlanError, match="not plannable yet"):
+        plan(load_profile("cpu-only"), mamba)
+    with pytest.raises(PlanError, match="--ctx 1"):
+        plan(load_profile("cpu-only"), llama70b, PlanRequest(ctx=1))
+
+
+def test_cli_plan_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--profile", "dual-3090-nvlink", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert set(d) >= {"model", "profile", "request", "chosen", "candidates"}
+    assert set(d["model"]) >= {"path", "arch", "n_layers", "weights_bytes", "kv_bytes_per_token"}
+    assert d["request"] == {"ctx": 4096, "batch": 1, "kv_type": "f16", "split": "auto", "backend": "auto"}
+    c = d["candidates"][d["chosen"]]
+    assert set(c) >= {"split", "backend", "fits", "decode_tok_s", "prefill_tok_s", "groups", "devices", "why",
+                      "commands"}
+    for g in c["groups"]:
+        assert set(g) >= {"devices", "tp", "layers"} and g["layers"][0] < g["layers"][1]
+    for dev in c["devices"]:
+        assert set(dev) >= {"id", "weights_bytes", "kv_bytes", "compute_bytes", "total_bytes", "capacity_bytes"}
+        assert all(isinstance(dev[k], int) for k in ("weights_bytes", "kv_bytes", "total_bytes"))
+    assert main(["plan", "--profile", "dual-3090-nvlink", "--split", "row"]) == 0
+    out = capsys.readouterr().out
+    assert "llama-server" in out and "-sm row" in out
