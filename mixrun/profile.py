@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from mixrun.errors import ProfileError, where
 
@@ -146,23 +146,35 @@ class RigProfile(_Strict):
             pairs.add(pair)
         return self
 
-    # ---- pure lookups the planner uses -------------------------------------------------------------------------
+    # ---- pure lookups the planner uses (indexed once: planning asks for links thousands of times) --------------
+
+    _index: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    def _lookup(self) -> dict[str, Any]:
+        if not self._index:
+            self._index["devices"] = {d.id: d for d in self.devices}
+            self._index["hosts"] = {h.id: h for h in self.hosts}
+            self._index["links"] = {frozenset(lk.between): lk for lk in self.links}
+            self._index["pairs"] = {}
+        return self._index
 
     def device(self, device_id: str) -> Device:
-        for d in self.devices:
-            if d.id == device_id:
-                return d
-        raise KeyError(device_id)
+        return self._lookup()["devices"][device_id]
 
     def host_of(self, device: Device) -> Host | None:
         hid = device.host or (self.hosts[0].id if self.hosts else None)
-        return next((h for h in self.hosts if h.id == hid), None)
+        return self._lookup()["hosts"].get(hid)
 
     def link(self, a: str, b: str) -> Link:
         """The link between two devices: the profile's own, or the host default (PCIe, or the network)."""
-        for link in self.links:
-            if set(link.between) == {a, b}:
-                return link
+        idx = self._lookup()
+        key = frozenset((a, b))
+        found = idx["links"].get(key) or idx["pairs"].get(key)
+        if found is None:
+            found = idx["pairs"][key] = self._default_link(a, b)
+        return found
+
+    def _default_link(self, a: str, b: str) -> Link:
         da, db = self.device(a), self.device(b)
         ha, hb = self.host_of(da), self.host_of(db)
         if (ha.id if ha else None) != (hb.id if hb else None):

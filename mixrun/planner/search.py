@@ -124,30 +124,43 @@ def best_layout(units: Sequence[Unit], n_layers: int, *, cost: Callable[[int, bo
         return None
     inf = float("inf")
     full = 1 << n
+    hand = [[handoff_s(i, j) if i != j else 0.0 for j in range(n)] for i in range(n)]
+    bit = {d: k for k, d in enumerate(sorted({d for u in units for d in u.devices}))}
+    dev_bits = [sum(1 << bit[d] for d in u.devices) for u in units]
+    used = [0] * full  # devices of each set of units; sets whose units share a device are never built
+    for mask in range(1, full):
+        low = (mask & -mask).bit_length() - 1
+        rest = used[mask & (mask - 1)]
+        used[mask] = -1 if rest < 0 or rest & dev_bits[low] else rest | dev_bits[low]
+    stage = {(i, last): cost(i, False, last) for i in range(n) for last in (False, True)}
     # paths[mask][end] = (hand-off seconds of the cheapest path over mask ending at end, previous unit); for a
     # cyclic layout every path starts at the lowest unit of its mask, so each mask's cycles are found exactly once.
     paths: list[dict[int, tuple[float, int]]] = [{} for _ in range(full)]
     for i in range(n):
         paths[1 << i][i] = (0.0, -1)
     for mask in range(1, full):
+        if used[mask] < 0:
+            continue
         low = (mask & -mask).bit_length() - 1
         for end, (c, _prev) in list(paths[mask].items()):
             for j in range(n):
-                if mask >> j & 1 or j in first_only or (cyclic and j < low):
+                if mask >> j & 1 or j in first_only or (cyclic and j < low) or used[mask] & dev_bits[j]:
                     continue
                 nm = mask | 1 << j
-                cand = c + handoff_s(end, j)
+                cand = c + hand[end][j]
                 if cand < paths[nm].get(j, (inf, 0))[0]:
                     paths[nm][j] = (cand, end)
     top: tuple[float, int, int, int, dict[int, int]] | None = None
     for mask in range(1, full):
+        if used[mask] < 0 or not paths[mask]:
+            continue
         members = tuple(i for i in range(n) if mask >> i & 1)
         if not allowed(members):
             continue
         if cyclic:
             low = members[0]
-            ring = [(c + (handoff_s(end, low) if len(members) > 1 else 0.0), end) for end, (c, _p) in paths[mask].items()
-                    if paths[mask] and (end != low or len(members) == 1)]
+            ring = [(c + (hand[end][low] if len(members) > 1 else 0.0), end) for end, (c, _p) in paths[mask].items()
+                    if end != low or len(members) == 1]
             if not ring:
                 continue
             ring_s, ring_end = min(ring)
@@ -155,7 +168,7 @@ def best_layout(units: Sequence[Unit], n_layers: int, *, cost: Callable[[int, bo
         else:
             options = [(c, end, end) for end, (c, _p) in paths[mask].items()]
         for hand_s, end, last in options:
-            counts = _fill(members, last, n_layers, cost)
+            counts = _fill(members, last, n_layers, stage)
             if counts is None:
                 continue
             total = hand_s + counts[1] + counts[2]
@@ -172,11 +185,11 @@ def best_layout(units: Sequence[Unit], n_layers: int, *, cost: Callable[[int, bo
 
 
 def _fill(members: tuple[int, ...], last: int, n_layers: int,
-          cost: Callable[[int, bool, bool], StageCosts | None]) -> tuple[dict[int, int], float, float] | None:
+          stage: dict[tuple[int, bool], StageCosts | None]) -> tuple[dict[int, int], float, float] | None:
     """Fill the fastest members first, every member at least one layer; None if the layers do not fit."""
     sc: dict[int, StageCosts] = {}
     for i in members:
-        c = cost(i, False, i == last)
+        c = stage[(i, i == last)]
         if c is None or c.cap_layers < 1:
             return None
         sc[i] = c
