@@ -1,6 +1,8 @@
 """Ground-truth buffer sizes from llama.cpp itself (CPU only), to check the planner's memory predictions against.
 
-Usage: python benchmarks/llamacpp_memory.py [--json] [--exact] [--no-alloc] [--quick] [--out FILE]
+Usage: python benchmarks/llamacpp_memory.py [--json] [--out FILE] [--exact] [--check-no-alloc] [--shapes]
+           [--no-alloc] [--models NAME ...] [--n-ctx N ...] [--n-ubatch N ...] [--quick]
+benchmarks/llamacpp_memory_results.json was written with ``--exact --check-no-alloc --shapes --json --out``.
 
 ``llamacpp_buffers()`` loads a GGUF with ``llama_cpp.Llama(..., n_gpu_layers=0, verbose=True)`` in a child
 process (so the C-side log is captured whole and the memory goes back to the OS) and parses llama.cpp's own
@@ -14,12 +16,13 @@ load-time log into bytes. The log lines this reads (llama-cpp-python 0.3.36; old
     sched_reserve:        CPU compute buffer size =    98.25 MiB
     ~llama_context:        CPU compute buffer size is  98.2520 MiB, matches expectation of  98.2520 MiB
 
-Sizes are printed in MiB with 2 decimals, so a value parsed from them is good to +-LOG_PRECISION_BYTES (0.005 MiB);
-the compute size printed by the context's destructor has 4 decimals (+-53 bytes).
+Sizes are printed in MiB with 2 decimals, so a value parsed from them is good to +-LOG_PRECISION_BYTES (0.005 MiB)
+per line summed (a sliding-window model logs two KV caches); the compute size printed by the context's destructor
+has 4 decimals (+-53 bytes).
 
 ``exact=True`` also asks llama.cpp for its own per-buffer-type byte counts through ``llama_get_memory_breakdown``,
 the function ``llama-server --fit`` uses. It is C++ (``src/llama-ext.h``, a staging header, not in ``llama.h``), so
-this compiles a ten-line C shim against the wheel's headers with ``g++``; the keys are ``exact_model``,
+this compiles a small C++ shim with an ``extern "C"`` entry against the wheel's headers (``g++``); the keys are ``exact_model``,
 ``exact_context`` (the KV cache, not the output buffer) and ``exact_compute``.
 
 ``no_alloc=True`` projects instead of allocating: the model is opened with ``llama_model_params.no_alloc`` (with
@@ -47,7 +50,7 @@ from typing import Any
 MiB = 2**20
 LOG_PRECISION_BYTES = int(round(0.005 * MiB))  # half a unit of the log's second decimal
 LOG_PRECISION_BYTES_4DP = int(round(0.00005 * MiB))
-KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+KV_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
 _MARK = "@@llamacpp_memory@@ "
 _HERE = Path(__file__).resolve().parent
 
@@ -72,12 +75,12 @@ def ggml_type(name: str) -> int:
 # --- log parsing ---------------------------------------------------------------------------------------------
 
 _NUM = r"([0-9]+(?:\.[0-9]+)?)"
-_RE_MODEL_BUF = re.compile(rf"^\w+:\s+(\S+) model buffer size =\s*{_NUM} MiB")
+_RE_MODEL_BUF = re.compile(rf"^(?:load_tensors|llm_load_tensors):\s+(\S+)(?: model)? buffer size =\s*{_NUM} MiB")
 _RE_OUTPUT_BUF = re.compile(rf"^\w+:\s+(\S+)\s+output buffer size =\s*{_NUM} MiB")
 _RE_KV_BUF = re.compile(rf"^\w+:\s+(\S+) KV buffer size =\s*{_NUM} MiB")
 _RE_KV_SIZE = re.compile(  # current: "llama_kv_cache: size = ..."; older: "llama_kv_cache_unified: ..." / "KV self size"
     rf"(?:^\w+: size =|KV self size\s*=)\s*{_NUM} MiB"
-    rf"(?:\s*\(\s*(\d+) cells,\s*(\d+) layers,\s*(\d+)/(\d+) seqs\))?"
+    rf"(?:\s*\(\s*(\d+) cells,\s*(\d+) layers,[^)]*\))?"
     rf"(?:,\s*K \((\w+)\):\s*{_NUM} MiB)?(?:,\s*V \((\w+)\):\s*{_NUM} MiB)?"
 )
 _RE_ISWA = re.compile(r"creating\s+(non-SWA|SWA) KV cache, size = (\d+) cells")
@@ -123,10 +126,10 @@ def parse_log(log: str) -> dict[str, int]:
         elif m := _RE_KV_SIZE.search(line):
             size = _mib(m[1])
             add("kv", size)
+            if m[4]:
+                add("kv_k", _mib(m[5]))
             if m[6]:
-                add("kv_k", _mib(m[7]))
-            if m[8]:
-                add("kv_v", _mib(m[9]))
+                add("kv_v", _mib(m[7]))
             prefix = "kv_swa" if pending_swa else "kv"
             if pending_swa:
                 add("kv_swa", size)

@@ -126,6 +126,8 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
             on_this = dev.id == cpu.id if out_on_host else last
             if on_this:
                 out = int(facts.output_bytes * (s if (torch or split_output) else 1.0))
+                if cpu is not None and dev.id == cpu.id and spec.tied_output:
+                    out -= facts.embd_bytes  # a tied output on the host is the embedding table itself
                 w += out + facts.misc_bytes
                 read += out
                 if torch and last and not spec.tied_output:  # vocab-parallel embedding, with the output (shared if tied)

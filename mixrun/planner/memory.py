@@ -96,20 +96,32 @@ def compute_bytes(spec: ModelSpec, *, ctx: int, ubatch: int, n_layers: int, last
                   share: float = 1.0, host: bool = False) -> int:
     """Scratch memory of one device's slice of the graph for one ubatch (llama.cpp's "compute buffer").
 
-    ggml's allocator reuses memory between ops, so the buffer is about the largest live set of one layer:
-    the attention scores (``ctx x ubatch x heads`` floats without flash attention, a tile with it), the FFN
-    intermediates, and on the last device the logits (``vocab x ubatch`` floats). Zero layers, zero bytes.
+    ggml's allocator reuses memory between ops, so the buffer is ``ubatch x`` the largest per-token live set of
+    three phases (fitted on llama.cpp's own reports within 0-8% for real model shapes, see
+    benchmarks/memory_vs_llamacpp.py): attention (the mask, the scores without flash attention, Q/K/V and the
+    hidden state), the FFN (gate/up/down intermediates), and on the last device the logits. ``share`` is the
+    device's fraction of heads and FFN rows under tensor parallelism. ``host`` is unused by the formula and kept
+    for callers that distinguish the CPU.
     """
+    del host
     if n_layers <= 0 and not last:
         return 0
-    ctx_pad = math.ceil(ctx / KV_CTX_PAD) * KV_CTX_PAD
-    heads = max(1, math.ceil(spec.n_head * share))
-    attn = (256 if flash_attn else ctx_pad) * ubatch * heads * F32
-    ffn = 3 * ubatch * max(1, math.ceil(spec.n_ff * share)) * F32
-    hidden = 4 * ubatch * spec.n_embd * F32
-    layer_peak = max(attn + hidden, ffn + hidden) if n_layers > 0 else 0
-    logits = spec.n_vocab * ubatch * F32 if last else 0
-    return layer_peak + logits if host else max(layer_peak, logits + hidden)
+    ub = min(ubatch, ctx)
+    cells = math.ceil(ctx / KV_CTX_PAD) * KV_CTX_PAD
+    n_head = max(1, math.ceil(spec.n_head * share))
+    n_q = n_head * spec.head_dim
+    n_kv_dim = max(1, math.ceil(spec.n_head_kv * share)) * spec.head_dim
+    n_ff = max(1, math.ceil(spec.n_ff * share))
+    mask = cells * (2 if flash_attn else F32)
+    if spec.sliding_window:  # a second mask over the sliding-window cache (full-size, llama-cpp-python's default)
+        mask *= 2
+    q_terms = 3 if spec.arch in ("gemma2", "gemma3") else 2  # soft-capping adds a copy of the scores' inputs
+    attn = mask + F32 * ((0 if flash_attn else n_head * cells) + 3 * spec.n_embd + q_terms * n_q + 2 * n_kv_dim + 5)
+    ffn = mask + F32 * (5 * spec.n_embd + 3 * n_ff + 7)
+    per_token = max(attn, ffn) if n_layers > 0 else 0
+    if last:
+        per_token = max(per_token, F32 * (spec.n_vocab + 2 * spec.n_embd + 1))
+    return ub * per_token
 
 
 def output_buffer_bytes(spec: ModelSpec, batch: int = 1) -> int:
