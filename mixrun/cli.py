@@ -138,6 +138,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if report.best is not None and report.best.fits else 3
 
 
+def _planned_llama_kwargs(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """Plan the model on ``--profile`` and return the chosen llama.cpp candidate's Llama() keyword arguments;
+    refuse before loading when it does not fit (``--force`` overrides)."""
+    from mixrun.errors import MixrunError
+    from mixrun.gguf_spec import read_spec
+    from mixrun.planner import PlanRequest, plan
+    from mixrun.profile import load_profile
+
+    report = plan(load_profile(args.profile), read_spec(model),
+                  PlanRequest(ctx=args.ctx, split=args.split, backend="llama.cpp"))
+    best = report.best
+    if best is None or not best.fits:
+        short = "" if best is None else "; ".join(f"{d.id} short by {d.shortfall_bytes / 2**30:.2f} GiB"
+                                                  for d in best.devices if not d.fits)
+        hint = f" ({report.suggestions[0].what})" if report.suggestions else ""
+        msg = f"{model}: does not fit {report.profile} at context {args.ctx}" + (f": {short}" if short else "")
+        if not args.force:
+            raise MixrunError(msg + hint + "; --force loads it anyway")
+        print(f"mixrun: warning: {msg}", file=sys.stderr)
+    if best is None:
+        return {}
+    print(f"mixrun: plan: {best.label}, predicted {best.decode_tok_s:.1f} tok/s ({best.why})", file=sys.stderr)
+    kwargs = {k: v for k, v in best.llama_kwargs.items() if k != "n_ctx"}
+    import llama_cpp
+
+    if kwargs.get("split_mode", 0) > llama_cpp.LLAMA_SPLIT_MODE_ROW and not hasattr(llama_cpp,
+                                                                                   "LLAMA_SPLIT_MODE_TENSOR"):
+        raise MixrunError(f"--split {best.split.value}: this llama.cpp build has no tensor split mode")
+    return kwargs
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from mixrun.backends.base import Sampling, start
     from mixrun.chat import Conversation
@@ -157,8 +188,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
             from mixrun.errors import MixrunError
 
             raise MixrunError("stdin: no prompt given (empty input)")
-    engine = start("llama.cpp", model=args.model or default_model(), n_ctx=args.ctx, n_threads=args.threads,
-                   seed=args.seed)
+    model = args.model or default_model()
+    llama_kwargs = _planned_llama_kwargs(args, model) if args.profile else {}
+    engine = start("llama.cpp", model=model, n_ctx=args.ctx, n_threads=args.threads, seed=args.seed,
+                   kwargs=llama_kwargs)
     try:
         conv = Conversation(system=args.system)
         if prompt is not None:
@@ -201,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="chat with a model (default: the bundled SmolLM2)")
     c.add_argument("model", nargs="?", help=".gguf path (default: the bundled SmolLM2-135M-Instruct)")
     c.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "torch"])
+    c.add_argument("--profile", "-p", help="plan on this rig profile first; refuse a plan that does not fit")
+    c.add_argument("--split", default="auto", choices=["auto", "none", "layer", "row", "tensor", "hybrid"],
+                   help="with --profile: force a split mode")
+    c.add_argument("--force", action="store_true", help="load even when the plan does not fit")
     c.add_argument("--prompt", help="answer this once and exit (stdin that is not a terminal works too)")
     c.add_argument("--system", help="system prompt")
     c.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")

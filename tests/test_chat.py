@@ -138,3 +138,17 @@ def test_terminal_session(tmp_path: Path) -> None:
     assert saved["messages"][0]["content"] == "What is the capital of France?"
     assert "Paris" in saved["messages"][1]["content"]
     assert saved["messages"][3]["role"] == "assistant" and saved["messages"][3]["content"]
+
+
+def test_plan_that_does_not_fit_is_refused_before_loading(tmp_path: Path) -> None:
+    """A 70B-shaped file whose tensor data is a hole: refused by the planner, so llama.cpp never reads it."""
+    import gguf_factory
+
+    big = gguf_factory.write_model(tmp_path / "big.gguf", "llama", qtype="Q4_K_M", sparse=True,
+                                   **gguf_factory.LLAMA3_70B)
+    r = _chat(str(big), "--profile", "2x-5060ti-pcie", "--prompt", "hi")
+    assert r.returncode == 2
+    assert "does not fit 2x-5060ti-pcie" in r.stderr and "short by" in r.stderr and "--force" in r.stderr
+    ok = _chat("--profile", "cpu-only", "--prompt", "Say hi.", "--temperature", "0", "--max-tokens", "8")
+    assert ok.returncode == 0 and ok.stdout.strip()
+    assert "mixrun: plan: llama.cpp, CPU only" in ok.stderr
