@@ -344,7 +344,7 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
         dev0 = p.device(u.devices[0])
         layer_s += costs(backend, dev0).layer_overhead_s
         if len(u.devices) > 1:
-            layer_s += 2 * allreduce_s(p, u.devices, spec.n_embd * act)
+            layer_s += 2 * allreduce_s(p, u.devices, spec.n_embd * act, one_shot=torch)
         return StageCosts(layer_s=layer_s, cap_layers=min(cap, L), fixed_s=fixed_s)
 
     def handoff(i: int, j: int) -> float:
@@ -386,7 +386,8 @@ def _refine(ctx: Context, backend: str, stages: list[Unit], fixed_bytes, util: f
             rows.append((_prefix(read), _prefix(mem), room, rate))
         over = costs(backend, p.device(u.devices[0])).layer_overhead_s
         if len(u.devices) > 1:
-            over += 2 * allreduce_s(p, u.devices, ctx.spec.n_embd * (2 if backend == "torch" else 4))
+            over += 2 * allreduce_s(p, u.devices, ctx.spec.n_embd * (2 if backend == "torch" else 4),
+                                    one_shot=backend == "torch")
         tables.append((rows, over))
 
     def stage_time(k: int, a: int, b: int) -> float | None:

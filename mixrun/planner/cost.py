@@ -31,7 +31,6 @@ class BackendCosts:
     stage_overhead_s: float = 0.0  # extra cost per pipeline boundary per token (scheduler copies, syncs)
     row_sync_fast_s: float = 0.0  # llama.cpp -sm row: synchronisation per layer over NVLink
     row_sync_slow_s: float = 0.0  # ... and over PCIe
-    tp_sync_s: float = 0.0  # fixed cost per TP layer beyond the all-reduce model (implementation overhead)
     pipelined_prefill: bool = False
 
 
@@ -41,10 +40,14 @@ class BackendCosts:
 COSTS: dict[tuple[str, str], BackendCosts] = {
     ("llama.cpp", "gpu"): BackendCosts(bw_eff=0.85, layer_overhead_s=20e-6, token_overhead_s=0.4e-3,
                                        prefill_eff=0.85, stage_overhead_s=150e-6, row_sync_fast_s=75e-6,
-                                       row_sync_slow_s=400e-6, tp_sync_s=0.0, pipelined_prefill=True),
+                                       row_sync_slow_s=400e-6, pipelined_prefill=True),
+    # RTX A-series / PRO / Quadro: their datasheet FP16 rate is not halved like GeForce's, llama.cpp reaches half
+    ("llama.cpp", "workstation"): BackendCosts(bw_eff=0.85, layer_overhead_s=20e-6, token_overhead_s=0.4e-3,
+                                               prefill_eff=0.425, stage_overhead_s=150e-6, row_sync_fast_s=75e-6,
+                                               row_sync_slow_s=400e-6, pipelined_prefill=True),
     ("llama.cpp", "pascal"): BackendCosts(bw_eff=0.73, layer_overhead_s=100e-6, token_overhead_s=0.4e-3,
                                           prefill_eff=0.9, stage_overhead_s=150e-6, row_sync_fast_s=75e-6,
-                                          row_sync_slow_s=400e-6, pipelined_prefill=True),
+                                          row_sync_slow_s=300e-6, pipelined_prefill=True),
     ("llama.cpp", "datacenter"): BackendCosts(bw_eff=0.70, layer_overhead_s=60e-6, token_overhead_s=0.4e-3,
                                               prefill_eff=0.35, stage_overhead_s=150e-6, row_sync_fast_s=75e-6,
                                               row_sync_slow_s=400e-6, pipelined_prefill=True),
@@ -54,14 +57,18 @@ COSTS: dict[tuple[str, str], BackendCosts] = {
                                    stage_overhead_s=50e-6, pipelined_prefill=True),
     ("torch", "pascal"): BackendCosts(bw_eff=0.60, layer_overhead_s=100e-6, token_overhead_s=1.0e-3,
                                       prefill_eff=0.6, stage_overhead_s=50e-6, pipelined_prefill=True),
+    ("torch", "workstation"): BackendCosts(bw_eff=0.85, layer_overhead_s=30e-6, token_overhead_s=1.0e-3,
+                                           prefill_eff=0.3, stage_overhead_s=50e-6, pipelined_prefill=True),
     ("torch", "datacenter"): BackendCosts(bw_eff=0.85, layer_overhead_s=30e-6, token_overhead_s=1.0e-3,
                                           prefill_eff=0.5, stage_overhead_s=50e-6, pipelined_prefill=True),
     ("torch", "cpu"): BackendCosts(bw_eff=0.35, layer_overhead_s=300e-6, token_overhead_s=2e-3, prefill_eff=0.5),
 }
-# One all-reduce: a fixed launch cost plus 2(n-1) hops of the slowest link's latency (ring), plus the bytes.
-# 2 GPUs over PCIe (15 us) give 37.5 us, i.e. the 75 us per layer (two all-reduces) llama.cpp -sm tensor measures.
-ALLREDUCE_BASE_S = 7.5e-6
+# One all-reduce: a fixed launch cost plus hops of the slowest link's latency, plus the bytes. llama.cpp's ring
+# takes 2(n-1) hops; mixrun's torch backend, like vLLM's one-shot all-reduce for small messages, takes 2.
+# 2 GPUs over PCIe (10 us) give 35 us, about the 75 us per layer (two all-reduces) llama.cpp -sm tensor measures.
+ALLREDUCE_BASE_S = 15e-6
 _PASCAL = ("P40", "P100", "P4 ", "P6000", "GTX 10", "TITAN X", "TITAN Xp")
+_WORKSTATION = ("RTX A", "RTX PRO", "Quadro", "Ada Generation", "RTX 6000", "RTX 5000", "RTX 4000")
 _DATACENTER = ("A100", "A800", "H100", "H800", "H200", "GH200", "B200", "B100", "V100")
 
 
@@ -73,6 +80,8 @@ def device_class(device: Device) -> str:
         return "pascal"
     if any(k in name for k in _DATACENTER):
         return "datacenter"
+    if any(k in name for k in _WORKSTATION) and "GeForce" not in name:
+        return "workstation"
     return "gpu"
 
 
@@ -94,16 +103,17 @@ def transfer_s(profile: RigProfile, a: str, b: str, n_bytes: float) -> float:
     return (link.latency_us or 10.0) * 1e-6 + n_bytes / (link.bandwidth_gbs * 1e9)
 
 
-def allreduce_s(profile: RigProfile, devices: tuple[str, ...], n_bytes: float) -> float:
-    """One ring all-reduce of ``n_bytes`` over a group: a launch cost, 2(n-1) hops of the slowest link's latency,
-    and 2(n-1)/n of the bytes over the slowest link."""
+def allreduce_s(profile: RigProfile, devices: tuple[str, ...], n_bytes: float, one_shot: bool = False) -> float:
+    """One all-reduce of ``n_bytes`` over a group: a launch cost, the slowest link's latency per hop (2(n-1) hops
+    for a ring, 2 for a one-shot all-reduce), and 2(n-1)/n of the bytes over the slowest link."""
     n = len(devices)
     if n < 2:
         return 0.0
     links = [profile.link(a, b) for i, a in enumerate(devices) for b in devices[i + 1:]]
     bw = min(lk.bandwidth_gbs for lk in links) * 1e9
     lat = max(lk.latency_us or 10.0 for lk in links) * 1e-6
-    return ALLREDUCE_BASE_S + 2 * (n - 1) * lat + 2 * (n - 1) / n * n_bytes / bw
+    hops = 2 if one_shot else 2 * (n - 1)
+    return ALLREDUCE_BASE_S + hops * lat + 2 * (n - 1) / n * n_bytes / bw
 
 
 def sum_timings(parts: list[Timing]) -> Timing:

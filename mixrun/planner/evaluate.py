@@ -144,14 +144,14 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
         c0 = costs(backend, devs[0])
         g_compute = max(dev_s)
         g_overhead = c0.layer_overhead_s * (b - a)
-        g_tp = 2 * (b - a) * allreduce_s(p, g.devices, spec.n_embd * act_bytes) if g.tp > 1 else 0.0
+        g_tp = 2 * (b - a) * allreduce_s(p, g.devices, spec.n_embd * act_bytes, one_shot=torch) if g.tp > 1 else 0.0
         compute += g_compute
         overhead += g_overhead
         tp_comm += g_tp
         stage_s.append(g_compute + g_overhead + g_tp)
         pre = max(dev_pre) + c0.layer_overhead_s * (b - a) * n_micro
         if g.tp > 1:
-            pre += 2 * (b - a) * allreduce_s(p, g.devices, req.prompt_tokens * spec.n_embd * act_bytes)
+            pre += 2 * (b - a) * allreduce_s(p, g.devices, req.prompt_tokens * spec.n_embd * act_bytes, one_shot=torch)
         if not first:
             prev = groups[gi - 1].devices[-1]
             handoff += transfer_s(p, prev, g.devices[0], spec.n_embd * act_bytes) + c0.stage_overhead_s
