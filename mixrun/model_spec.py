@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,6 +205,18 @@ def _swa_layers(arch: str, meta: _Meta, n_layers: int) -> list[bool]:
     return [il % n < n - 1 for il in range(n_layers)]
 
 
+def tally_bytes(tensors: Sequence[TensorSpec], n_layers: int) -> tuple[tuple[int, ...], dict[str, int]]:
+    """Bytes per layer, and bytes of each tensor outside the layers."""
+    layer_bytes = [0] * n_layers
+    other: dict[str, int] = {}
+    for t in tensors:
+        if t.layer is None:
+            other[t.name] = t.n_bytes
+        else:
+            layer_bytes[t.layer] += t.n_bytes
+    return tuple(layer_bytes), other
+
+
 def build_spec(*, source: str, files: tuple[str, ...], file_bytes: int, fields: dict[str, Any],
                array_lengths: dict[str, int], tensors: list[TensorSpec]) -> ModelSpec:
     if not tensors:
@@ -238,13 +251,7 @@ def build_spec(*, source: str, files: tuple[str, ...], file_bytes: int, fields: 
     kv_heads = meta.per_layer(Keys.Attention.HEAD_COUNT_KV, n_layers, n_head_kv)
     kv_layers = tuple(KVLayer(kv_heads[i], head_dim, head_dim_v, swa[i]) for i in range(n_layers))
 
-    layer_bytes = [0] * n_layers
-    other: dict[str, int] = {}
-    for t in tensors:
-        if t.layer is None:
-            other[t.name] = t.n_bytes
-        else:
-            layer_bytes[t.layer] += t.n_bytes
+    layer_bytes, other = tally_bytes(tensors, n_layers)
     scaling = meta.raw(Keys.Rope.SCALING_TYPE)
     rope = RopeSpec(dim=meta.int(Keys.Rope.DIMENSION_COUNT, head_dim) or 0,
                     freq_base=meta.float(Keys.Rope.FREQ_BASE, 10000.0) or 10000.0,
@@ -276,7 +283,7 @@ def build_spec(*, source: str, files: tuple[str, ...], file_bytes: int, fields: 
         n_layers=n_layers, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
         head_dim_v=head_dim_v, n_ff=n_ff, n_vocab=n_vocab, n_ctx_train=n_ctx_train, rope=rope,
         tied_output="output.weight" not in by_name, sliding_window=meta.int(Keys.Attention.SLIDING_WINDOW, None),
-        kv_layers=kv_layers, tensors=tuple(tensors), layer_bytes=tuple(layer_bytes), other_bytes=other,
+        kv_layers=kv_layers, tensors=tuple(tensors), layer_bytes=layer_bytes, other_bytes=other,
         total_bytes=sum(t.n_bytes for t in tensors), n_params=sum(t.n_elements for t in tensors),
         tokenizer_model=tok if isinstance(tok, str) else None,
         has_chat_template=isinstance(fields.get(Keys.Tokenizer.CHAT_TEMPLATE), str),

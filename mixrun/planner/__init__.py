@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import PurePath
 
 from mixrun.errors import MixrunError
-from mixrun.model_spec import ModelSpec
+from mixrun.model_spec import ModelSpec, tally_bytes
 from mixrun.planner import candidates as cands
 from mixrun.planner.evaluate import Context
 from mixrun.planner.memory import ModelFacts
@@ -156,14 +156,8 @@ def scaled_spec(spec: ModelSpec, factor: float) -> ModelSpec:
     """The same model with its 2-D tensors ``factor`` times as large: a smaller or larger quant of it."""
     tensors = tuple(dataclasses.replace(t, n_bytes=int(t.n_bytes * factor)) if len(t.shape) >= 2 else t
                     for t in spec.tensors)
-    layer_bytes = [0] * spec.n_layers
-    other: dict[str, int] = {}
-    for t in tensors:
-        if t.layer is None:
-            other[t.name] = t.n_bytes
-        else:
-            layer_bytes[t.layer] += t.n_bytes
-    return dataclasses.replace(spec, tensors=tensors, layer_bytes=tuple(layer_bytes), other_bytes=other,
+    layer_bytes, other = tally_bytes(tensors, spec.n_layers)
+    return dataclasses.replace(spec, tensors=tensors, layer_bytes=layer_bytes, other_bytes=other,
                                total_bytes=sum(t.n_bytes for t in tensors))
 
 
