@@ -44,8 +44,8 @@ class _BoundedReader(GGUFReader):
 
     gguf-py's reader silently returns short arrays when a length runs past the end of the file, and walks arrays one
     element at a time (seconds for a 150k-token vocabulary). This subclass raises :class:`_Truncated` instead, and
-    reads an array of scalars as one view and an array of strings as one byte region (``parts == [item_type,
-    length, region]``, ``data == []``): inspecting needs only their lengths, and it keeps the parse in milliseconds.
+    reads an array of scalars as one view and an array of strings as one byte region (the field's parts end with
+    ``[item_type, count, values]``; a string array's ``data`` is empty): inspecting needs only their lengths, and it keeps the parse in milliseconds.
 
     ``header_limit`` is the number of valid bytes while parsing metadata and tensor infos (a remote file is parsed
     from a partial download); tensor data views are checked against the whole (sparse) file.
@@ -154,12 +154,17 @@ def _check_preamble(path: str, data: bytes, size: int) -> int:
     return version
 
 
+# A metadata array's parts, as _BoundedReader builds them: key length, key bytes, value type, then the item type,
+# the item count, and the values (one view of scalars, or one byte region of strings).
+_ARRAY_COUNT, _ARRAY_VALUES = 4, 5
+
+
 def _field_value(field: Any) -> Any:
     t0 = field.types[0]
     if t0 == GGUFValueType.ARRAY:
         if field.types[-1] == GGUFValueType.STRING:
             return None  # kept as a byte region; only its length is used
-        return field.parts[2].tolist()
+        return field.parts[_ARRAY_VALUES].tolist()
     if t0 == GGUFValueType.STRING:
         return bytes(field.parts[-1]).decode("utf-8", errors="replace")
     return field.parts[-1].tolist()[0]
@@ -201,7 +206,7 @@ def parse_part(path: str, *, header_limit: int | None = None, display: str | Non
             continue
         fields[key] = _field_value(field)
         if field.types[0] == GGUFValueType.ARRAY:
-            array_lengths[key] = int(field.parts[1][0])
+            array_lengths[key] = int(field.parts[_ARRAY_COUNT][0])
     tensors, ranges = [], []
     for t in reader.tensors:
         dims = [int(d) for d in t.shape.tolist()]

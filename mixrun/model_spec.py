@@ -185,7 +185,11 @@ class _Meta:
             if len(v) != n_layers:
                 raise GGUFError(where(self.source, f"{key.format(arch=self.arch)} has {len(v)} entries for "
                                                    f"{n_layers} layers"))
-            return [int(x) for x in v]
+            bad = next((x for x in v if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= _MAX_DIM), None)
+            if bad is not None:
+                raise GGUFError(where(self.source, f"{key.format(arch=self.arch)} holds {bad!r}, expected integers "
+                                                   f"in 0..{_MAX_DIM:,}"))
+            return list(v)
         return [self.int(key, default) or default] * n_layers
 
 

@@ -8,6 +8,7 @@ import tracemalloc
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 
 import gguf_factory
@@ -211,3 +212,23 @@ def test_non_multiple_row(valid: tuple[bytes, gguf.GGUFReader], tmp_path: Path) 
     p = tmp_path / "rows.gguf"
     p.write_bytes(_mutated(b, dims_at + 8, "<I", int(gguf.GGMLQuantizationType.Q4_0)))
     _expect_error(p, "not a multiple")
+
+
+@pytest.mark.parametrize(("values", "words"), [
+    ([2.5, 2.5], "llama.attention.head_count_kv is 2.5, expected an integer"),
+    ([-1, 2], "llama.attention.head_count_kv holds -1, expected integers"),
+])
+def test_per_layer_list_with_bad_items(tmp_path: Path, values: list, words: str) -> None:
+    """A per-layer head_count_kv list is untrusted like any scalar: every item is checked."""
+    p = tmp_path / "perlayer.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.add_block_count(2)
+    w.add_embedding_length(64)
+    w.add_head_count(4)
+    w.add_array("llama.attention.head_count_kv", values)
+    w.add_tensor("token_embd.weight", np.zeros((8, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _expect_error(p, words)

@@ -118,3 +118,33 @@ def test_split_smollm2_copy_matches_single(smollm2: str, tmp_path: Path) -> None
     assert split.tensors == single.tensors
     for field in ("arch", "n_layers", "n_embd", "n_head", "n_head_kv", "n_vocab", "total_bytes", "tied_output"):
         assert getattr(split, field) == getattr(single, field), field
+
+
+def test_metadata_arrays_read_back(tmp_path: Path, smollm2: str) -> None:
+    """Array values and lengths from the bounded reader equal gguf-py's own, for scalar and string arrays."""
+    from mixrun.gguf_spec import parse_part
+
+    part = parse_part(smollm2)
+    stock = gguf.GGUFReader(smollm2)
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+        assert part.array_lengths[key] == len(stock.fields[key].data)
+    assert part.array_lengths["tokenizer.ggml.tokens"] == 49152
+    assert part.fields["tokenizer.ggml.token_type"] == stock.fields["tokenizer.ggml.token_type"].contents()
+    p = gguf_factory.write_model(tmp_path / "kv.gguf", n_layers=3)
+    w_spec = read_spec(p)
+    assert w_spec.n_vocab == 64
+    # per-layer KV heads (as some models store them) become per-layer KV figures
+    q = tmp_path / "perlayer.gguf"
+    w = gguf.GGUFWriter(str(q), "llama")
+    w.add_block_count(3)
+    w.add_embedding_length(64)
+    w.add_head_count(4)
+    w.add_array("llama.attention.head_count_kv", [4, 2, 1])
+    w.add_tensor("token_embd.weight", gguf_factory.np.zeros((8, 64), dtype=gguf_factory.np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    spec = read_spec(q)
+    assert [kv.n_head_kv for kv in spec.kv_layers] == [4, 2, 1] and spec.n_head_kv == 4
+    assert spec.kv_bytes_per_token("f16") == (4 + 2 + 1) * 16 * 2 * 2
