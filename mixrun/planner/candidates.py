@@ -314,14 +314,14 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
     mean_layer = (mat, oth, kv)
     max_layer = (max(facts.layer_matrix_bytes), max(facts.layer_other_bytes),
                  max(facts.kv_cells(req.ctx, req.ubatch, i) * facts.kv_bytes_per_cell[i] for i in range(L)))
-    state = {"layer": mean_layer}
+    layer_sizes = mean_layer  # per-layer (matrix, other, KV) bytes the capacity estimate assumes
     host_cpu = ctx.host_cpu.id if (ctx.host_cpu and not torch) else None
     util = req.torch_gpu_util if torch else 1.0
 
-    def fixed_bytes(dev: Device, s: float, first: bool, last: bool) -> int:
+    def fixed_bytes(dev: Device, s: float, last: bool) -> int:
         b = GPU_OVERHEAD_BYTES[backend] if dev.backend != "cpu" else 0
         b += compute_bytes(spec, ctx=req.ctx, ubatch=req.ubatch, n_layers=1, last=last, flash_attn=req.flash_attn,
-                           share=s, host=dev.backend == "cpu")
+                           share=s)
         if last:
             b += facts.misc_bytes + int(facts.output_bytes * (s if torch else 1.0))
             b += int(facts.embd_bytes * s) if torch and not spec.tied_output else 0
@@ -329,14 +329,14 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
             b += facts.embd_bytes
         return b
 
-    def cost(i: int, first: bool, last: bool) -> StageCosts | None:
+    def cost(i: int, last: bool) -> StageCosts | None:
         u = units[i]
         cap, layer_s, fixed_s = 10**9, 0.0, 0.0
-        lm, lo, lk = state["layer"]
+        lm, lo, lk = layer_sizes
         for d, s in zip(u.devices, u.shares, strict=True):
             dev = p.device(d)
             per_layer = lm * s + lo + lk * s
-            room = planned_capacity(dev, util) - fixed_bytes(dev, s, first, last)
+            room = planned_capacity(dev, util) - fixed_bytes(dev, s, last)
             cap = min(cap, int(room // per_layer) if room > 0 else 0)
             layer_s = max(layer_s, read_time_s(mat * s + oth, dev, backend))
             if last:
@@ -356,7 +356,7 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
         return len(devs) == len(set(devs))
 
     for per_layer in (mean_layer, max_layer):  # layers differ (Q6_K ones are larger): retry with the largest
-        state["layer"] = per_layer
+        layer_sizes = per_layer
         found = best_layout(units, L, cost=cost, handoff_s=handoff, allowed=allowed, first_only=first_only,
                             cyclic=torch)
         if found is None:
@@ -381,7 +381,7 @@ def _refine(ctx: Context, backend: str, stages: list[Unit], fixed_bytes, util: f
             dev = p.device(d)
             read = [facts.layer_matrix_bytes[i] * s + facts.layer_other_bytes[i] for i in range(L)]
             mem = [read[i] + kv_l[i] * s for i in range(L)]
-            room = planned_capacity(dev, util) - fixed_bytes(dev, s, k == 0, k == len(stages) - 1)
+            room = planned_capacity(dev, util) - fixed_bytes(dev, s, k == len(stages) - 1)
             rate = dev.mem_bandwidth_gbs * 1e9 * costs(backend, dev).bw_eff
             rows.append((_prefix(read), _prefix(mem), room, rate))
         over = costs(backend, p.device(u.devices[0])).layer_overhead_s

@@ -27,8 +27,7 @@ class Context:
     @cached_property
     def gpus(self) -> tuple[Device, ...]:
         """GPUs on the first host (llama.cpp runs on one host)."""
-        host = self.hosts_of()[0] if self.profile.devices else None
-        return tuple(d for d in self.profile.devices if d.backend != "cpu" and self.host_id(d) == host)
+        return tuple(d for d in self.profile.devices if d.backend != "cpu" and self.host_id(d) == self.first_host)
 
     @cached_property
     def all_gpus(self) -> tuple[Device, ...]:
@@ -37,20 +36,17 @@ class Context:
     @cached_property
     def host_cpu(self) -> Device | None:
         """The CPU device of the first host: where llama.cpp keeps the input embedding and the logits."""
-        host = self.hosts_of()[0]
-        return next((d for d in self.profile.devices if d.backend == "cpu" and self.host_id(d) == host), None)
+        return next((d for d in self.profile.devices if d.backend == "cpu" and self.host_id(d) == self.first_host),
+                    None)
 
     def host_id(self, d: Device) -> str | None:
         h = self.profile.host_of(d)
         return h.id if h else None
 
-    def hosts_of(self) -> list[str | None]:
-        seen: list[str | None] = []
-        for d in self.profile.devices:
-            h = self.host_id(d)
-            if h not in seen:
-                seen.append(h)
-        return seen
+    @cached_property
+    def first_host(self) -> str | None:
+        """The host of the profile's first device (None in a profile without [[hosts]])."""
+        return self.host_id(self.profile.devices[0])
 
     @cached_property
     def layer_params(self) -> tuple[int, ...]:
@@ -83,7 +79,7 @@ class _Ledger:
         r = self.rows.setdefault(dev, [0, 0, 0, 0])
         r[0] += weights
         r[1] += kv
-        r[2] = max(r[2], comp) if comp >= 0 else r[2]
+        r[2] = max(r[2], comp)  # one compute buffer per device, sized for its largest use
         r[3] = max(r[3], ovh)
 
     def uses(self, profile: RigProfile, gpu_util: float = 1.0) -> tuple[DeviceUse, ...]:
@@ -134,7 +130,7 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
                     w += int(facts.embd_bytes * s)
             kv = int(facts.kv_bytes(req.ctx, req.ubatch, a, b) * s)
             comp = compute_bytes(spec, ctx=req.ctx, ubatch=req.ubatch, n_layers=b - a, last=last,
-                                 flash_attn=req.flash_attn, share=s, host=dev.backend == "cpu")
+                                 flash_attn=req.flash_attn, share=s)
             ovh = GPU_OVERHEAD_BYTES[backend] if dev.backend != "cpu" else 0
             led.add(dev.id, weights=w, kv=kv, comp=comp, ovh=ovh)
             dev_s.append(read_time_s(read, dev, backend))

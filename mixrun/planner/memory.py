@@ -93,17 +93,15 @@ class ModelFacts:
 
 
 def compute_bytes(spec: ModelSpec, *, ctx: int, ubatch: int, n_layers: int, last: bool, flash_attn: bool,
-                  share: float = 1.0, host: bool = False) -> int:
+                  share: float = 1.0) -> int:
     """Scratch memory of one device's slice of the graph for one ubatch (llama.cpp's "compute buffer").
 
     ggml's allocator reuses memory between ops, so the buffer is ``ubatch x`` the largest per-token live set of
     three phases (fitted on llama.cpp's own reports within 0-8% for real model shapes, see
     benchmarks/memory_vs_llamacpp.py): attention (the mask, the scores without flash attention, Q/K/V and the
     hidden state), the FFN (gate/up/down intermediates), and on the last device the logits. ``share`` is the
-    device's fraction of heads and FFN rows under tensor parallelism. ``host`` is unused by the formula and kept
-    for callers that distinguish the CPU.
+    device's fraction of heads and FFN rows under tensor parallelism.
     """
-    del host
     if n_layers <= 0 and not last:
         return 0
     ub = min(ubatch, ctx)

@@ -107,14 +107,13 @@ class StageCosts:
     fixed_s: float  # seconds per token that do not depend on layers (e.g. the output projection when last)
 
 
-def best_layout(units: Sequence[Unit], n_layers: int, *, cost: Callable[[int, bool, bool], StageCosts | None],
+def best_layout(units: Sequence[Unit], n_layers: int, *, cost: Callable[[int, bool], StageCosts | None],
                 handoff_s: Callable[[int, int], float], allowed: Callable[[tuple[int, ...]], bool],
                 first_only: frozenset[int] = frozenset(), cyclic: bool = False
                 ) -> tuple[tuple[int, ...], list[int], float] | None:
     """The cheapest (order of unit indices, layer counts, seconds per token) over every set of disjoint units.
 
-    ``cost(i, first, last)`` gives a unit's StageCosts in that position (None: it cannot take that position;
-    only ``last`` may change memory or time); ``handoff_s(i, j)`` the seconds to pass a token's hidden state from
+    ``cost(i, last)`` gives a unit's StageCosts as the last stage or not (None: it cannot take that position); ``handoff_s(i, j)`` the seconds to pass a token's hidden state from
     unit i to unit j; ``allowed(set)`` rejects sets (units sharing a device); units in ``first_only`` may only
     lead. ``cyclic``: the last stage hands the next token back to the first, so a layout is a cycle cut after
     its last stage, and any member may be last at the same hand-off cost.
@@ -132,7 +131,7 @@ def best_layout(units: Sequence[Unit], n_layers: int, *, cost: Callable[[int, bo
         low = (mask & -mask).bit_length() - 1
         rest = used[mask & (mask - 1)]
         used[mask] = -1 if rest < 0 or rest & dev_bits[low] else rest | dev_bits[low]
-    stage = {(i, last): cost(i, False, last) for i in range(n) for last in (False, True)}
+    stage = {(i, last): cost(i, last) for i in range(n) for last in (False, True)}
     # paths[mask][end] = (hand-off seconds of the cheapest path over mask ending at end, previous unit); for a
     # cyclic layout every path starts at the lowest unit of its mask, so each mask's cycles are found exactly once.
     paths: list[dict[int, tuple[float, int]]] = [{} for _ in range(full)]

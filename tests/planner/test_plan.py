@@ -146,3 +146,10 @@ def test_cli_plan_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--profile", "dual-3090-nvlink", "--split", "row"]) == 0
     out = capsys.readouterr().out
     assert "llama-server" in out and "-sm row" in out
+
+
+def test_kv_suggestions_only_offer_smaller_caches(llama70b: ModelSpec) -> None:
+    prof = load_profile("dual-3090-nvlink-plus-3060")
+    rep = plan(prof, llama70b, PlanRequest(ctx=131072, kv_type="q8_0"))
+    offered = [s.change["kv_type"] for s in rep.suggestions if "kv_type" in s.change]
+    assert offered and set(offered) <= {"q4_0"}
