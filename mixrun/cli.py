@@ -140,16 +140,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if report.best is not None and report.best.fits else 3
 
 
-def _planned_llama_kwargs(args: argparse.Namespace, model: str) -> dict[str, Any]:
-    """Plan the model on ``--profile`` and return the chosen llama.cpp candidate's Llama() keyword arguments;
-    refuse before loading when it does not fit (``--force`` overrides)."""
+def _plan_for_chat(args: argparse.Namespace, model: str, backend: str) -> Any:
+    """Plan the model on ``--profile`` and return the chosen candidate; refuse before loading when it does not fit
+    (``--force`` overrides)."""
     from mixrun.errors import MixrunError
     from mixrun.gguf_spec import read_spec
     from mixrun.planner import PlanRequest, plan
     from mixrun.profile import load_profile
 
     report = plan(load_profile(args.profile), read_spec(model),
-                  PlanRequest(ctx=args.ctx, split=args.split, backend="llama.cpp"))
+                  PlanRequest(ctx=args.ctx, split=args.split, backend=backend))
     best = report.best
     if best is None or not best.fits:
         short = "" if best is None else "; ".join(f"{d.id} short by {d.shortfall_bytes / 2**30:.2f} GiB"
@@ -159,16 +159,9 @@ def _planned_llama_kwargs(args: argparse.Namespace, model: str) -> dict[str, Any
         if not args.force:
             raise MixrunError(msg + hint + "; --force loads it anyway")
         print(f"mixrun: warning: {msg}", file=sys.stderr)
-    if best is None:
-        return {}
-    print(f"mixrun: plan: {best.label}, predicted {best.decode_tok_s:.1f} tok/s ({best.why})", file=sys.stderr)
-    kwargs = {k: v for k, v in best.llama_kwargs.items() if k != "n_ctx"}
-    import llama_cpp
-
-    if kwargs.get("split_mode", 0) > llama_cpp.LLAMA_SPLIT_MODE_ROW and not hasattr(llama_cpp,
-                                                                                   "LLAMA_SPLIT_MODE_TENSOR"):
-        raise MixrunError(f"--split {best.split.value}: this llama.cpp build has no tensor split mode")
-    return kwargs
+    if best is not None:
+        print(f"mixrun: plan: {best.label}, predicted {best.decode_tok_s:.1f} tok/s ({best.why})", file=sys.stderr)
+    return best
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -191,9 +184,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
             raise MixrunError("stdin: no prompt given (empty input)")
     model = args.model or default_model()
-    llama_kwargs = _planned_llama_kwargs(args, model) if args.profile else {}
-    engine = start("llama.cpp", model=model, n_ctx=args.ctx, n_threads=args.threads, seed=args.seed,
-                   kwargs=llama_kwargs)
+    backend = "llama.cpp" if args.backend == "auto" else args.backend
+    candidate = _plan_for_chat(args, model, backend) if args.profile else None
+    engine = start(backend, model=model, n_ctx=args.ctx, n_threads=args.threads, seed=args.seed, plan=candidate)
     try:
         conv = Conversation(system=args.system)
         if prompt is not None:
@@ -201,6 +194,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return interactive(engine, conv, sampling, quiet=args.quiet)
     finally:
         engine.close()
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from mixrun.tui import run
+
+    return run(args)
 
 
 # ---- parser ------------------------------------------------------------------------------------------------------
@@ -255,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="with --prompt or piped input: print answer and stats as JSON")
     c.add_argument("--quiet", action="store_true", help="no stats line")
     c.set_defaults(func=cmd_chat)
+
+    t = sub.add_parser("tui", help="plan a rig interactively, then run and watch it (Textual)")
+    t.add_argument("model", nargs="?", help=".gguf path (default: the bundled SmolLM2)")
+    t.add_argument("--profile", "-p", help="rig profile (default: this machine, detected)")
+    t.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
+    t.add_argument("--simulate", action="store_true", help="run GPU plans on CPU processes, one per planned device")
+    t.set_defaults(func=cmd_tui)
 
     prof = sub.add_parser("profile", help="rig profiles: detect, list, show, validate, schema")
     psub = prof.add_subparsers(dest="profile_command", metavar="ACTION", required=True)

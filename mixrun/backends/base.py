@@ -57,6 +57,7 @@ class EngineInfo:
     model: str
     n_ctx: int
     notes: list[str] = field(default_factory=list)
+    plan: Any = None  # the mixrun.planner Candidate this engine runs, when it was planned
 
 
 class Engine(Protocol):
@@ -67,6 +68,10 @@ class Engine(Protocol):
 
     def generate(self, prompt: str, sampling: Sampling, stats: Stats) -> Iterator[str]:
         """Yield text pieces as they are produced; fill ``stats`` as it goes."""
+        ...
+
+    def telemetry(self) -> Any:
+        """A :class:`mixrun.telemetry.Snapshot` of what the engine and its devices are doing now."""
         ...
 
     def close(self) -> None: ...

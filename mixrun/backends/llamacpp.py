@@ -15,27 +15,53 @@ from typing import Any
 
 from mixrun.backends.base import EngineInfo, Sampling, Stats, register
 from mixrun.chat import ChatTemplate
-from mixrun.errors import GGUFError, where
+from mixrun.errors import GGUFError, MixrunError, where
+from mixrun.telemetry import DeviceSampler, Snapshot, now
+
+SPLIT_MODES = {"none": "LLAMA_SPLIT_MODE_NONE", "layer": "LLAMA_SPLIT_MODE_LAYER", "row": "LLAMA_SPLIT_MODE_ROW",
+               "tensor": "LLAMA_SPLIT_MODE_TENSOR"}
+
+
+def llama_kwargs(plan: Any, llama_cpp: Any) -> dict[str, Any]:
+    """A planned llama.cpp candidate -> ``llama_cpp.Llama(...)`` keyword arguments (``n_ctx`` aside).
+
+    The planner (pure) computes the numbers; this maps the split to the binding's constant, and refuses a split
+    mode the installed llama.cpp does not have.
+    """
+    kwargs = {k: v for k, v in plan.llama_kwargs.items() if k != "n_ctx"}
+    split = plan.split.value
+    if split == "hybrid" or plan.backend.value != "llama.cpp":
+        raise MixrunError(f"--split {split}: a {plan.backend.value} plan does not run on llama.cpp")
+    const = SPLIT_MODES[split]
+    if "split_mode" in kwargs:
+        if not hasattr(llama_cpp, const):
+            raise MixrunError(f"--split {split}: this llama.cpp build has no {split} split mode")
+        kwargs["split_mode"] = getattr(llama_cpp, const)
+    return kwargs
 
 
 class LlamaCppEngine:
     def __init__(self, model: str, n_ctx: int = 4096, n_threads: int | None = None, seed: int | None = None,
-                 kwargs: dict[str, Any] | None = None) -> None:
+                 plan: Any = None, kwargs: dict[str, Any] | None = None, **_ignored: Any) -> None:
         import llama_cpp
 
         self._llama_cpp = llama_cpp
         if not os.path.isfile(model):
             raise GGUFError(where(model, "no such file"))
+        kwargs = {**(llama_kwargs(plan, llama_cpp) if plan is not None else {}), **(kwargs or {})}
         try:
             self.llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_threads=n_threads,
                                        seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
-                                       verbose=False, **(kwargs or {}))
+                                       verbose=False, **kwargs)
         except ValueError as e:  # llama-cpp-python raises ValueError("Failed to load model from file: ...")
             raise GGUFError(where(model, f"llama.cpp could not load it ({e})")) from None
         notes = []
         if not llama_cpp.llama_supports_gpu_offload():
             notes.append("llama.cpp was built without GPU support: running on the CPU")
-        self.info = EngineInfo(backend="llama.cpp", model=model, n_ctx=self.llm.n_ctx(), notes=notes)
+        self.info = EngineInfo(backend="llama.cpp", model=model, n_ctx=self.llm.n_ctx(), notes=notes, plan=plan)
+        self._tokens_total = 0
+        self._last = Stats()
+        self._sampler: DeviceSampler | None = None
         bos = self._piece(self.llm.token_bos())
         eos = self._piece(self.llm.token_eos())
         self.template = ChatTemplate(self.llm.metadata.get("tokenizer.chat_template"), model, bos, eos)
@@ -98,8 +124,22 @@ class LlamaCppEngine:
                 stats.stop_reason = "length" if stats.completion_tokens >= sampling.max_tokens else "context full"
                 break
         text += decoder.decode(b"", final=True)
+        self._tokens_total += stats.completion_tokens
+        self._last = stats
         if len(text) > emitted:
             yield text[emitted:]
+
+    def telemetry(self) -> Snapshot:
+        """Tokens and rates of the last answer, and this process's memory and CPU (llama.cpp exposes no
+        per-device counters through the binding)."""
+        if self._sampler is None:
+            self._sampler = DeviceSampler(pids={"cpu": [os.getpid()]})
+        plan, last = self.info.plan, self._last
+        return Snapshot(t=now(), backend="llama.cpp", tokens_total=self._tokens_total,
+                        decode_tok_s=last.decode_tok_s or None, prefill_tok_s=last.prefill_tok_s or None,
+                        predicted_decode_tok_s=plan.decode_tok_s if plan else None,
+                        predicted_prefill_tok_s=plan.prefill_tok_s if plan else None,
+                        devices=self._sampler.sample())
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
