@@ -22,6 +22,7 @@ HELP = """commands:
   /save FILE      write the conversation as JSON
   /load FILE      read a conversation written by /save
   /stats          figures of the last answer
+  /plan           the plan this session runs: devices, layers, predicted and measured speed
   /help           this list
   /quit           leave (Ctrl-D works too); Ctrl-C stops an answer"""
 
@@ -60,6 +61,9 @@ def answer(engine: Engine, conv: Conversation, sampling: Sampling, out: TextIO, 
 def one_shot(engine: Engine, conv: Conversation, prompt: str, sampling: Sampling, *, as_json: bool,
              quiet: bool) -> int:
     conv.add("user", prompt)
+    if not quiet:
+        for note in engine.info.notes:
+            print(f"mixrun: note: {note}", file=sys.stderr)
     if as_json:
         import io
 
@@ -81,7 +85,8 @@ def interactive(engine: Engine, conv: Conversation, sampling: Sampling, *, quiet
     dim, reset = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
     say = lambda m: print(f"{dim}{m}{reset}")  # noqa: E731
     name = Path(engine.info.model).name
-    say(f"mixrun chat: {name} on {engine.info.backend}, context {engine.info.n_ctx}. /help for commands.")
+    on = engine.info.plan.label if engine.info.plan is not None else engine.info.backend
+    say(f"mixrun chat: {name} on {on}, context {engine.info.n_ctx}. /help for commands.")
     for note in engine.info.notes:
         say(f"note: {note}")
     last: Stats | None = None
@@ -101,7 +106,7 @@ def interactive(engine: Engine, conv: Conversation, sampling: Sampling, *, quiet
             if cmd in ("/quit", "/exit"):
                 return 0
             try:
-                msg = _command(cmd, arg.strip(), conv, last)
+                msg = _command(cmd, arg.strip(), conv, last, engine)
             except MixrunError as e:
                 msg = f"mixrun: {e}"
             say(msg)
@@ -127,8 +132,28 @@ def _read_message() -> str:
     return "\n".join(lines)
 
 
-def _command(cmd: str, arg: str, conv: Conversation, last: Stats | None) -> str:
+def plan_summary(engine: Engine, last: Stats | None) -> str:
+    """The running plan in a few lines: candidate, stages with devices and layers, predicted vs measured."""
+    plan = engine.info.plan
+    measured = (f"measured: decode {last.decode_tok_s:.1f} tok/s, prefill {last.prefill_tok_s:.1f} tok/s"
+                if last and last.completion_tokens else "measured: no answer yet")
+    if plan is None:
+        return (f"no plan: {engine.info.backend} with its defaults (give --profile to plan)\n{measured}")
+    lines = [f"{plan.label} ({plan.split.value}, {plan.backend.value}): {plan.why}"]
+    for i, g in enumerate(plan.groups):
+        tp = f", TP {g.tp}" if g.tp > 1 else ""
+        lines.append(f"  stage {i}: layers {g.layers[0]}-{g.layers[1] - 1} on {'+'.join(g.devices)}{tp}")
+    for d in plan.devices:
+        lines.append(f"  {d.id}: {d.total_bytes / 2**30:.2f} of {d.capacity_bytes / 2**30:.2f} GiB planned")
+    lines.append(f"predicted: decode {plan.decode_tok_s:.1f} tok/s, prefill {plan.prefill_tok_s:.1f} tok/s")
+    lines.append(measured)
+    return "\n".join(lines)
+
+
+def _command(cmd: str, arg: str, conv: Conversation, last: Stats | None, engine: Engine) -> str:
     match cmd:
+        case "/plan":
+            return plan_summary(engine, last)
         case "/help":
             return HELP
         case "/reset":

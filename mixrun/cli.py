@@ -141,16 +141,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _plan_for_chat(args: argparse.Namespace, model: str, backend: str) -> Any:
-    """Plan the model on ``--profile`` and return the chosen candidate; refuse before loading when it does not fit
-    (``--force`` overrides)."""
+    """Plan the model on ``--profile`` (or on this machine, detected) and return the chosen candidate. Refuse before
+    loading when the plan does not fit the profile, or the memory free now (``--force`` overrides both)."""
+    from mixrun.backends.loading import preflight
     from mixrun.errors import MixrunError
     from mixrun.gguf_spec import read_spec
     from mixrun.planner import PlanRequest, plan
     from mixrun.profile import load_profile
 
-    report = plan(load_profile(args.profile), read_spec(model),
-                  PlanRequest(ctx=args.ctx, split=args.split, backend=backend))
+    if args.profile:
+        profile = load_profile(args.profile)
+    else:
+        from mixrun.discover import detect
+
+        profile, _notes = detect(measure=False)
+    report = plan(profile, read_spec(model), PlanRequest(ctx=args.ctx, split=args.split, backend=backend))
     best = report.best
+    warn = lambda m: print(f"mixrun: warning: {m}", file=sys.stderr)  # noqa: E731
     if best is None or not best.fits:
         short = "" if best is None else "; ".join(f"{d.id} short by {d.shortfall_bytes / 2**30:.2f} GiB"
                                                   for d in best.devices if not d.fits)
@@ -158,8 +165,13 @@ def _plan_for_chat(args: argparse.Namespace, model: str, backend: str) -> Any:
         msg = f"{model}: does not fit {report.profile} at context {args.ctx}" + (f": {short}" if short else "")
         if not args.force:
             raise MixrunError(msg + hint + "; --force loads it anyway")
-        print(f"mixrun: warning: {msg}", file=sys.stderr)
-    if best is not None:
+        warn(msg)
+    if best is None:
+        return None
+    for note in preflight(profile, best, force=args.force, warn=warn):
+        if not args.quiet:
+            print(f"mixrun: note: {note}", file=sys.stderr)
+    if args.profile and not args.quiet:
         print(f"mixrun: plan: {best.label}, predicted {best.decode_tok_s:.1f} tok/s ({best.why})", file=sys.stderr)
     return best
 
@@ -185,7 +197,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             raise MixrunError("stdin: no prompt given (empty input)")
     model = args.model or default_model()
     backend = "llama.cpp" if args.backend == "auto" else args.backend
-    candidate = _plan_for_chat(args, model, backend) if args.profile else None
+    candidate = _plan_for_chat(args, model, backend)
     engine = start(backend, model=model, n_ctx=args.ctx, n_threads=args.threads, seed=args.seed, plan=candidate)
     try:
         conv = Conversation(system=args.system)

@@ -304,6 +304,8 @@ def read_spec(model: str | os.PathLike[str]) -> ModelSpec:
 
         parts = read_remote_parts(model)
     else:
+        if not os.path.exists(model):
+            raise GGUFError(where(model, "no such file"))
         paths = split_parts(model)
         for p in paths:
             if not os.path.exists(p):

@@ -114,6 +114,12 @@ def test_terminal_session(tmp_path: Path) -> None:
         child.sendline("/stats")
         child.expect(r"tokens, prefill [0-9.]+ tok/s")
         child.expect(">>> ")
+        child.sendline("/plan")
+        child.expect(r"llama.cpp, CPU only \(none, llama.cpp\)")
+        child.expect(r"stage 0: layers 0-29 on cpu")
+        child.expect(r"predicted: decode [0-9.]+ tok/s")
+        child.expect(r"measured: decode [0-9.]+ tok/s")
+        child.expect(">>> ")
         child.sendline("Write a very long story about a dragon, with many chapters.")
         child.expect("chapters.\r\n")  # the echoed question
         child.expect(r"\w+ \w+ \w+ \w+")  # the answer is streaming

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mixrun.backends.base import EngineInfo, Sampling, Stats, register
+from mixrun.backends.loading import LoadProgress, interruptible, llama_progress
 from mixrun.chat import ChatTemplate
 from mixrun.errors import GGUFError, MixrunError, where
 from mixrun.telemetry import DeviceSampler, Snapshot, now
@@ -42,18 +43,23 @@ def llama_kwargs(plan: Any, llama_cpp: Any) -> dict[str, Any]:
 
 class LlamaCppEngine:
     def __init__(self, model: str, n_ctx: int = 4096, n_threads: int | None = None, seed: int | None = None,
-                 plan: Any = None, kwargs: dict[str, Any] | None = None, **_ignored: Any) -> None:
+                 plan: Any = None, kwargs: dict[str, Any] | None = None, progress: LoadProgress | None = None,
+                 **_ignored: Any) -> None:
         import llama_cpp
 
         self._llama_cpp = llama_cpp
         if not os.path.isfile(model):
             raise GGUFError(where(model, "no such file"))
         kwargs = {**(llama_kwargs(plan, llama_cpp) if plan is not None else {}), **(kwargs or {})}
+        progress = progress or LoadProgress(os.path.basename(model))
         try:
-            self.llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_threads=n_threads,
-                                       seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
-                                       verbose=False, **kwargs)
+            with interruptible(progress), llama_progress(llama_cpp, progress):
+                self.llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_threads=n_threads,
+                                           seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
+                                           verbose=False, **kwargs)
         except ValueError as e:  # llama-cpp-python raises ValueError("Failed to load model from file: ...")
+            if progress.interrupted:
+                raise KeyboardInterrupt from None
             raise GGUFError(where(model, f"llama.cpp could not load it ({e})")) from None
         notes = []
         if not llama_cpp.llama_supports_gpu_offload():
