@@ -320,4 +320,42 @@ def read_spec(model: str | os.PathLike[str]) -> ModelSpec:
                       fields=fields, array_lengths=array_lengths, tensors=tensors)
 
 
-__all__ = ["KVLayer", "ModelSpec", "RopeSpec", "TensorSpec", "read_spec", "parse_part", "split_parts"]
+class TensorFile:
+    """A local GGUF (all split parts) opened for reading tensor data: the spec, the metadata, and each tensor's
+    bytes as a read-only memory map. Nothing is read until a tensor's bytes are touched."""
+
+    def __init__(self, model: str | os.PathLike[str]) -> None:
+        model = str(model)
+        if model.startswith(("http://", "https://")):
+            raise GGUFError(where(model, "running a model needs a local file (download it first)"))
+        if not os.path.exists(model):
+            raise GGUFError(where(model, "no such file"))
+        parts = [parse_part(p) for p in split_parts(model)]
+        for part in parts:
+            check_tensor_data(part)
+        self.fields, array_lengths, tensors = merge_parts(parts)
+        from mixrun.model_spec import build_spec
+
+        self.spec = build_spec(source=parts[0].path, files=tuple(p.path for p in parts),
+                               file_bytes=sum(p.size for p in parts), fields=self.fields,
+                               array_lengths=array_lengths, tensors=tensors)
+        self._where: dict[str, tuple[int, int, int]] = {}
+        for i, part in enumerate(parts):
+            for name, start, end in part.tensor_ranges:
+                self._where[name] = (i, start, end)
+        self._maps = [np.memmap(p.path, dtype=np.uint8, mode="r") for p in parts]
+        self._specs = {t.name: t for t in tensors}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._specs
+
+    def info(self, name: str) -> TensorSpec:
+        return self._specs[name]
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes on disk (a view of the memory map, nothing copied)."""
+        i, start, end = self._where[name]
+        return self._maps[i][start:end]
+
+
+__all__ = ["KVLayer", "ModelSpec", "RopeSpec", "TensorSpec", "read_spec", "parse_part", "split_parts", "TensorFile"]

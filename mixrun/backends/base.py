@@ -89,7 +89,10 @@ def register(name: str) -> Callable[[Callable[..., Engine]], Callable[..., Engin
 
 
 def start(backend: str, **kwargs: Any) -> Engine:
-    from mixrun.backends import llamacpp  # noqa: F401  (registers itself)
+    if backend == "torch":
+        from mixrun.backends.torch import engine  # noqa: F401  (registers itself)
+    else:
+        from mixrun.backends import llamacpp  # noqa: F401  (registers itself)
 
     if backend not in BACKENDS:
         from mixrun.errors import MixrunError

@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mixrun.planner.cost import allreduce_s, costs, read_time_s, transfer_s
 from mixrun.planner.evaluate import Context, Evaluation, evaluate_pipeline, evaluate_row, planned_capacity
@@ -268,11 +268,26 @@ def torch_units(ctx: Context) -> list[Unit]:
     return units
 
 
+def _torch_shape(split: str) -> Callable[[list[Unit]], bool] | None:
+    """Which layouts a forced ``--split`` admits for the torch backend (None: any)."""
+    match split:
+        case "hybrid":
+            return lambda us: len(us) > 1 and any(len(u.devices) > 1 for u in us)
+        case "tensor":
+            return lambda us: len(us) == 1 and len(us[0].devices) > 1
+        case "layer":
+            return lambda us: len(us) > 1 and all(len(u.devices) == 1 for u in us)
+        case "none":
+            return lambda us: len(us) == 1 and len(us[0].devices) == 1
+    return None
+
+
 def torch_plan(ctx: Context) -> Candidate | None:
     units = torch_units(ctx)
     if not units:
         return None
-    groups = _search(ctx, "torch", units)
+    shape = _torch_shape(ctx.req.split)
+    groups = _search(ctx, "torch", units, shape=shape)
     if groups is None:  # nothing fits: every TP clique and lone GPU, layers in proportion to memory
         taken: set[str] = set()
         stages = []
@@ -300,8 +315,8 @@ def torch_plan(ctx: Context) -> Candidate | None:
 # ---- the search shared by layer (optimized) and torch -------------------------------------------------------------
 
 
-def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset[int] = frozenset()
-            ) -> list[Group] | None:
+def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset[int] = frozenset(),
+            shape: Callable[[list[Unit]], bool] | None = None) -> list[Group] | None:
     spec, req, facts, p = ctx.spec, ctx.req, ctx.facts, ctx.profile
     L = spec.n_layers
     torch = backend == "torch"
@@ -353,7 +368,7 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
 
     def allowed(members: tuple[int, ...]) -> bool:
         devs = [d for i in members for d in units[i].devices]
-        return len(devs) == len(set(devs))
+        return len(devs) == len(set(devs)) and (shape is None or shape([units[i] for i in members]))
 
     for per_layer in (mean_layer, max_layer):  # layers differ (Q6_K ones are larger): retry with the largest
         layer_sizes = per_layer

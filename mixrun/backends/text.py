@@ -1,0 +1,78 @@
+"""Tokens <-> text for every backend, through llama.cpp's own tokenizer (a full or a vocab-only ``Llama``).
+
+:class:`Vocab` tokenizes prompts the way llama.cpp does (BOS when the file asks for it, special tokens parsed) and
+knows the end-of-generation tokens; :class:`TextStream` turns generated tokens into text pieces: UTF-8 decoded
+incrementally (a character split over tokens is held back) and cut at stop strings (the longest stop string is held
+back so a stop spanning tokens is never shown).
+"""
+
+from __future__ import annotations
+
+import codecs
+from typing import Any
+
+from mixrun.chat import ChatTemplate
+
+
+class Vocab:
+    def __init__(self, llm: Any, model: str) -> None:
+        import llama_cpp
+
+        self.llm = llm
+        self._vocab = llm._model.vocab
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        bos, eos = self.piece(llm.token_bos()), self.piece(llm.token_eos())
+        self.template = ChatTemplate(llm.metadata.get("tokenizer.chat_template"), model, bos, eos)
+        self._add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
+        self._bos_text = bos
+
+    def piece(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str) -> list[int]:
+        add_bos = self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._is_eog(self._vocab, token))
+
+    def eog_ids(self) -> list[int]:
+        return [t for t in range(self.llm.n_vocab()) if self.is_eog(t)]
+
+    def bytes_of(self, token: int) -> bytes:
+        return self.llm.detokenize([token])
+
+
+class TextStream:
+    """Feed tokens' bytes, get the text that is safe to show; ``stopped`` once a stop string was met."""
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=0)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def feed(self, data: bytes) -> str:
+        self.text += self._decoder.decode(data)
+        cut = min((i for i in (self.text.find(s, max(self.emitted - self.hold, 0)) for s in self.stop) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.stopped = True
+            return self._take(len(self.text))
+        return self._take(len(self.text) - self.hold)
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self.text += self._decoder.decode(b"", final=True)
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        piece, self.emitted = self.text[self.emitted:upto], upto
+        return piece

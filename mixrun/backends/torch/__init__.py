@@ -1,0 +1,1 @@
+"""mixrun's own tensor-parallel x pipeline runtime on torch.distributed."""

@@ -1,0 +1,292 @@
+"""The torch backend's Engine: llama.cpp's tokenizer and the shared sandboxed template in this process, the model
+in rank processes that run the plan's layout.
+
+A turn sends the driver only the tokens past what the ranks' KV caches already hold (the common prefix with what
+was fed before), so follow-up questions prefill only the new turn, as with llama.cpp.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from mixrun.backends.base import EngineInfo, Sampling, Stats, register
+from mixrun.backends.text import TextStream, Vocab
+from mixrun.errors import GGUFError, MixrunError, where
+from mixrun.telemetry import DeviceSampler, LinkSample, Snapshot, StageSample, now
+
+ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def torch_devices(layout: Any, profile: Any, simulate: bool) -> list[tuple[str, str, int, str]]:
+    """(device id, host, index on that host, torch device) per global rank. GPUs of a host are numbered in the
+    profile's order (``cuda:k`` is the host's k-th GPU); with ``simulate`` every rank is a CPU process."""
+    out = []
+    per_host: dict[str, int] = {}
+    for dev_id in layout.devices():
+        dev = profile.device(dev_id) if profile is not None else None
+        host_obj = profile.host_of(dev) if dev is not None else None
+        multi = profile is not None and len(profile.hosts) > 1
+        host = host_obj.id if (host_obj is not None and multi) else ""
+        local = per_host.get(host, 0)
+        per_host[host] = local + 1
+        if simulate or dev is None or dev.backend == "cpu":
+            out.append((dev_id, host, local, "cpu"))
+        else:
+            gpus = [d.id for d in profile.devices if d.backend != "cpu" and profile.host_of(d) == host_obj]
+            out.append((dev_id, host, local, f"cuda:{gpus.index(dev_id)}"))
+    return out
+
+
+class TorchEngine:
+    def __init__(self, model: str, n_ctx: int = 4096, n_threads: int | None = None, seed: int | None = None,
+                 plan: Any = None, simulate: bool = False, profile: Any = None, layout: Any = None,
+                 dtype: str | None = None, debug: bool = False, fail_rank: int | None = None,
+                 progress: Any = None, **_ignored: Any) -> None:
+        import llama_cpp
+
+        self._sampler: DeviceSampler | None = None
+        from mixrun.backends.torch.launch import Slot, start_local, torchrun_commands
+        from mixrun.backends.torch.parallel import Layout, Stage
+        from mixrun.gguf_spec import read_spec
+
+        if not os.path.isfile(model):
+            raise GGUFError(where(model, "no such file"))
+        spec = read_spec(model)
+        if spec.arch not in ARCHS:
+            raise MixrunError(f"{model}: the torch backend runs {', '.join(ARCHS)} models, not {spec.arch}")
+        if layout is None:
+            if plan is not None and plan.backend.value == "torch":
+                layout = Layout.from_groups(plan.groups, spec.n_head_kv)
+            else:
+                layout = Layout((Stage(("cpu",), (0, spec.n_layers), (spec.n_head_kv,)),))
+        placed = torch_devices(layout, profile, simulate)
+        if any(dev.startswith("cuda") for *_x, dev in placed):
+            import torch
+
+            if not torch.cuda.is_available():
+                gpus = [d for d, *_r, dev in placed if dev.startswith("cuda")]
+                raise MixrunError(f"this plan runs on GPUs ({', '.join(gpus)}) and this machine has no CUDA device: "
+                                  "--simulate runs it on CPU processes")
+        self.layout = layout
+        self.slots = [Slot(r, d, h, k, dev) for r, (d, h, k, dev) in enumerate(placed)]
+        cores = os.cpu_count() or 1
+        threads = n_threads or max(1, cores // len(self.slots))
+        job = {"model": os.path.abspath(model), "layout": layout.to_json(), "devices": [s.torch_device for s in self.slots],
+               "n_ctx": n_ctx, "threads": threads, "dtype": dtype, "timeout_s": 300, "fail_rank": fail_rank}
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with suppress_stdout_stderr(disable=False):  # llama.cpp warns about the vocab-only context's size
+            self._vocab_llm = llama_cpp.Llama(model_path=model, vocab_only=True, verbose=False, n_ctx=n_ctx)
+        self.vocab = Vocab(self._vocab_llm, model)
+        self.template = self.vocab.template
+        self._eog = self.vocab.eog_ids()
+        notes = []
+        if simulate:
+            notes.append(f"--simulate: {len(self.slots)} CPU processes stand in for "
+                         f"{', '.join(layout.devices())}")
+        self.info = EngineInfo(backend="torch", model=model, n_ctx=n_ctx, notes=notes, plan=plan)
+        hosts = {s.host for s in self.slots}
+        if len(hosts) > 1:
+            raise MixrunError("this plan spans hosts: run on each host\n" + "\n".join(
+                f"  {h}: {c}" for h, c in torchrun_commands(self.slots, "CONTROLLER:PORT", "HOST0:29400").items()))
+        self.cluster = start_local(self.slots, job, debug=debug)
+        self._lock = threading.Lock()
+        self._busy = False
+        self._fed: list[int] = []
+        self._tokens_total = 0
+        self._last = Stats()
+        self._wait_ready(progress)
+
+    # ---- start-up ----
+
+    def _wait_ready(self, progress: Any) -> None:
+        ready: set[int] = set()
+        shown = -1
+        tty = sys.stderr.isatty() and progress is not False
+        try:
+            while len(ready) < len(self.slots):
+                ev = self.cluster.next_event(0.25)
+                if ev is not None and ev.msg and "ready" in ev.msg:
+                    ready.add(ev.rank)
+                pct = int(100 * sum(self.cluster.progress.values()) / len(self.slots))
+                if tty and pct != shown:
+                    sys.stderr.write(f"\r\x1b[2mloading {len(self.slots)} ranks {pct:3d}%\x1b[0m")
+                    sys.stderr.flush()
+                    shown = pct
+        except BaseException:
+            self.cluster.stop(graceful=False)
+            raise
+        finally:
+            if tty and shown >= 0:
+                sys.stderr.write("\r\x1b[2K")
+
+    # ---- the Engine protocol ----
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.vocab.tokenize(text))
+
+    def generate(self, prompt: str, sampling: Sampling, stats: Stats) -> Iterator[str]:
+        ids = self.vocab.tokenize(prompt)
+        stats.prompt_tokens = len(ids)
+        room = self.info.n_ctx - len(ids)
+        if room <= 0:
+            stats.stop_reason = "context full"
+            return
+        p = 0
+        while p < min(len(ids), len(self._fed)) and ids[p] == self._fed[p]:
+            p += 1
+        p = min(p, len(ids) - 1)  # at least one token runs, to give logits
+        s = {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+             "min_p": sampling.min_p, "repeat_penalty": sampling.repeat_penalty, "seed": sampling.seed}
+        max_new = min(sampling.max_tokens, room)
+        stream = TextStream(sampling.stop)
+        got: list[int] = []
+        with self._lock:
+            self._busy = True
+        t0 = time.perf_counter()
+        t_first = None
+        done = False
+        try:
+            self.cluster.send_driver({"op": "generate", "tokens": ids[p:], "pos": p, "history": ids[:p][-64:],
+                                      "sampling": s, "max_new": max_new, "stop_ids": self._eog})
+            stats.stop_reason = "length"
+            while True:
+                ev = self.cluster.next_event(1.0)
+                if ev is None:
+                    continue
+                if "done" in ev.msg:
+                    done = True
+                    if ev.msg["done"] in ("context full",):
+                        stats.stop_reason = "context full"
+                    break
+                if "token" not in ev.msg:
+                    continue
+                tok = int(ev.msg["token"])
+                got.append(tok)
+                now_ = time.perf_counter()
+                if t_first is None:
+                    t_first = now_
+                    stats.prefill_s = now_ - t0
+                else:
+                    stats.decode_s = now_ - t_first
+                if tok in self._eog:
+                    stats.stop_reason = "eos"
+                    continue
+                stats.completion_tokens += 1
+                piece = stream.feed(self.vocab.bytes_of(tok))
+                if piece:
+                    yield piece
+                if stream.stopped:
+                    stats.stop_reason = "stop"
+                    break
+            tail = stream.finish()
+            if tail:
+                yield tail
+        finally:
+            if not done:
+                self._drain(got)
+            self._fed = ids + got[:-1]
+            self._tokens_total += stats.completion_tokens
+            self._last = stats
+            with self._lock:
+                self._busy = False
+
+    def _drain(self, got: list[int]) -> None:
+        """Cancel the generation and take the tokens already in flight (they are in the KV cache)."""
+        self.cluster.send_driver({"op": "cancel"})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ev = self.cluster.next_event(0.5)
+            if ev is None:
+                continue
+            if "token" in ev.msg:
+                got.append(int(ev.msg["token"]))
+            elif "done" in ev.msg:
+                return
+        raise self.cluster.fail("the driver did not stop a generation within 30 s")
+
+    def logits(self, tokens: list[int], pos: int = 0) -> Any:
+        """Logits of every position of ``tokens`` fed at ``pos`` (float32, (T, vocab)): for the proofs."""
+        import numpy as np
+
+        self.cluster.send_driver({"op": "logits", "tokens": tokens, "pos": pos})
+        while True:
+            ev = self.cluster.next_event(1.0)
+            if ev is not None and "logits" in ev.msg:
+                arr = np.frombuffer(base64.b64decode(ev.msg["logits"]), dtype=np.float32)
+                self._fed = self._fed[:pos] + list(tokens)
+                return arr.reshape(ev.msg["shape"])
+
+    def sync_telemetry(self, timeout_s: float = 5.0) -> dict[int, dict[str, Any]]:
+        """Wait until every rank has reported after the same number of steps; the per-rank counters."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._busy:
+                    self.cluster.next_event(0.05)
+            tele = self.cluster.tele
+            if len(tele) == len(self.slots) and len({t["steps"] for t in tele.values()}) == 1:
+                break
+        return dict(self.cluster.tele)
+
+    def telemetry(self) -> Snapshot:
+        with self._lock:
+            if not self._busy:
+                self.cluster.next_event(0.0)
+        if self._sampler is None:
+            pids = {}
+            for s in self.slots:
+                proc = self.cluster.procs.get(s.rank)
+                if proc is not None and s.torch_device == "cpu":
+                    pids.setdefault(s.device_id, []).append(proc.pid)
+            cuda = {s.device_id: int(s.torch_device.split(":")[1]) for s in self.slots
+                    if s.torch_device.startswith("cuda")}
+            self._sampler = DeviceSampler(cuda_index=cuda, pids=pids)
+        tele = self.cluster.tele
+        stages, links = [], []
+        lay = self.layout
+        for i, st in enumerate(lay.stages):
+            ranks = lay.ranks(i)
+            last_s = max((tele.get(r, {}).get("last_step_s", 0.0) for r in ranks), default=0.0)
+            total_s = max((tele.get(r, {}).get("compute_s", 0.0) for r in ranks), default=0.0)
+            stages.append(StageSample(st.devices, st.layers, last_s, total_s))
+            for a, b in zip(st.devices, st.devices[1:], strict=False):
+                ar = sum(tele.get(r, {}).get("layer_allreduce_bytes", 0) for r in ranks) // max(1, st.tp)
+                links.append(LinkSample((a, b), "tp", ar))
+            nxt = lay.stages[(i + 1) % len(lay.stages)]
+            if len(lay.stages) > 1:
+                sent = tele.get(ranks[0], {}).get("sent_bytes", 0) if i != len(lay.stages) - 1 else 0
+                if i == len(lay.stages) - 1:  # the driver sends embeddings to the first stage
+                    sent = tele.get(lay.driver, {}).get("sent_bytes", 0)
+                links.append(LinkSample((st.devices[0], nxt.devices[0]), "pipeline", sent))
+        plan, last = self.info.plan, self._last
+        return Snapshot(t=now(), backend="torch", tokens_total=self._tokens_total,
+                        decode_tok_s=last.decode_tok_s or None, prefill_tok_s=last.prefill_tok_s or None,
+                        predicted_decode_tok_s=plan.decode_tok_s if plan else None,
+                        predicted_prefill_tok_s=plan.prefill_tok_s if plan else None,
+                        devices=self._sampler.sample(), links=tuple(links), stages=tuple(stages),
+                        allreduce_bytes_total=sum(t.get("layer_allreduce_bytes", 0) for t in tele.values()),
+                        sent_bytes_total=sum(t.get("sent_bytes", 0) for t in tele.values()))
+
+    def close(self) -> None:
+        cluster = getattr(self, "cluster", None)
+        if cluster is not None:
+            self.cluster = None
+            cluster.stop(graceful=True)
+        if self._sampler is not None:
+            self._sampler.close()
+        llm = getattr(self, "_vocab_llm", None)
+        if llm is not None:
+            self._vocab_llm = None
+            llm.close()
+
+
+@register("torch")
+def start(**kwargs: Any) -> TorchEngine:
+    return TorchEngine(**kwargs)

@@ -1,0 +1,218 @@
+"""Tensor parallelism inside a pipeline stage, and the layout of stages over ranks, driven by the plan.
+
+Sharding follows Megatron/gpt-fast: Q/K/V and gate/up are column-parallel (each rank keeps whole KV-head groups
+and a block of FFN rows), the attention output and down projections are row-parallel with an all-reduce over the
+stage's group after them, and the embedding and output head are split over the vocabulary. Unlike gpt-fast the
+shards are sized by the plan (uneven allowed) and rank, group and sizes come in as arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mixrun.backends.torch.model import Embedding, ModelConfig, Transformer
+
+
+def split_sizes(total: int, weights: Sequence[float], minimum: int = 0) -> list[int]:
+    """``total`` split in proportion to ``weights`` by largest remainder, each part at least ``minimum``."""
+    n = len(weights)
+    if total < minimum * n:
+        raise ValueError(f"cannot split {total} into {n} parts of at least {minimum}")
+    w = [max(x, 0.0) for x in weights]
+    s = sum(w) or float(n)
+    w = [x / s if sum(weights) else 1.0 / n for x in w]
+    free = total - minimum * n
+    raw = [free * x for x in w]
+    sizes = [int(r) for r in raw]
+    for i in sorted(range(n), key=lambda i: -(raw[i] - sizes[i]))[: free - sum(sizes)]:
+        sizes[i] += 1
+    return [minimum + x for x in sizes]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: devices (one rank each) doing TP over layers ``[start, end)`` with these KV heads each."""
+
+    devices: tuple[str, ...]
+    layers: tuple[int, int]
+    kv_heads: tuple[int, ...]
+
+    @property
+    def tp(self) -> int:
+        return len(self.devices)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Stages in pipeline order. Global ranks number the stages' devices in order; the last stage embeds tokens
+    and computes logits, and its first rank (the driver) samples and talks to the controller."""
+
+    stages: tuple[Stage, ...]
+
+    @property
+    def world(self) -> int:
+        return sum(s.tp for s in self.stages)
+
+    def first_rank(self, stage: int) -> int:
+        return sum(s.tp for s in self.stages[:stage])
+
+    def ranks(self, stage: int) -> list[int]:
+        a = self.first_rank(stage)
+        return list(range(a, a + self.stages[stage].tp))
+
+    def locate(self, rank: int) -> tuple[int, int]:
+        """(stage index, member index) of a global rank."""
+        for i, s in enumerate(self.stages):
+            a = self.first_rank(i)
+            if a <= rank < a + s.tp:
+                return i, rank - a
+        raise ValueError(f"rank {rank} is outside a world of {self.world}")
+
+    @property
+    def driver(self) -> int:
+        return self.first_rank(len(self.stages) - 1)
+
+    def devices(self) -> list[str]:
+        return [d for s in self.stages for d in s.devices]
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [{"devices": list(s.devices), "layers": list(s.layers), "kv_heads": list(s.kv_heads)}
+                for s in self.stages]
+
+    @classmethod
+    def from_json(cls, data: list[dict[str, Any]]) -> Layout:
+        return cls(tuple(Stage(tuple(s["devices"]), (int(s["layers"][0]), int(s["layers"][1])),
+                               tuple(int(k) for k in s["kv_heads"])) for s in data))
+
+    @classmethod
+    def from_groups(cls, groups: Sequence[Any], n_head_kv: int) -> Layout:
+        """From a plan's groups: whole KV heads per member in proportion to the group's shares."""
+        stages = []
+        for g in groups:
+            shares = list(g.shares) if len(g.shares) == len(g.devices) else [1.0] * len(g.devices)
+            stages.append(Stage(tuple(g.devices), tuple(g.layers), tuple(split_sizes(n_head_kv, shares, 1))))
+        return cls(tuple(stages))
+
+    def check(self, cfg: ModelConfig) -> None:
+        prev = 0
+        for s in self.stages:
+            if s.layers[0] != prev or s.layers[1] <= s.layers[0]:
+                raise ValueError(f"stages {[list(x.layers) for x in self.stages]} do not cover layers "
+                                 f"[0, {cfg.n_layers}) contiguously")
+            prev = s.layers[1]
+            if len(s.kv_heads) != s.tp or sum(s.kv_heads) != cfg.n_head_kv or min(s.kv_heads) < 1:
+                raise ValueError(f"stage {list(s.devices)}: KV heads {list(s.kv_heads)} must be at least 1 each "
+                                 f"and sum to {cfg.n_head_kv}")
+        if prev != cfg.n_layers:
+            raise ValueError(f"stages end at layer {prev}, the model has {cfg.n_layers}")
+
+
+class Comm:
+    """A stage's TP group and what went through it: bytes all-reduced by this rank (layers, and the vocab-parallel
+    embedding and logits apart, so the per-layer traffic can be checked against theory)."""
+
+    def __init__(self, group: Any, size: int) -> None:
+        self.group, self.size = group, size
+        self.layer_bytes = 0
+        self.vocab_bytes = 0
+
+    def all_reduce(self, t: torch.Tensor, layer: bool = True) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(t, group=self.group)
+            n = t.numel() * t.element_size()
+            if layer:
+                self.layer_bytes += n
+            else:
+                self.vocab_bytes += n
+        return t
+
+    def gather_vocab(self, local: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        """Concatenate every member's logits shard (uneven sizes: padded to the largest for all_gather)."""
+        if self.size == 1:
+            return local
+        width = max(sizes)
+        pad = torch.zeros(local.shape[0], width, dtype=local.dtype, device=local.device)
+        pad[:, : local.shape[1]] = local
+        parts = [torch.empty_like(pad) for _ in sizes]
+        dist.all_gather(parts, pad, group=self.group)
+        self.vocab_bytes += pad.numel() * pad.element_size() * (self.size - 1)
+        return torch.cat([p[:, :n] for p, n in zip(parts, sizes, strict=True)], dim=1)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which slice of a GGUF tensor a parameter holds: rows or columns ``[start, stop)`` (``dim`` 0 or 1 of the
+    row-major ``(out, in)`` weight), or all of it when ``dim`` is None."""
+
+    dim: int | None = None
+    start: int = 0
+    stop: int = 0
+
+
+def _linear(old: nn.Linear, in_f: int, out_f: int) -> nn.Linear:
+    return nn.Linear(in_f, out_f, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+
+
+def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[str, Shard]:
+    """Shrink ``model``'s linears to this member's shard and add the all-reduces; returns the slice each parameter
+    takes from its GGUF tensor (parameters absent from the dict hold the whole tensor).
+
+    Run it on a model built on the meta device, before loading weights: nothing full-sized is ever allocated.
+    """
+    cfg = model.cfg
+    hd, group = cfg.head_dim, cfg.n_head // cfg.n_head_kv
+    kv = stage.kv_heads
+    kv0 = sum(kv[:member])
+    q_rows = (kv0 * group * hd, (kv0 + kv[member]) * group * hd)
+    kv_rows = (kv0 * hd, (kv0 + kv[member]) * hd)
+    ffn = split_sizes(cfg.ffn_dim, kv)
+    f_rows = (sum(ffn[:member]), sum(ffn[: member + 1]))
+    shards: dict[str, Shard] = {}
+
+    def reduce_hook(_mod: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
+        return comm.all_reduce(out)
+
+    for i, blk in enumerate(model.layers):
+        a, f = blk.attn, blk.ffn
+        p = f"layers.{i}."
+        if stage.tp > 1:
+            a.wq = _linear(a.wq, cfg.dim, q_rows[1] - q_rows[0])
+            a.wk = _linear(a.wk, cfg.dim, kv_rows[1] - kv_rows[0])
+            a.wv = _linear(a.wv, cfg.dim, kv_rows[1] - kv_rows[0])
+            a.wo = _linear(a.wo, q_rows[1] - q_rows[0], cfg.dim)
+            f.w1 = _linear(f.w1, cfg.dim, f_rows[1] - f_rows[0])
+            f.w3 = _linear(f.w3, cfg.dim, f_rows[1] - f_rows[0])
+            f.w2 = _linear(f.w2, f_rows[1] - f_rows[0], cfg.dim)
+            a.wo.register_forward_hook(reduce_hook)
+            f.w2.register_forward_hook(reduce_hook)
+        for name, rows in (("attn.wq", q_rows), ("attn.wk", kv_rows), ("attn.wv", kv_rows), ("ffn.w1", f_rows),
+                           ("ffn.w3", f_rows)):
+            shards[p + name + ".weight"] = Shard(0, *rows)
+            shards[p + name + ".bias"] = Shard(0, *rows)
+        shards[p + "attn.wo.weight"] = Shard(1, *q_rows)
+        shards[p + "ffn.w2.weight"] = Shard(1, *f_rows)
+    if model.embed is not None:
+        vocab = split_sizes(cfg.vocab, kv)
+        v0, v1 = sum(vocab[:member]), sum(vocab[: member + 1])
+        model.embed = Embedding(v1 - v0, cfg.dim, start=v0).to(model.embed.weight.device)
+        model.output = nn.Linear(cfg.dim, v1 - v0, bias=False, device=model.output.weight.device)
+        shards["embed.weight"] = Shard(0, v0, v1)
+        shards["output.weight"] = Shard(0, v0, v1)
+    return {k: v for k, v in shards.items() if _has(model, k)}
+
+
+def vocab_sizes(cfg: ModelConfig, stage: Stage) -> list[int]:
+    return split_sizes(cfg.vocab, stage.kv_heads)
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        return model.get_parameter(name) is not None
+    except AttributeError:
+        return False
