@@ -140,7 +140,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if report.best is not None and report.best.fits else 3
 
 
-def _plan_for_chat(args: argparse.Namespace, model: str, backend: str) -> Any:
+def _plan_for_chat(args: argparse.Namespace, model: str, backend: str) -> tuple[Any, Any]:
     """Plan the model on ``--profile`` (or on this machine, detected) and return the chosen candidate. Refuse before
     loading when the plan does not fit the profile, or the memory free now (``--force`` overrides both)."""
     from mixrun.backends.loading import preflight
@@ -167,13 +167,30 @@ def _plan_for_chat(args: argparse.Namespace, model: str, backend: str) -> Any:
             raise MixrunError(msg + hint + "; --force loads it anyway")
         warn(msg)
     if best is None:
-        return None
+        return profile, None
+    if best.backend.value == "torch" and backend == "auto" and not args.simulate and not _have_cuda():
+        fallback = next((c for c in report.candidates if c.backend.value == "llama.cpp" and c.fits), None)
+        if fallback is not None:
+            print(f"mixrun: note: the best plan ({best.label}) needs CUDA, which this machine lacks: running "
+                  f"{fallback.label} (--backend torch --simulate runs the torch plan on CPU processes)", file=sys.stderr)
+            best = fallback
+    if args.simulate:  # CPU processes stand in for the devices: their memory is not this machine's
+        if args.profile and not args.quiet:
+            print(f"mixrun: plan: {best.label}, predicted {best.decode_tok_s:.1f} tok/s ({best.why})",
+                  file=sys.stderr)
+        return profile, best
     for note in preflight(profile, best, force=args.force, warn=warn):
         if not args.quiet:
             print(f"mixrun: note: {note}", file=sys.stderr)
     if args.profile and not args.quiet:
         print(f"mixrun: plan: {best.label}, predicted {best.decode_tok_s:.1f} tok/s ({best.why})", file=sys.stderr)
-    return best
+    return profile, best
+
+
+def _have_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -181,10 +198,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from mixrun.chat import Conversation
     from mixrun.chat_session import interactive, one_shot
 
-    if args.backend not in ("auto", "llama.cpp"):
-        from mixrun.errors import MixrunError
-
-        raise MixrunError(f"--backend {args.backend}: not available yet (this build runs plans through llama.cpp)")
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                         repeat_penalty=args.repeat_penalty, seed=args.seed, max_tokens=args.max_tokens,
                         stop=tuple(args.stop or ()))
@@ -196,9 +209,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
             raise MixrunError("stdin: no prompt given (empty input)")
     model = args.model or default_model()
-    backend = "llama.cpp" if args.backend == "auto" else args.backend
-    candidate = _plan_for_chat(args, model, backend)
-    engine = start(backend, model=model, n_ctx=args.ctx, n_threads=args.threads, seed=args.seed, plan=candidate)
+    profile, candidate = _plan_for_chat(args, model, args.backend)
+    backend = candidate.backend.value if candidate is not None else (
+        "llama.cpp" if args.backend == "auto" else args.backend)
+    engine = start(backend, model=model, n_ctx=args.ctx, n_threads=args.threads, seed=args.seed, plan=candidate,
+                   profile=profile, simulate=args.simulate, debug=args.debug)
     try:
         conv = Conversation(system=args.system)
         if prompt is not None:
@@ -251,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--split", default="auto", choices=SPLITS,
                    help="with --profile: force a split mode")
     c.add_argument("--force", action="store_true", help="load even when the plan does not fit")
+    c.add_argument("--simulate", action="store_true",
+                   help="torch backend: one CPU process stands in for each planned device (any plan runs here)")
     c.add_argument("--prompt", help="answer this once and exit (stdin that is not a terminal works too)")
     c.add_argument("--system", help="system prompt")
     c.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")

@@ -76,9 +76,9 @@ def write_model(path: str | os.PathLike[str], arch: str = "llama", *, n_layers: 
                 n_head: int = 4, n_head_kv: int = 2, head_dim: int | None = None, n_ff: int = 128, n_vocab: int = 64,
                 n_ctx: int = 2048, tied: bool = True, qtype: str = "F32", sparse: bool = False,
                 sliding_window: int | None = None, extra_kv: dict[str, Any] | None = None,
-                split_max_tensors: int = 0, seed: int = 0) -> Path:
+                split_max_tensors: int = 0, seed: int = 0, merges: bool = False) -> Path:
     """Write a model; returns the path (the first part's when split). ``qtype`` is a GGML type name or
-    ``Q4_K_M`` (llama.cpp's mix of Q4_K and Q6_K)."""
+    ``Q4_K_M`` (llama.cpp's mix of Q4_K and Q6_K). ``merges`` makes the file loadable by llama.cpp."""
     head_dim = head_dim or n_embd // n_head
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     w = GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
@@ -102,6 +102,8 @@ def write_model(path: str | os.PathLike[str], arch: str = "llama", *, n_layers: 
     tokens = [f"t{i}" for i in range(n_vocab)]
     w.add_token_list(tokens)
     w.add_token_types([1] * n_vocab)
+    if merges:  # llama.cpp refuses a "gpt2" vocabulary without merges; one is enough to load
+        w.add_token_merges(["t 0"])
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     for k, v in (extra_kv or {}).items():
         if isinstance(v, str):
@@ -162,3 +164,26 @@ LLAMA3_70B = dict(n_layers=80, n_embd=8192, n_head=64, n_head_kv=8, n_ff=28672, 
 def header_size(path: str | os.PathLike[str]) -> int:
     """Offset where tensor data starts (the end of the padded header)."""
     return int(gguf.GGUFReader(str(path)).data_offset)
+
+
+def dequantized_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Copy a GGUF with every tensor dequantized to F32 (metadata kept, ``general.file_type`` set to F32), so
+    llama.cpp and mixrun's torch backend run exactly the same weights."""
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    w = GGUFWriter(str(dst), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE):
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for t in reader.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w.add_tensor(t.name, data.reshape(tuple(int(d) for d in reversed(t.shape.tolist()))))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(dst)

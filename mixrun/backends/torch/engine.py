@@ -86,6 +86,7 @@ class TorchEngine:
         self.vocab = Vocab(self._vocab_llm, model)
         self.template = self.vocab.template
         self._eog = self.vocab.eog_ids()
+        self._eog_set = set(self._eog)
         notes = []
         if simulate:
             notes.append(f"--simulate: {len(self.slots)} CPU processes stand in for "
@@ -107,6 +108,7 @@ class TorchEngine:
 
     def _wait_ready(self, progress: Any) -> None:
         ready: set[int] = set()
+        self.ready: dict[int, dict[str, Any]] = {}
         shown = -1
         tty = sys.stderr.isatty() and progress is not False
         try:
@@ -114,6 +116,7 @@ class TorchEngine:
                 ev = self.cluster.next_event(0.25)
                 if ev is not None and ev.msg and "ready" in ev.msg:
                     ready.add(ev.rank)
+                    self.ready[ev.rank] = ev.msg["ready"]
                 pct = int(100 * sum(self.cluster.progress.values()) / len(self.slots))
                 if tty and pct != shown:
                     sys.stderr.write(f"\r\x1b[2mloading {len(self.slots)} ranks {pct:3d}%\x1b[0m")
@@ -138,46 +141,22 @@ class TorchEngine:
         if room <= 0:
             stats.stop_reason = "context full"
             return
-        p = 0
-        while p < min(len(ids), len(self._fed)) and ids[p] == self._fed[p]:
-            p += 1
-        p = min(p, len(ids) - 1)  # at least one token runs, to give logits
-        s = {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
-             "min_p": sampling.min_p, "repeat_penalty": sampling.repeat_penalty, "seed": sampling.seed}
-        max_new = min(sampling.max_tokens, room)
         stream = TextStream(sampling.stop)
-        got: list[int] = []
-        with self._lock:
-            self._busy = True
+        stats.stop_reason = "length" if sampling.max_tokens <= room else "context full"
         t0 = time.perf_counter()
         t_first = None
-        done = False
+        gen = self.generate_ids(ids, sampling, max_new=min(sampling.max_tokens, room))
         try:
-            self.cluster.send_driver({"op": "generate", "tokens": ids[p:], "pos": p, "history": ids[:p][-64:],
-                                      "sampling": s, "max_new": max_new, "stop_ids": self._eog})
-            stats.stop_reason = "length"
-            while True:
-                ev = self.cluster.next_event(1.0)
-                if ev is None:
-                    continue
-                if "done" in ev.msg:
-                    done = True
-                    if ev.msg["done"] in ("context full",):
-                        stats.stop_reason = "context full"
-                    break
-                if "token" not in ev.msg:
-                    continue
-                tok = int(ev.msg["token"])
-                got.append(tok)
+            for tok in gen:
                 now_ = time.perf_counter()
                 if t_first is None:
                     t_first = now_
                     stats.prefill_s = now_ - t0
                 else:
                     stats.decode_s = now_ - t_first
-                if tok in self._eog:
+                if tok in self._eog_set:
                     stats.stop_reason = "eos"
-                    continue
+                    break
                 stats.completion_tokens += 1
                 piece = stream.feed(self.vocab.bytes_of(tok))
                 if piece:
@@ -189,11 +168,41 @@ class TorchEngine:
             if tail:
                 yield tail
         finally:
-            if not done:
-                self._drain(got)
-            self._fed = ids + got[:-1]
+            gen.close()
             self._tokens_total += stats.completion_tokens
             self._last = stats
+
+    def generate_ids(self, ids: list[int], sampling: Sampling, max_new: int | None = None) -> Iterator[int]:
+        """Token ids as the driver samples them (an end-of-generation token last, if one comes). Closing the
+        iterator early cancels the generation on the ranks."""
+        p = 0
+        while p < min(len(ids), len(self._fed)) and ids[p] == self._fed[p]:
+            p += 1
+        p = min(p, len(ids) - 1)  # at least one token runs, to give logits
+        s = {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+             "min_p": sampling.min_p, "repeat_penalty": sampling.repeat_penalty, "seed": sampling.seed}
+        got: list[int] = []
+        done = False
+        with self._lock:
+            self._busy = True
+        try:
+            self.cluster.send_driver({"op": "generate", "tokens": ids[p:], "pos": p, "history": ids[:p][-64:],
+                                      "sampling": s, "max_new": max_new or sampling.max_tokens,
+                                      "stop_ids": self._eog})
+            while True:
+                ev = self.cluster.next_event(1.0)
+                if ev is None:
+                    continue
+                if "done" in ev.msg:
+                    done = True
+                    return
+                if "token" in ev.msg:
+                    got.append(int(ev.msg["token"]))
+                    yield got[-1]
+        finally:
+            if not done and self.cluster is not None and self.cluster.failed is None:
+                self._drain(got)
+            self._fed = ids + got[:-1]
             with self._lock:
                 self._busy = False
 

@@ -26,6 +26,19 @@ OP_SHUTDOWN, OP_STEP, OP_END = 0, 1, 2
 TELEMETRY_EVERY_S = 0.5
 
 
+def rss_anon_bytes() -> int | None:
+    """Anonymous resident memory (Linux ``RssAnon``): the weights and caches this process allocated, without the
+    file pages the memory map brought in."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class Rank:
     """A rank's model part, groups and counters; ``step`` is the same code on every rank."""
 
@@ -54,6 +67,7 @@ class Rank:
         self.comm = Comm(groups[self.stage_idx], self.stage.tp)
         self.dtype = getattr(torch, job.get("dtype") or ("float32" if self.device.type == "cpu" else "bfloat16"))
 
+        rss0 = rss_anon_bytes()
         tf = TensorFile(job["model"])
         self.cfg = cfg = ModelConfig.from_gguf(tf.spec, tf.fields)
         self.layout.check(cfg)
@@ -79,6 +93,7 @@ class Rank:
         self.model = model
         self.vocab = vocab_sizes(cfg, self.stage) if head else []
         self.load_s = time.monotonic() - t0
+        self.rss_anon_load_bytes = rss_anon_bytes() - rss0 if rss0 is not None else None
         self.sent_bytes = 0
         self.compute_s = 0.0
         self.last_step_s = 0.0
@@ -258,7 +273,8 @@ def run(args: argparse.Namespace) -> int:
             dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=timeout)
         r = Rank(rank, world, job, link)
         dist.barrier(group=r.ctrl)
-        link.send({"ready": {"rank": rank, "load_s": r.load_s, "weight_bytes": r.weight_bytes}})
+        link.send({"ready": {"rank": rank, "load_s": r.load_s, "weight_bytes": r.weight_bytes,
+                             "rss_anon_load_bytes": r.rss_anon_load_bytes}})
         if job.get("fail_rank") == rank:  # tests: a rank that fails after loading
             raise RuntimeError(f"injected failure on rank {rank}")
         if rank == r.layout.driver:

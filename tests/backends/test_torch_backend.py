@@ -1,0 +1,222 @@
+"""mixrun's torch backend: agreement with llama.cpp, parallel equivalence, communication, memory, failures.
+
+Every multi-device layout runs as gloo CPU processes, one per planned device, exactly as ``--simulate`` does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import psutil
+import pytest
+import torch
+
+import gguf_factory
+from mixrun.backends.base import Sampling
+from mixrun.backends.torch.engine import TorchEngine
+from mixrun.backends.torch.model import ModelConfig, Rope
+from mixrun.backends.torch.parallel import Layout, Stage, split_sizes
+from mixrun.errors import RuntimeFailure
+
+GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=64)
+
+
+def _llama(path: str | Path, n_ctx: int = 256) -> llama_cpp.Llama:
+    # an F32 KV cache, so the reference stores what the torch backend stores
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _gone(pids: list[int], within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32(smollm2: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return gguf_factory.dequantized_copy(smollm2, tmp_path_factory.mktemp("f32") / "SmolLM2-135M-F32.gguf")
+
+
+# ---- pieces ----------------------------------------------------------------------------------------------------
+
+
+def test_rope_layouts_agree_under_llamas_permutation() -> None:
+    """llama GGUFs permute Q/K rows for adjacent-pair rotation; rotating a permuted vector with the llama layout
+    must equal rotating the original with the half-split (NEOX) layout, then permuting."""
+    cfg = dict(arch="llama", n_layers=1, dim=64, n_head=2, n_head_kv=2, head_dim=32, ffn_dim=8, vocab=8,
+               norm_eps=1e-5, rope_base=10000.0, rope_dim=32, qkv_bias=False, qk_norm=False, tied=True)
+    pairs, neox = Rope(ModelConfig(rope_neox=False, **cfg), 16), Rope(ModelConfig(rope_neox=True, **cfg), 16)
+    pairs.build(torch.device("cpu"))
+    neox.build(torch.device("cpu"))
+    x = torch.randn(5, 2, 32)  # (T, heads, head_dim) in HF's layout
+    perm = torch.arange(32).view(2, 16).t().reshape(-1)  # convert_hf_to_gguf's permutation within a head
+    assert torch.allclose(pairs(x[..., perm], 7), neox(x, 7)[..., perm], atol=1e-6)
+    assert not torch.allclose(pairs(x, 7), neox(x, 7), atol=1e-3)
+
+
+def test_layouts_from_plans_and_checks() -> None:
+    assert split_sizes(3, [0.6667, 0.3333], 1) == [2, 1]
+    assert split_sizes(1536, [2, 1]) == [1024, 512] and sum(split_sizes(49152, [1, 1, 1])) == 49152
+    cfg = ModelConfig("llama", 30, 576, 9, 3, 64, 1536, 49152, 1e-5, 1e4, 64, False, False, False, True)
+    lay = Layout((Stage(("a", "b"), (0, 20), (2, 1)), Stage(("c",), (20, 30), (3,))))
+    lay.check(cfg)
+    assert lay.world == 3 and lay.driver == 2 and lay.locate(1) == (0, 1) and lay.ranks(1) == [2]
+    assert Layout.from_json(lay.to_json()) == lay
+    with pytest.raises(ValueError, match="contiguously"):
+        Layout((Stage(("a",), (0, 10), (3,)), Stage(("b",), (11, 30), (3,)))).check(cfg)
+    with pytest.raises(ValueError, match="KV heads"):
+        Layout((Stage(("a", "b"), (0, 30), (3, 0)),)).check(cfg)
+
+
+# ---- against llama.cpp -------------------------------------------------------------------------------------------
+
+
+def test_f32_smollm2_matches_llamacpp(smollm2_f32: Path) -> None:
+    ref = _llama(smollm2_f32)
+    toks = ref.tokenize(b"<|im_start|>user\nTell me about the Moon.<|im_end|>\n<|im_start|>assistant\n",
+                        add_bos=False, special=True)
+    ref.eval(toks)
+    ref_logits = np.array(ref.scores[: len(toks)])
+    ref.reset()
+    ref_tokens = []
+    for t in ref.generate(toks, temp=0.0, top_k=1, repeat_penalty=1.0):
+        ref_tokens.append(t)
+        if len(ref_tokens) == 64:
+            break
+    eng = TorchEngine(str(smollm2_f32), n_ctx=256)
+    try:
+        logits = eng.logits(toks)
+        assert _rel(logits, ref_logits) < 2e-5  # measured 2.7e-6
+        ours = list(eng.generate_ids(toks, GREEDY))
+    finally:
+        eng.close()
+    assert len(ours) == 64 and ours == ref_tokens
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_random_qwen_matches_llamacpp(arch: str, tmp_path: Path) -> None:
+    """Half-split RoPE, QKV bias (qwen2), QK norm and an explicit head dim (qwen3), random weights."""
+    path = gguf_factory.write_model(tmp_path / f"{arch}.gguf", arch, n_layers=2, n_embd=128, n_head=4, n_head_kv=2,
+                                    head_dim=48 if arch == "qwen3" else None, n_ff=256, n_vocab=64, tied=False,
+                                    merges=True, seed=3)
+    ref = _llama(path, 64)
+    toks = [1, 5, 9, 3, 7, 2, 11, 4]
+    ref.eval(toks)
+    ref_logits = np.array(ref.scores[: len(toks)])
+    ref.reset()
+    ref_tokens = []
+    for t in ref.generate(toks, temp=0.0, top_k=1, repeat_penalty=1.0):
+        ref_tokens.append(t)
+        if len(ref_tokens) == 32:
+            break
+    eng = TorchEngine(str(path), n_ctx=64)
+    try:
+        assert _rel(eng.logits(toks), ref_logits) < 1e-5  # measured 5e-7 (qwen2), 9e-7 (qwen3)
+        ours = list(eng.generate_ids(toks, Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=32)))
+    finally:
+        eng.close()
+    assert ours == ref_tokens[: len(ours)] and len(ours) >= 16
+
+
+# ---- parallel equivalence, communication, memory -------------------------------------------------------------------
+
+LAYOUTS = {
+    "tp3": Layout((Stage(("a", "b", "c"), (0, 30), (1, 1, 1)),)),
+    "tp2-uneven": Layout((Stage(("a", "b"), (0, 30), (2, 1)),)),
+    "pipeline3": Layout((Stage(("a",), (0, 10), (3,)), Stage(("b",), (10, 20), (3,)), Stage(("c",), (20, 30), (3,)))),
+    "hybrid": Layout((Stage(("a", "b"), (0, 20), (2, 1)), Stage(("c",), (20, 30), (3,)))),
+}
+
+
+def _run(model: str, layout: Layout | None, toks: list[int]) -> tuple[np.ndarray, list[int], dict, dict]:
+    eng = TorchEngine(model, n_ctx=128, layout=layout, simulate=True)
+    try:
+        logits = eng.logits(toks)
+        tele_prompt = eng.sync_telemetry()
+        out = list(eng.generate_ids(toks, Sampling(temperature=0.0, max_tokens=16)))
+        return logits, out, {r: dict(t) for r, t in tele_prompt.items()}, dict(eng.ready)
+    finally:
+        eng.close()
+
+
+def test_parallel_layouts_equal_tp1(smollm2: str) -> None:
+    toks = [504, 3575, 282, 4649, 314, 7042, 30]
+    base_logits, base_tokens, _t, base_ready = _run(smollm2, None, toks)
+    n = len(toks)
+    for name, layout in LAYOUTS.items():
+        logits, tokens, tele, ready = _run(smollm2, layout, toks)
+        assert _rel(logits, base_logits) < 1e-4, name  # measured 1e-6 to 3e-6
+        assert tokens == base_tokens, name
+        for i, stage in enumerate(layout.stages):
+            for r in layout.ranks(i):
+                layers = stage.layers[1] - stage.layers[0]
+                # theory: per token and TP member, 2 all-reduces per layer of hidden x 4 bytes (float32)
+                want = 2 * layers * 576 * 4 * n if stage.tp > 1 else 0
+                assert tele[r]["layer_allreduce_bytes"] == want, (name, r)
+        if len(layout.stages) > 1:
+            first = layout.ranks(0)
+            assert tele[layout.driver]["sent_bytes"] >= len(first) * n * 576 * 4  # embeddings to the first stage
+        if name == "tp3":
+            one = base_ready[0]["rss_anon_load_bytes"]
+            for r in range(3):
+                assert ready[r]["rss_anon_load_bytes"] <= 0.45 * one, (r, ready[r], one)
+                assert ready[r]["weight_bytes"] <= 0.36 * base_ready[0]["weight_bytes"]
+
+
+# ---- failures: every rank stops, the user sees the failing rank's error ----------------------------------------------
+
+
+def test_exception_in_a_rank_stops_all(smollm2: str) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeFailure, match=r"rank 1 \(b\): RuntimeError: injected failure on rank 1"):
+        TorchEngine(smollm2, n_ctx=64, layout=LAYOUTS["hybrid"], simulate=True, fail_rank=1)
+    assert time.monotonic() - t0 < 60
+    me = psutil.Process()
+    assert _gone([c.pid for c in me.children(recursive=True)], 10)
+
+
+def test_sigkill_of_a_rank_stops_all(smollm2: str) -> None:
+    eng = TorchEngine(smollm2, n_ctx=64, layout=LAYOUTS["pipeline3"], simulate=True)
+    pids = [p.pid for p in eng.cluster.procs.values()]
+    os.kill(pids[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeFailure, match=r"rank 1 \(b\) died.*signal 9"):
+        list(eng.generate_ids([1, 2, 3], Sampling(temperature=0.0, max_tokens=8)))
+    assert time.monotonic() - t0 < 10
+    assert _gone(pids, 10)
+    eng.close()
+
+
+def test_ctrl_c_stops_every_rank(tmp_path: Path) -> None:
+    """SIGINT to ``mixrun chat`` mid-answer: exit 130, every rank process gone within 10 s."""
+    proc = subprocess.Popen([sys.executable, "-m", "mixrun.cli", "chat", "--backend", "torch", "--simulate",
+                             "--profile", "dual-3090-nvlink-plus-3060", "--split", "hybrid", "--max-tokens", "2000",
+                             "--prompt", "Write a very long story about a dragon."],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.read(1)  # the answer has started streaming
+        assert first
+        ranks = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(ranks) == 3
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert _gone(ranks, 10)
