@@ -58,11 +58,11 @@ def speed_text(cur: Sample, r: Rates, plan: Any) -> Text:
     out.append(f"{r.tok_s:.1f} tok/s", style="bold")
     if cur.generating:
         out.append("  ●", style="green")
-    out.append(f"\n{'tok/s':<7}{'predicted':>9} {'measured':>8}\n", style="dim")
+    out.append(f"\n{'tok/s':<7}{'predict':>8} {'measured':>8}\n", style="dim")
     for name, pred, meas in (("decode", pred_dec, cur.decode_tok_s), ("prefill", pred_pre, cur.prefill_tok_s)):
-        out.append(f"{name:<7}{fmt_tok_s(pred):>9} ")
+        out.append(f"{name:<7}{fmt_tok_s(pred):>8} ")
         out.append(f"{fmt_tok_s(meas):>8}", style="bold")
-        out.append(f" {_ratio(meas, pred):>5}\n", style="dim")
+        out.append(f" {_ratio(meas, pred):>4}\n", style="dim")
     out.rstrip()
     return out
 
@@ -87,29 +87,29 @@ def devices_text(cur: Sample, plan: Any) -> Text:
     return out
 
 
-def links_text(cur: Sample, r: Rates) -> Text:
-    """Traffic per link: bytes per second now, and in total."""
+def links_text(cur: Sample, r: Rates, totals: bool = False) -> Text:
+    """Traffic per link: bytes per second now (and in total, where there is room)."""
     out = Text()
     for lk in cur.snapshot.links:
         a, b = lk.between
         out.append(f"{a}↔{b} ", style="bold")
-        out.append(f"{lk.kind} ", style="dim")
+        out.append(f"{'pipe' if lk.kind == 'pipeline' else lk.kind} ", style="dim")
         out.append(f"{fmt_rate(r.link_bytes_s.get((a, b, lk.kind)))}")
-        out.append(f"  total {fmt_bytes(lk.bytes_total)}\n", style="dim")
+        out.append(f"  total {fmt_bytes(lk.bytes_total)}\n" if totals else "\n", style="dim")
     if not cur.snapshot.links:
         out.append(f"none reported by {cur.snapshot.backend}", style="dim")
     out.rstrip()
     return out
 
 
-def stages_text(cur: Sample) -> Text:
-    """Compute time per pipeline stage: the last token's and the total so far."""
+def stages_text(cur: Sample, totals: bool = False) -> Text:
+    """Compute time per pipeline stage: the last token's (and the total so far, where there is room)."""
     out = Text()
     for s in cur.snapshot.stages:
         out.append(f"{'+'.join(s.devices)} ", style="bold")
         out.append(f"L{s.layers[0]}-{s.layers[1] - 1} ", style="dim")
-        out.append(f"{s.last_token_s * 1000:.2f} ms/token")
-        out.append(f"  total {s.total_s:.1f} s\n", style="dim")
+        out.append(f"{s.last_token_s * 1000:.2f} ms/tok")
+        out.append(f"  total {s.total_s:.1f} s\n" if totals else "\n", style="dim")
     if not cur.snapshot.stages:
         out.append(f"none reported by {cur.snapshot.backend}", style="dim")
     out.rstrip()

@@ -244,7 +244,7 @@ class RunScreen(Screen[None]):
         app: Any = self.app
         was_none = False
         while not worker.is_cancelled and not self._wake.is_set():
-            sample = self.session.sample()
+            sample = self.session.sample()  # never raises: a failed read is None ("n/a")
             if sample is not None or not was_none:
                 self.post_message(TelemetryTick(sample))
             was_none = sample is None

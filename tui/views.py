@@ -38,7 +38,10 @@ def fmt_rate(bytes_per_s: float | None) -> str:
 
 
 def fmt_tok_s(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:,.1f}"
+    """Tokens per second: one decimal below 1,000, none above (a 34-column panel has no room to spare)."""
+    if v is None:
+        return "n/a"
+    return f"{v:,.0f}" if v >= 1000 else f"{v:,.1f}"
 
 
 def link_text(link: Link) -> Text:

@@ -119,8 +119,9 @@ class TelemetryPanel(Vertical):
         self.query_one("#tok-spark", Sparkline).data = list(self._history)
         self.query_one("#tel-speed", Static).update(meter.speed_text(cur, r, plan))
         self.query_one("#tel-devices", Static).update(meter.devices_text(cur, plan))
-        self.query_one("#tel-links", Static).update(meter.links_text(cur, r))
-        self.query_one("#tel-stages", Static).update(meter.stages_text(cur))
+        wide = self.content_size.width >= 48
+        self.query_one("#tel-links", Static).update(meter.links_text(cur, r, totals=wide))
+        self.query_one("#tel-stages", Static).update(meter.stages_text(cur, totals=wide))
 
 
 def status_line(model: str, label: str, state: str, extra: str = "") -> Text:

@@ -80,6 +80,7 @@ def test_rates_difference_cumulative_counters() -> None:
     restarted = meter.rates(_sample(2.0, 30, 5000), _sample(2.5, 2, 100))  # a new engine: counters start over
     assert restarted.tok_s == 0.0 and restarted.link_bytes_s[("gpu0", "gpu1", "tp")] == 0.0
     assert "gpu0↔gpu1 tp 7.8 KiB/s" in meter.links_text(_sample(1.5, 30, 5000), r).plain
+    assert "total 4.9 KiB" in meter.links_text(_sample(1.5, 30, 5000), r, totals=True).plain
 
 
 def test_session_streams_counts_live_and_stops_on_request() -> None:

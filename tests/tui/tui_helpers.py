@@ -39,10 +39,15 @@ def plain(renderable: Any, width: int = 120) -> str:
 
 
 async def wait_for(pilot: Pilot[Any], cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Let the app run until ``cond()`` holds; on a timeout, say what the app was doing."""
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            screen = pilot.app.screen
+            state = {k: getattr(screen, k) for k in ("engine_state", "answers", "ticks", "plans_shown", "loads")
+                     if hasattr(screen, k)}
+            raise AssertionError(f"timed out waiting for {what} (screen {type(screen).__name__} {state}, "
+                                 f"workers {[(w.name, w.state.name) for w in pilot.app.workers]})")
         await pilot.pause(0.05)
 
 

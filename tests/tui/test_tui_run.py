@@ -1,0 +1,160 @@
+"""Pilot tests of the Run screen: start the chosen plan, stream an answer, stop it, stop the engine, show a
+failure; and one real generation with the bundled SmolLM2 on llama.cpp."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.widgets import Input, Markdown, Sparkline
+from tui_helpers import FakeStarter, asynctest, plain, wait_for
+
+from mixrun.backends.base import Sampling
+from mixrun.errors import MixrunError
+from mixrun.tui import make_app
+from mixrun.tui.run_screen import RunScreen
+from mixrun.tui.session import EngineSession
+from mixrun.tui.widgets import TelemetryPanel
+
+
+def _app(model: str, starter: Any, profile: str = "dual-3090-nvlink-plus-3060", max_tokens: int = 12) -> Any:
+    return make_app(model, profile, 4096, session=EngineSession(starter=starter), poll_s=0.05,
+                    sampling=Sampling(temperature=0, max_tokens=max_tokens))
+
+
+async def _start(pilot: Any, app: Any) -> RunScreen:
+    await pilot.press("r")
+    await wait_for(pilot, lambda: isinstance(app.screen, RunScreen), "the Run screen")
+    screen = app.screen
+    await wait_for(pilot, lambda: screen.engine_state == "ready", "the engine to load")
+    return screen
+
+
+async def _ask(pilot: Any, screen: RunScreen, text: str) -> None:
+    screen.query_one("#prompt", Input).value = text
+    await pilot.press("enter")
+
+
+@asynctest
+async def test_run_starts_the_chosen_plan_streams_and_shows_telemetry(smollm2: str) -> None:
+    starter = FakeStarter()
+    app = _app(smollm2, starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        chosen = app.state.report.best
+        screen = await _start(pilot, app)
+        backend, kwargs = starter.calls[0]
+        assert backend == chosen.backend.value and kwargs["plan"] is chosen and kwargs["n_ctx"] == 4096
+        assert kwargs["model"] == smollm2 and kwargs["simulate"] is False
+        assert "ready" in plain(screen.query_one("#run-status"))
+        await _ask(pilot, screen, "What is 2+2?")
+        await wait_for(pilot, lambda: screen.answers == 1, "the answer")
+        answer = screen.query_one(".answer", Markdown)
+        assert answer.source.startswith("The answer is **4**.")
+        assert "What is 2+2?" in plain(screen.query_one(".user-msg"))
+        panel = screen.query_one(TelemetryPanel)
+        await wait_for(pilot, lambda: panel.last is not None and panel.last.tokens_total == 12, "12 tokens counted")
+        assert "12 tokens" in plain(screen.query_one("#run-status"))
+        links = plain(screen.query_one("#tel-links"))
+        assert "gpu0↔gpu1 tp" in links and "gpu1↔gpu2 pipe" in links
+        assert "ms/tok" in plain(screen.query_one("#tel-stages"))
+        assert "100.0" in plain(screen.query_one("#tel-speed"))  # the predicted decode rate beside the measured
+        assert max(screen.query_one(Sparkline).data or [0]) > 0  # tok/s moved while it generated
+        assert app.session.conv.turns[0] == {"role": "user", "content": "What is 2+2?"}
+
+
+@asynctest
+async def test_link_rates_move_while_an_answer_streams(smollm2: str) -> None:
+    starter = FakeStarter(delay_s=0.03)
+    app = _app(smollm2, starter, max_tokens=40)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await _start(pilot, app)
+        panel = screen.query_one(TelemetryPanel)
+        await _ask(pilot, screen, "hi")
+        await wait_for(pilot, lambda: panel.last is not None and panel.last.generating
+                       and panel.last_rates.link_bytes_s.get(("gpu0", "gpu1", "tp"), 0) > 0, "tp traffic")
+        assert panel.last_rates.tok_s > 0
+        await wait_for(pilot, lambda: screen.answers == 1, "the answer")
+
+
+@asynctest
+async def test_escape_stops_the_answer_and_keeps_the_engine(smollm2: str) -> None:
+    starter = FakeStarter(delay_s=0.02)
+    app = _app(smollm2, starter, max_tokens=500)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await _start(pilot, app)
+        await _ask(pilot, screen, "talk for a while")
+        await wait_for(pilot, lambda: starter.engines[0].tokens >= 3, "a few tokens")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: screen.answers == 1, "the stopped answer")
+        assert app.session.last.stop_reason == "stopped" and app.session.last.completion_tokens < 500
+        assert "(stopped)" in plain(screen.query_one("#run-status"))
+        assert screen.engine_state == "ready" and not starter.engines[0].closed
+
+
+@asynctest
+async def test_stopping_the_engine_closes_it_and_ctrl_r_starts_again(smollm2: str) -> None:
+    starter = FakeStarter()
+    app = _app(smollm2, starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await _start(pilot, app)
+        await pilot.press("ctrl+t")
+        await wait_for(pilot, lambda: screen.engine_state == "idle", "the engine to stop")
+        assert starter.engines[0].closed and app.session.engine is None
+        assert "stopped" in plain(screen.query_one("#run-status"))
+        await _ask(pilot, screen, "anyone there?")  # refused with a notification, not a crash
+        await pilot.pause()
+        assert screen.answers == 0 and len(screen.query(".user-msg")) == 0
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: screen.engine_state == "ready", "a second engine")
+        assert len(starter.engines) == 2 and app.session.engine is starter.engines[1]
+
+
+@asynctest
+async def test_a_backend_that_fails_to_start_says_why(smollm2: str) -> None:
+    def failing(backend: str, **kwargs: Any) -> Any:
+        raise MixrunError(f"{backend}: unknown backend (known: llama.cpp)")
+
+    app = _app(smollm2, failing)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("r")
+        await wait_for(pilot, lambda: isinstance(app.screen, RunScreen), "the Run screen")
+        screen = app.screen
+        await wait_for(pilot, lambda: screen.engine_state == "failed", "the failure")
+        notes = " ".join(plain(n) for n in screen.query(".note"))
+        assert "could not start: llama.cpp: unknown backend (known: llama.cpp)" in notes
+        assert "failed" in plain(screen.query_one("#run-status"))
+
+
+@asynctest
+async def test_quitting_closes_the_engine(smollm2: str) -> None:
+    starter = FakeStarter(delay_s=0.02)
+    app = _app(smollm2, starter, max_tokens=10_000)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await _start(pilot, app)
+        await _ask(pilot, screen, "go on forever")
+        await wait_for(pilot, lambda: starter.engines[0].generating, "generation")
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: not app.is_running, "the app to exit", timeout=10)
+    assert starter.engines[0].closed and app.return_code == 0
+
+
+@asynctest
+async def test_real_generation_with_smollm2_on_llama_cpp(smollm2: str) -> None:
+    """The bundled model, the real llama.cpp backend, greedy and short: the answer streams into the pane and
+    the telemetry counts it."""
+    app = make_app(smollm2, "cpu-only", 512, poll_s=0.1, sampling=Sampling(temperature=0, max_tokens=12))
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await _start(pilot, app)
+        panel = screen.query_one(TelemetryPanel)
+        await wait_for(pilot, lambda: panel.last is not None, "a first telemetry sample")
+        assert panel.last.tokens_total == 0 and panel.last.decode_tok_s is None
+        await _ask(pilot, screen, "What is the capital of France?")
+        await wait_for(pilot, lambda: screen.answers == 1, "the answer", timeout=60)
+        answer = screen.query_one(".answer", Markdown).source
+        assert len(answer.split()) >= 3 and any(c.isalpha() for c in answer)
+        assert app.session.last.completion_tokens == 12
+        await wait_for(pilot, lambda: panel.last.tokens_total == 12, "tokens counted")
+        assert panel.last.decode_tok_s is not None and panel.last.decode_tok_s > 0
+        assert panel.last.snapshot.predicted_decode_tok_s == app.state.report.best.decode_tok_s
+        speed = plain(screen.query_one("#tel-speed"))
+        assert "tokens 12" in speed and "n/a" not in speed.split("decode")[1].split("\n")[0]
+    assert app.session.engine is None  # closed on exit
