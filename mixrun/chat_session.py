@@ -132,6 +132,20 @@ def _read_message() -> str:
     return "\n".join(lines)
 
 
+def telemetry_lines(engine: Engine) -> str:
+    """Per-stage compute time and the bytes each link carried so far, when the engine counts them (torch)."""
+    snap = engine.telemetry()
+    if not snap.stages:
+        return ""
+    lines = []
+    for i, st in enumerate(snap.stages):
+        lines.append(f"\n  stage {i} ({'+'.join(st.devices)}, layers {st.layers[0]}-{st.layers[1] - 1}): "
+                     f"{st.last_token_s * 1000:.1f} ms last token, {st.total_s:.2f} s in all")
+    for ln in snap.links:
+        lines.append(f"\n  {ln.kind} {ln.between[0]} -> {ln.between[1]}: {ln.bytes_total:,} bytes")
+    return "".join(lines)
+
+
 def plan_summary(engine: Engine, last: Stats | None) -> str:
     """The running plan in a few lines: candidate, stages with devices and layers, predicted vs measured."""
     plan = engine.info.plan
@@ -164,7 +178,7 @@ def _command(cmd: str, arg: str, conv: Conversation, last: Stats | None, engine:
             conv.reset()
             return "system prompt set" if arg else "system prompt cleared"
         case "/stats":
-            return stats_line(last) if last else "no answer yet"
+            return stats_line(last) + telemetry_lines(engine) if last else "no answer yet"
         case "/save":
             if not arg:
                 return "usage: /save FILE"

@@ -178,6 +178,32 @@ def test_parallel_layouts_equal_tp1(smollm2: str) -> None:
                 assert ready[r]["weight_bytes"] <= 0.36 * base_ready[0]["weight_bytes"]
 
 
+def test_two_hosts_on_loopback_through_torchrun(smollm2: str) -> None:
+    """A plan over two hosts of a profile: each host's torchrun command (c10d rendezvous) runs on loopback, the
+    workers connect back and get their ranks; the answer equals the single-process one."""
+    from mixrun.backends.torch.launch import Slot, torchrun_commands
+    from mixrun.profile import load_profile
+
+    prof = load_profile("two-hosts-2x3090-10gbe")
+    slots = [Slot(0, "a.gpu0", "a", 0, "cuda:0"), Slot(1, "a.gpu1", "a", 1, "cuda:1"), Slot(2, "b.gpu0", "b", 0, "cuda:0")]
+    cmds = torchrun_commands(slots, "ctl:5000", "a:29400")
+    assert cmds["a"].startswith("torchrun --nnodes=2 --nproc-per-node=2 --rdzv-backend=c10d --rdzv-endpoint=a:29400")
+    assert cmds["b"].endswith("--control ctl:5000 --host-id b") and "--nproc-per-node=1" in cmds["b"]
+    layout = Layout((Stage(("a.gpu0", "a.gpu1"), (0, 15), (2, 1)), Stage(("b.gpu0",), (15, 30), (3,))))
+    toks = [504, 3575, 282, 4649, 314]
+    eng = TorchEngine(smollm2, n_ctx=64, layout=layout, profile=prof, simulate=True)
+    try:
+        assert any("2 hosts" in n for n in eng.info.notes) and all(k < 0 for k in eng.cluster.procs)
+        two = list(eng.generate_ids(toks, Sampling(temperature=0.0, max_tokens=8)))
+    finally:
+        eng.close()
+    one = TorchEngine(smollm2, n_ctx=64)
+    try:
+        assert list(one.generate_ids(toks, Sampling(temperature=0.0, max_tokens=8))) == two
+    finally:
+        one.close()
+
+
 # ---- failures: every rank stops, the user sees the failing rank's error ----------------------------------------------
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import sys
 import threading
 import time
@@ -47,11 +48,11 @@ class TorchEngine:
     def __init__(self, model: str, n_ctx: int = 4096, n_threads: int | None = None, seed: int | None = None,
                  plan: Any = None, simulate: bool = False, profile: Any = None, layout: Any = None,
                  dtype: str | None = None, debug: bool = False, fail_rank: int | None = None,
-                 progress: Any = None, **_ignored: Any) -> None:
+                 progress: Any = None, advertise_address: str | None = None, **_ignored: Any) -> None:
         import llama_cpp
 
         self._sampler: DeviceSampler | None = None
-        from mixrun.backends.torch.launch import Slot, start_local, torchrun_commands
+        from mixrun.backends.torch.launch import Slot, start_hosts, start_local
         from mixrun.backends.torch.parallel import Layout, Stage
         from mixrun.gguf_spec import read_spec
 
@@ -92,11 +93,16 @@ class TorchEngine:
             notes.append(f"--simulate: {len(self.slots)} CPU processes stand in for "
                          f"{', '.join(layout.devices())}")
         self.info = EngineInfo(backend="torch", model=model, n_ctx=n_ctx, notes=notes, plan=plan)
-        hosts = {s.host for s in self.slots}
+        hosts = list(dict.fromkeys(s.host for s in self.slots))
         if len(hosts) > 1:
-            raise MixrunError("this plan spans hosts: run on each host\n" + "\n".join(
-                f"  {h}: {c}" for h, c in torchrun_commands(self.slots, "CONTROLLER:PORT", "HOST0:29400").items()))
-        self.cluster = start_local(self.slots, job, debug=debug)
+            # --simulate: every host's torchrun on loopback; else this machine is the plan's first host
+            advertise = "127.0.0.1" if simulate else (advertise_address or socket.getfqdn())
+            self.cluster = start_hosts(self.slots, job, advertise=advertise, debug=debug,
+                                       run_here=hosts if simulate else hosts[:1],
+                                       announce=lambda m: print(f"mixrun: {m}", file=sys.stderr, flush=True))
+            self.info.notes.append(f"ranks on {len(hosts)} hosts, started with torchrun (c10d rendezvous)")
+        else:
+            self.cluster = start_local(self.slots, job, debug=debug)
         self._lock = threading.Lock()
         self._busy = False
         self._fed: list[int] = []

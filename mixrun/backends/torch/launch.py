@@ -165,6 +165,8 @@ class Cluster:
 
     def _check_procs(self) -> None:
         for rank, proc in self.procs.items():
+            if rank < 0:  # a torchrun launcher: its workers' connections tell how they are
+                continue
             code = proc.poll()
             if code is not None and not self.slots[rank].done and code != 0:
                 # let its error message (sent just before exiting) win over the bare exit
@@ -244,17 +246,33 @@ def start_local(slots: list[Slot], job: dict[str, Any], *, timeout_s: float = 12
     return cluster
 
 
-def start_remote(slots: list[Slot], job: dict[str, Any], *, bind: str, advertise: str,
-                 timeout_s: float = 600.0) -> Cluster:
-    """Wait for workers started by ``torchrun`` on each host (see :func:`torchrun_commands`). The controller holds
-    the process-group store, so no rank has to be reachable from the others before they meet."""
+def start_hosts(slots: list[Slot], job: dict[str, Any], *, advertise: str, run_here: list[str],
+                announce: Any, timeout_s: float = 600.0, debug: bool = False) -> Cluster:
+    """Several hosts: each runs ``torchrun`` (see :func:`torchrun_commands`); its workers connect back to this
+    controller, which assigns global ranks from the layout and holds the process-group store, so no rank has to be
+    reachable before they meet. The commands for hosts in ``run_here`` are started on this machine (all of them on
+    loopback with ``--simulate``); the others are given to ``announce`` for the user to run."""
     from torch.distributed import TCPStore
 
+    bind = "127.0.0.1" if advertise in ("127.0.0.1", "localhost") else "0.0.0.0"
     server = socket.create_server((bind, 0))
     store = TCPStore(bind, 0, is_master=True, wait_for_workers=False)
-    cluster = Cluster(slots=slots, job=job, init=f"store://{advertise}:{store.port}", server=server)
-    cluster.store = store
-    cluster.accept_all(timeout_s)
+    cluster = Cluster(slots=slots, job=job, init=f"store://{advertise}:{store.port}", server=server, store=store)
+    control = f"{advertise}:{server.getsockname()[1]}"
+    commands = torchrun_commands(slots, control, f"{advertise}:{_free_port()}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(job.get("threads") or 1))
+    for k, (host, cmd) in enumerate(commands.items()):
+        if host in run_here:
+            cluster.procs[-1 - k] = subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", *cmd.split()[1:]], env=env, start_new_session=True,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None if debug else subprocess.DEVNULL)
+        else:
+            announce(f"run on host {host}: {cmd}")
+    try:
+        cluster.accept_all(timeout_s)
+    except BaseException:
+        cluster.stop(graceful=False)
+        raise
     return cluster
 
 
@@ -264,8 +282,8 @@ def torchrun_commands(slots: list[Slot], control: str, rdzv: str) -> dict[str, s
     for s in slots:
         hosts[s.host] = hosts.get(s.host, 0) + 1
     out = {}
-    for i, (host, n) in enumerate(hosts.items()):
-        out[host] = (f"torchrun --nnodes={len(hosts)} --nproc-per-node={n} --node-rank={i} --rdzv-backend=c10d "
+    for host, n in hosts.items():
+        out[host] = (f"torchrun --nnodes={len(hosts)} --nproc-per-node={n} --rdzv-backend=c10d "
                      f"--rdzv-endpoint={rdzv} --rdzv-id=mixrun -m mixrun.backends.torch.worker "
                      f"--control {control} --host-id {host}")
     return out
@@ -283,4 +301,4 @@ def interrupt_safe(fn: Any) -> Any:
         signal.signal(signal.SIGINT, old)
 
 
-__all__ = ["Cluster", "MixrunError", "Slot", "start_local", "start_remote", "torchrun_commands"]
+__all__ = ["Cluster", "MixrunError", "Slot", "start_hosts", "start_local", "torchrun_commands"]
