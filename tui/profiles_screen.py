@@ -150,10 +150,11 @@ class ProfilesScreen(Screen[None]):
         ol.clear_options()
         for e in self.entries:
             mark = Text("✓ ", style="green") if e.profile is not None else Text("✗ ", style="bold red")
-            prompt = Text.assemble(mark, (e.name, "bold"), ("  ◆" if e.ref == self.marked else "", "magenta"),
-                                   (f"\n  {e.kind}", "dim"),
-                                   (f" · {profile_summary(e.profile)}" if e.profile else " · invalid", "dim"))
-            ol.add_option(Option(prompt))
+            first = Text.assemble(mark, (e.name, "bold"), ("  ◆" if e.ref == self.marked else "", "magenta"),
+                                  no_wrap=True, overflow="ellipsis")
+            second = Text(f"  {e.kind} · {profile_summary(e.profile) if e.profile else 'invalid'}", style="dim",
+                          no_wrap=True, overflow="ellipsis")
+            ol.add_option(Option(RichGroup(first, second)))
         refs = [e.ref for e in self.entries]
         ol.highlighted = refs.index(highlight_ref) if highlight_ref in refs else (0 if refs else None)
         self._show_current()
@@ -207,8 +208,9 @@ class ProfilesScreen(Screen[None]):
         ref = DETECTED + prof.name
         self.state.extra_profiles[ref] = prof
         entries = load_entries(dict(self.state.extra_profiles))
-        self.post_message(Loaded(entries, f"detected {prof.name}: {profile_summary(prof)}"
-                                 + "".join(f"\nnote: {n}" for n in notes) + "\nw saves it as a user profile", ref))
+        # the notes (what was not found) are in the profile's [extra] and show in its detail
+        self.post_message(Loaded(entries, f"detected {prof.name}: {profile_summary(prof)} ({len(notes)} notes); "
+                                 "w saves it as a user profile", ref))
 
     def action_mark(self) -> None:
         e = self.current

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rich import box
 from rich.console import Group as RichGroup
 from rich.table import Table
 from rich.text import Text
@@ -272,8 +273,8 @@ def _memory_of(profile: RigProfile, gpu: bool) -> int:
 
 def compare_table(a: RigProfile, b: RigProfile, plan_a: PlanReport | None, plan_b: PlanReport | None) -> Table:
     """Two profiles side by side, with the best plan of the current model on each."""
-    t = Table(show_edge=False, padding=(0, 1), header_style="bold")
-    t.add_column("")
+    t = Table(show_edge=False, padding=(0, 1), header_style="bold", box=box.SIMPLE_HEAD)
+    t.add_column("", no_wrap=True)
     t.add_column(a.name, overflow="fold")
     t.add_column(b.name, overflow="fold")
 

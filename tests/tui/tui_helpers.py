@@ -51,6 +51,21 @@ async def wait_for(pilot: Pilot[Any], cond: Callable[[], bool], what: str, timeo
         await pilot.pause(0.05)
 
 
+def record_telemetry(panel: Any) -> list[tuple[Any, Any, float]]:
+    """Every (sample, rates, sparkline peak) the panel shows from now on: a test cannot poll fast enough to
+    catch what the panel showed while an answer streamed (``pilot.press`` may return only when it ended)."""
+    seen: list[tuple[Any, Any, float]] = []
+    show = panel.show
+
+    def spy(cur: Any, plan: Any) -> None:
+        show(cur, plan)
+        if cur is not None:
+            seen.append((panel.last, panel.last_rates, max(panel.query_one("#tok-spark").data or [0.0])))
+
+    panel.show = spy
+    return seen
+
+
 class FakeEngine:
     """An Engine that answers with a fixed text, a word per token, and counts traffic on two links the way a
     tensor-parallel x pipeline backend does."""
