@@ -30,8 +30,11 @@ async def _start(pilot: Any, app: Any) -> RunScreen:
 
 
 async def _ask(pilot: Any, screen: RunScreen, text: str) -> None:
-    screen.query_one("#prompt", Input).value = text
-    await pilot.press("enter")
+    """Type ``text`` and submit it, as Enter does; ``pilot.press("enter")`` would also wait for the app to go
+    idle, which it does only when the answer has finished streaming."""
+    prompt = screen.query_one("#prompt", Input)
+    prompt.value = text
+    await prompt.action_submit()
 
 
 @asynctest
