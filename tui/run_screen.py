@@ -128,7 +128,7 @@ class RunScreen(Screen[None]):
         label = "no plan" if self.cand is None else f"{self.cand.label} ({self.cand.backend.value})"
         if getattr(self.app, "simulate", False):
             label += ", simulated"
-        self.query_one("#run-status", Static).update(status_line(self.state.model_name, label, state, extra))
+        self.query_one("#run-status", Static).update(status_line(label, state, extra))
 
     async def _say(self, text: str, style: str = "dim") -> None:
         chat = self.query_one("#chat", VerticalScroll)
@@ -220,8 +220,6 @@ class RunScreen(Screen[None]):
         await self._say(msg.text)
 
     async def on_answer_done(self, msg: AnswerDone) -> None:
-        from mixrun.chat_session import stats_line
-
         if self._stream is not None:
             await self._stream.stop()
             self._stream = None
@@ -233,8 +231,9 @@ class RunScreen(Screen[None]):
             self._set_status(self.engine_state)
             return
         assert msg.stats is not None
-        stopped = " (stopped)" if msg.stats.stop_reason == "stopped" else ""
-        self._set_status(self.engine_state, stats_line(msg.stats) + stopped)
+        st = msg.stats
+        stopped = " (stopped)" if st.stop_reason == "stopped" else ""
+        self._set_status(self.engine_state, f"{st.completion_tokens} tokens at {st.decode_tok_s:.1f} tok/s{stopped}")
 
     # ---- telemetry ----------------------------------------------------------------------------------------------
 

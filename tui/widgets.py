@@ -124,13 +124,12 @@ class TelemetryPanel(Vertical):
         self.query_one("#tel-stages", Static).update(meter.stages_text(cur, totals=wide))
 
 
-def status_line(model: str, label: str, state: str, extra: str = "") -> Text:
-    """The Run screen's one-line status: model, plan, engine state."""
-    out = Text()
-    out.append(model, style="bold")
-    out.append(f" · {label} · ", style="dim")
+def status_line(label: str, state: str, extra: str = "") -> Text:
+    """The Run screen's one-line status: the plan running and the engine's state."""
+    out = Text(no_wrap=True, overflow="ellipsis")
+    out.append(label, style="bold")
+    out.append(" · ", style="dim")
     out.append(state, style="bold green" if state.startswith("ready") else "bold yellow")
     if extra:
         out.append(f"  {extra}", style="dim")
     return out
-
