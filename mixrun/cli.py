@@ -223,6 +223,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
         engine.close()
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mixrun.bench import BenchConfig, bench_command
+
+    cfg = BenchConfig(tokens=args.tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats, ctx=args.ctx,
+                      threads=args.threads, simulate=args.simulate)
+    return bench_command(args.model or default_model(), args.profile, cfg, splits=args.splits, backend=args.backend,
+                         record=args.record, as_json=args.json, debug=args.debug)
+
+
 def cmd_tui(args: argparse.Namespace) -> int:
     from mixrun.tui import run
 
@@ -283,6 +292,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="with --prompt or piped input: print answer and stats as JSON")
     c.add_argument("--quiet", action="store_true", help="no stats line")
     c.set_defaults(func=cmd_chat)
+
+    b = sub.add_parser("bench", help="run each candidate that fits, measure it, compare with the prediction")
+    b.add_argument("model", nargs="?", help=".gguf path (default: the bundled SmolLM2)")
+    b.add_argument("--profile", "-p", required=True, help="rig profile: name or .toml path")
+    b.add_argument("--splits", help="comma-separated splits to measure (none,layer,row,tensor,hybrid; default: all)")
+    b.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "torch"])
+    b.add_argument("--tokens", type=int, default=64, help="tokens to decode per run (default 64)")
+    b.add_argument("--prompt-tokens", type=int, default=256, help="prompt length in tokens (default 256)")
+    b.add_argument("--repeats", type=int, default=3, help="measured runs per candidate (default 3)")
+    b.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: every core for llama.cpp; the torch backend divides them among its ranks)")
+    b.add_argument("--simulate", action="store_true",
+                   help="run the torch candidates on CPU processes, one per planned device (llama.cpp ones are skipped)")
+    b.add_argument("--record", action="store_true",
+                   help="write the results into the profile (a bundled one is copied to your profile dir first)")
+    b.add_argument("--json", action="store_true", help="print the results as JSON")
+    b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("tui", help="plan a rig interactively, then run and watch it (Textual)")
     t.add_argument("model", nargs="?", help=".gguf path (default: the bundled SmolLM2)")

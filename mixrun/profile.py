@@ -105,6 +105,15 @@ class Result(_Strict):
     date: Annotated[str, Field(max_length=40)] | None = None
     mixrun_version: Annotated[str, Field(max_length=40)] | None = None
     source: Source | None = None
+    # written by `mixrun bench --record`: which candidate ran, how it was measured, and the spread of the repeats
+    label: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    prompt_tokens: Annotated[int, Field(gt=0, le=1 << 31)] | None = None
+    decode_tokens: Annotated[int, Field(gt=0, le=1 << 31)] | None = None
+    repeats: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    decode_tok_s_min: Annotated[float, Field(gt=0, le=1e7)] | None = None
+    decode_tok_s_max: Annotated[float, Field(gt=0, le=1e7)] | None = None
+    prefill_tok_s_min: Annotated[float, Field(gt=0, le=1e9)] | None = None
+    prefill_tok_s_max: Annotated[float, Field(gt=0, le=1e9)] | None = None
 
 
 class RigProfile(_Strict):

@@ -59,12 +59,17 @@ def build_candidates(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> 
 
 
 def _apply_measured(profile: RigProfile, spec: ModelSpec, out: list[Candidate]) -> list[Candidate]:
-    """Use the profile's recorded results for this model file, split and backend in place of predictions."""
+    """Use the profile's recorded results for this model file, split and backend in place of predictions.
+
+    A result that names the file's size, or the candidate's label (two llama.cpp layer candidates share a split),
+    applies only when those match too; the last matching result wins."""
     name = PurePath(spec.source).name
     done = []
     for c in out:
         hits = [r for r in profile.results if r.model == name and r.split == c.split.value
-                and (r.backend is None or r.backend == c.backend.value)]
+                and (r.backend is None or r.backend == c.backend.value)
+                and (r.label is None or r.label == c.label)
+                and (r.model_bytes is None or r.model_bytes == spec.file_bytes)]
         if hits:
             r = hits[-1]
             c = dataclasses.replace(c, decode_tok_s=r.decode_tok_s, prefill_tok_s=r.prefill_tok_s or c.prefill_tok_s,

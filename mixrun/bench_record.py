@@ -1,0 +1,74 @@
+"""``mixrun bench --record``: turn measured candidates into the profile's ``[[results]]`` and write them atomically.
+
+The profile written is the user's own: a bundled profile is copied into the user profile directory first under its
+own name (which then shadows the bundled one), a user profile or a profile given by path is rewritten in place.
+A new result replaces an earlier one of the same model file, split, backend, candidate and context; every other
+result (hand-written ones included) is kept. The planner uses the last result that matches a candidate.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+from mixrun import __version__
+from mixrun import profile as _profile
+from mixrun.bench import BenchReport, Measured
+from mixrun.errors import ProfileError, where
+from mixrun.profile import Result, RigProfile
+
+
+def results_of(rep: BenchReport, date: str | None = None) -> list[Result]:
+    """One Result per measured candidate with a decode figure, and one per identical layout measured with it."""
+    date = date or _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = []
+    for m in rep.results:
+        if m.decode is None:
+            continue
+        for label, split, backend in _targets(m):
+            out.append(_result(m, rep, label, split, backend, date))
+    return out
+
+
+def _targets(m: Measured) -> list[tuple[str, str, str]]:
+    return [(c.label, c.split.value, c.backend.value) for c in (m.candidate, *m.twins)]
+
+
+def _result(m: Measured, rep: BenchReport, label: str, split: str, backend: str, date: str) -> Result:
+    d, p = m.decode, m.prefill
+    assert d is not None
+    runs = [r for r in m.runs if r.decode_tok_s > 0]
+    return Result(model=Path(rep.model).name, split=split, backend=backend, label=label,
+                  decode_tok_s=round(d.median, 3), decode_tok_s_min=round(d.lo, 3), decode_tok_s_max=round(d.hi, 3),
+                  prefill_tok_s=round(p.median, 2) if p else None, prefill_tok_s_min=round(p.lo, 2) if p else None,
+                  prefill_tok_s_max=round(p.hi, 2) if p else None, model_bytes=rep.model_bytes, ctx=rep.config.ctx,
+                  prompt_tokens=max(r.prompt_tokens for r in m.runs),
+                  decode_tokens=min(r.completion_tokens for r in runs), repeats=len(m.runs), date=date,
+                  mixrun_version=__version__, source="measured")
+
+
+def _key(r: Result) -> tuple[Any, ...]:
+    return (r.model, r.split, r.backend, r.label, r.ctx)
+
+
+def target_of(ref: str) -> tuple[Path, RigProfile]:
+    """Where results for profile ``ref`` go, and the profile they are added to (re-read now, not when the bench
+    started, so edits made meanwhile are kept)."""
+    origin, kind = _profile.find_profile(ref)
+    if kind == "bundled":
+        return _profile.user_profile_dir() / f"{ref}.toml", _profile.load_profile(ref)
+    return Path(origin), _profile.load_profile_file(origin)
+
+
+def record(ref: str, new: list[Result]) -> Path:
+    """Add ``new`` to profile ``ref`` (replacing earlier results of the same key) and write it atomically."""
+    if not new:
+        raise ProfileError(where(ref, "nothing measured to record"))
+    path, prof = target_of(ref)
+    keys = {_key(r) for r in new}
+    kept = [r for r in prof.results if _key(r) not in keys]
+    data = prof.model_dump(mode="json", exclude_none=True)
+    data["results"] = [r.model_dump(mode="json", exclude_none=True) for r in kept + new]
+    updated = _profile.parse_profile(data, str(path))  # validate the whole profile before anything is written
+    return _profile.save_profile(updated, path)
