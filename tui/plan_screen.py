@@ -65,6 +65,8 @@ class PlanScreen(Screen[None]):
         self._seq = 0
         self.plans_shown = 0  # reports rendered so far (tests wait on it)
         self._profile_refs: list[str] = []
+        self._want_ref: str | None = None  # the request being planned (None: the state's)
+        self._want_req: PlanRequest | None = None
 
     @property
     def state(self) -> PlanState:
@@ -121,11 +123,19 @@ class PlanScreen(Screen[None]):
 
     # ---- re-planning ----------------------------------------------------------------------------------------
 
+    @property
+    def _asked(self) -> PlanRequest:
+        """The request last asked for (it may still be planning)."""
+        return self._want_req or self.state.request
+
     def _replan(self, profile_ref: str | None = None, **changes: Any) -> None:
-        req: PlanRequest = dataclasses.replace(self.state.request, **changes)
+        """Plan the latest request: changes add up on what was last asked for, not on what was last planned, so
+        a key pressed while a plan is in flight does not undo the change before it."""
+        self._want_ref = profile_ref or self._want_ref or self.state.profile_ref
+        self._want_req = dataclasses.replace(self._want_req or self.state.request, **changes)
         self._seq += 1
-        self.query_one("#plan-title", Static).update(self._title(req, "planning…"))
-        self._plan_worker(self._seq, profile_ref or self.state.profile_ref, req)
+        self.query_one("#plan-title", Static).update(self._title(self._want_req, "planning…"))
+        self._plan_worker(self._seq, self._want_ref, self._want_req)
 
     @work(thread=True, exclusive=True, group="plan")
     def _plan_worker(self, seq: int, ref: str, req: PlanRequest) -> None:
@@ -150,6 +160,7 @@ class PlanScreen(Screen[None]):
     def on_plan_failed(self, msg: PlanFailed) -> None:
         if msg.seq != self._seq:
             return
+        self._want_ref, self._want_req = None, None  # the next change starts from what was planned last
         self.query_one("#plan-title", Static).update(self._title(self.state.request, ""))
         self.query_one("#detail", Static).update(Text(f"mixrun: {msg.error}", style="bold red"))
 
@@ -205,7 +216,7 @@ class PlanScreen(Screen[None]):
             ctx = int(event.value)
         except ValueError:
             return
-        if MIN_CTX <= ctx <= MAX_CTX and ctx != self.state.request.ctx:
+        if MIN_CTX <= ctx <= MAX_CTX and ctx != self._asked.ctx:
             self._replan(ctx=ctx)
 
     @on(Input.Submitted, "#ctx")
@@ -214,7 +225,7 @@ class PlanScreen(Screen[None]):
             ctx = int(event.value)
         except ValueError:
             ctx = -1
-        if ctx != self.state.request.ctx:
+        if ctx != self._asked.ctx:
             self._replan(ctx=ctx)  # out-of-range values get the planner's own message
         self.query_one(CandidateTable).focus()
 
@@ -224,13 +235,13 @@ class PlanScreen(Screen[None]):
         if value is Select.NULL:
             return
         match event.select.id:
-            case "split" if value != self.state.request.split:
+            case "split" if value != self._asked.split:
                 self._replan(split=value)
-            case "backend" if value != self.state.request.backend:
+            case "backend" if value != self._asked.backend:
                 self._replan(backend=value)
-            case "kv" if value != self.state.request.kv_type:
+            case "kv" if value != self._asked.kv_type:
                 self._replan(kv_type=value)
-            case "profile" if value != self.state.profile_ref:
+            case "profile" if value != (self._want_ref or self.state.profile_ref):
                 self._replan(profile_ref=str(value))
 
     # ---- actions ------------------------------------------------------------------------------------------------
@@ -239,8 +250,12 @@ class PlanScreen(Screen[None]):
         self.query_one("#ctx", Input).focus()
 
     def action_scale_ctx(self, factor: float) -> None:
-        ctx = min(max(int(self.state.request.ctx * factor), MIN_CTX), MAX_CTX)
-        self.query_one("#ctx", Input).value = str(ctx)
+        box = self.query_one("#ctx", Input)
+        try:  # the box, not the request: a second press may come before the first one's change is handled
+            now = int(box.value)
+        except ValueError:
+            now = self._asked.ctx
+        box.value = str(min(max(int(now * factor), MIN_CTX), MAX_CTX))
 
     def action_cycle(self, which: str) -> None:
         sel = self.query_one(f"#{which}", Select)

@@ -72,6 +72,23 @@ async def test_keys_change_split_backend_kv_and_context(smollm2: str) -> None:
 
 
 @asynctest
+async def test_changes_made_while_a_plan_is_in_flight_add_up(smollm2: str) -> None:
+    app = make_app(smollm2, "cpu-only", 4096)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        from textual.widgets import Select
+
+        screen.query_one("#profile", Select).value = "dual-3090-nvlink"
+        screen.action_scale_ctx(2)  # before the profile's plan came back
+        screen.action_scale_ctx(2)
+        await wait_for(pilot, lambda: app.state.request.ctx == 16384, "ctx 16384 planned")
+        await wait_for(pilot, lambda: not list(app.workers), "plan workers to finish")
+        await pilot.pause()
+        assert app.state.profile.name == "dual-3090-nvlink" and app.state.request.ctx == 16384
+        assert app.state.report.profile == "dual-3090-nvlink"
+
+
+@asynctest
 async def test_highlighting_a_candidate_redraws_the_rig(smollm2: str) -> None:
     app = make_app(smollm2, "dual-3090-nvlink-plus-3060", 4096)
     async with app.run_test(size=(80, 24)) as pilot:
