@@ -72,8 +72,7 @@ class PlanState:
         users = [(n, n) for n, _ in user_profiles()]
         taken = {n for n, _ in users}
         out = users + [(n, n) for n, _ in bundled_profiles() if n not in taken]
-        out += [(f"{p.name} (detected)" if ref.startswith(DETECTED) else p.name, ref)
-                for ref, p in self.extra_profiles.items()]
+        out += [(f"{p.name} (not saved)", ref) for ref, p in self.extra_profiles.items()]
         if self.profile_ref not in {ref for _, ref in out}:
             out.append((self.profile.name, self.profile_ref))
         return out
@@ -108,6 +107,8 @@ class MixrunApp(App[int]):
 
     def on_mount(self) -> None:
         self.switch_mode("plan")
+        if self.notes:
+            self.notify("this machine, detected without measuring: " + "; ".join(self.notes), timeout=10)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Hide the key of the screen already shown: the footer has no room to spare at 80 columns."""

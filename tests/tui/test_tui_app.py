@@ -37,7 +37,7 @@ def test_without_a_profile_the_app_plans_for_this_machine(smollm2: str) -> None:
     assert app.state.profile_ref.startswith(DETECTED)
     assert any(d.backend == "cpu" for d in app.state.profile.devices)
     assert app.state.report is not None and app.state.report.profile == app.state.profile.name
-    assert (app.state.profile.name + " (detected)", app.state.profile_ref) in app.state.profile_choices()
+    assert (app.state.profile.name + " (not saved)", app.state.profile_ref) in app.state.profile_choices()
 
 
 @asynctest
