@@ -159,13 +159,17 @@ def _plan_for_chat(args: argparse.Namespace, model: str, backend: str) -> tuple[
     best = report.best
     warn = lambda m: print(f"mixrun: warning: {m}", file=sys.stderr)  # noqa: E731
     if best is None or not best.fits:
-        short = "" if best is None else "; ".join(f"{d.id} short by {d.shortfall_bytes / 2**30:.2f} GiB"
-                                                  for d in best.devices if not d.fits)
+        closest = best or min(report.candidates, key=lambda c: sum(d.shortfall_bytes for d in c.devices),
+                              default=None)
+        short = "" if closest is None else "; ".join(f"{d.id} short by {d.shortfall_bytes / 2**30:.2f} GiB"
+                                                     for d in closest.devices if not d.fits)
         hint = f" ({report.suggestions[0].what})" if report.suggestions else ""
-        msg = f"{model}: does not fit {report.profile} at context {args.ctx}" + (f": {short}" if short else "")
+        msg = (f"{model}: does not fit {report.profile} at context {args.ctx}"
+               + (f": {closest.label}: {short}" if short else ""))
         if not args.force:
             raise MixrunError(msg + hint + "; --force loads it anyway")
         warn(msg)
+        best = closest
     if best is None:
         return profile, None
     if best.backend.value == "torch" and backend == "auto" and not args.simulate and not _have_cuda():
@@ -315,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("model", nargs="?", help=".gguf path (default: the bundled SmolLM2)")
     t.add_argument("--profile", "-p", help="rig profile (default: this machine, detected)")
     t.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
+    t.add_argument("--split", default="auto", choices=SPLITS, help="start with this split chosen")
+    t.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "torch"])
     t.add_argument("--simulate", action="store_true", help="run GPU plans on CPU processes, one per planned device")
     t.set_defaults(func=cmd_tui)
 

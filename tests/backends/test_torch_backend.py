@@ -211,7 +211,7 @@ def test_exception_in_a_rank_stops_all(smollm2: str) -> None:
     t0 = time.monotonic()
     with pytest.raises(RuntimeFailure, match=r"rank 1 \(b\): RuntimeError: injected failure on rank 1"):
         TorchEngine(smollm2, n_ctx=64, layout=LAYOUTS["hybrid"], simulate=True, fail_rank=1)
-    assert time.monotonic() - t0 < 60
+    assert time.monotonic() - t0 < 120  # three processes start and load first
     me = psutil.Process()
     assert _gone([c.pid for c in me.children(recursive=True)], 10)
 

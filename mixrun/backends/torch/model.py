@@ -110,8 +110,8 @@ class Attention(nn.Module):
 
     def setup_cache(self, max_pos: int, dtype: torch.dtype, device: torch.device) -> None:
         n_kv = self.wk.out_features // self.head_dim
-        self.k_cache = torch.zeros(max_pos, n_kv, self.head_dim, dtype=dtype, device=device)  # (S, n_kv, hd)
-        self.v_cache = torch.zeros(max_pos, n_kv, self.head_dim, dtype=dtype, device=device)
+        self.k_cache = torch.zeros(n_kv, max_pos, self.head_dim, dtype=dtype, device=device)  # (n_kv, S, hd)
+        self.v_cache = torch.zeros(n_kv, max_pos, self.head_dim, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, pos: int, rope: Rope) -> torch.Tensor:
         T, hd = x.shape[0], self.head_dim
@@ -122,18 +122,21 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, pos), rope(k, pos)
         assert self.k_cache is not None and self.v_cache is not None, "setup_cache() first"
-        self.k_cache[pos:pos + T] = k
-        self.v_cache[pos:pos + T] = v
+        self.k_cache[:, pos:pos + T] = k.transpose(0, 1)
+        self.v_cache[:, pos:pos + T] = v.transpose(0, 1)
         S = pos + T
         n_head, n_kv = q.shape[1], k.shape[1]
-        keys = self.k_cache[:S].repeat_interleave(n_head // n_kv, dim=1)  # (S, n_head, hd)
-        vals = self.v_cache[:S].repeat_interleave(n_head // n_kv, dim=1)
-        mask = None
+        group = n_head // n_kv
+        # GQA without copying the cache: the query heads of a KV group attend to it together
+        q = q.view(T, n_kv, group, hd).permute(1, 2, 0, 3)  # (n_kv, group, T, hd)
+        keys = self.k_cache[:, None, :S]  # (n_kv, 1, S, hd)
+        vals = self.v_cache[:, None, :S]
+        scores = (q @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(hd))  # (n_kv, group, T, S)
         if T > 1:  # query i sits at position pos + i and sees keys up to it
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=pos)  # (T, S)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1),
-                                             attn_mask=mask, scale=1.0 / math.sqrt(hd))  # (n_head, T, hd)
-        return self.wo(out.transpose(0, 1).reshape(T, n_head * hd))
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vals  # (n_kv, group, T, hd)
+        return self.wo(out.permute(2, 0, 1, 3).reshape(T, n_head * hd))
 
 
 class FeedForward(nn.Module):

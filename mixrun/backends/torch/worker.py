@@ -51,7 +51,7 @@ class Rank:
         from mixrun.backends.torch.parallel import Comm, Layout, apply_tp, vocab_sizes
         from mixrun.gguf_spec import TensorFile
 
-        self.torch, self.dist, self.link, self.rank = torch, dist, link, rank
+        self.torch, self.dist, self.link, self.rank, self.world = torch, dist, link, rank, world
         self.layout = Layout.from_json(job["layout"])
         self.stage_idx, self.member = self.layout.locate(rank)
         self.stage = self.layout.stages[self.stage_idx]
@@ -103,11 +103,16 @@ class Rank:
     # ---- every rank ----
 
     def header(self, values: list[int] | None = None) -> list[int]:
+        if self.world == 1:
+            assert values is not None
+            return values
         t = self.torch.tensor(values or [0, 0, 0, 0], dtype=self.torch.long)
         self.dist.broadcast(t, src=self.layout.driver, group=self.ctrl)
         return t.tolist()
 
     def tokens(self, ids: list[int] | None, n: int) -> Any:
+        if self.world == 1:
+            return self.torch.tensor(ids, dtype=self.torch.long)
         t = self.torch.tensor(ids, dtype=self.torch.long) if ids is not None else self.torch.empty(n, dtype=self.torch.long)
         self.dist.broadcast(t, src=self.layout.driver, group=self.ctrl)
         return t

@@ -1,0 +1,152 @@
+"""mixrun's torch backend against llama.cpp on the CPU, in one run.
+
+1. Decode speed at TP=1 on the same F32 GGUF (SmolLM2-135M dequantized, so both run identical weights): the
+   torch engine's decode tok/s over llama-cpp-python's, same threads, same prompt, greedy, alternating A/B runs;
+   medians and their ratio (issue 5 aims at >= 0.8x).
+2. Communication accounting: bytes all-reduced per token and TP member against 2 x layers x hidden x 4 bytes.
+3. Greedy agreement on the bundled Q4_1 SmolLM2 over five prompts: the first token where the torch backend
+   (weights dequantized to float32) and llama.cpp (quantized matmuls with Q8_0-quantized activations) part.
+
+    python benchmarks/torch_vs_llamacpp.py [--repeats 5] [--tokens 64] [--threads 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain photosynthesis in two sentences.",
+    "List three uses of a paperclip.",
+    "Why is the sky blue?",
+]
+
+
+def llama_decode(llm, toks: list[int], n: int) -> float:
+    llm.reset()
+    t_first = t_last = None
+    got = 0
+    for _tok in llm.generate(toks, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        now = time.perf_counter()
+        if t_first is None:
+            t_first = now
+        t_last = now
+        got += 1
+        if got == n:
+            break
+    return (got - 1) / (t_last - t_first)
+
+
+def torch_decode(eng, toks: list[int], n: int, nonce: int) -> float:
+    from mixrun.backends.base import Sampling
+
+    eng._fed = []  # no prefix reuse: the same work as llama.cpp's reset
+    t_first = t_last = None
+    got = 0
+    for _tok in eng.generate_ids(toks, Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=n), max_new=n):
+        now = time.perf_counter()
+        if t_first is None:
+            t_first = now
+        t_last = now
+        got += 1
+    return (got - 1) / (t_last - t_first)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    import llama_cpp
+
+    import gguf_factory
+    from mixrun.backends.base import Sampling
+    from mixrun.backends.torch.engine import TorchEngine
+    from mixrun.backends.torch.parallel import Layout, Stage
+    from mixrun.cli import default_model
+
+    q41 = default_model()
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        f32 = str(gguf_factory.dequantized_copy(q41, Path(tmp) / "SmolLM2-F32.gguf"))
+        llm = llama_cpp.Llama(model_path=f32, n_ctx=512, n_threads=args.threads, verbose=False)
+        toks = llm.tokenize(b"<|im_start|>user\nWrite a long story about a lighthouse keeper.<|im_end|>\n"
+                            b"<|im_start|>assistant\n", add_bos=False, special=True)
+        eng = TorchEngine(f32, n_ctx=512, n_threads=args.threads)
+        try:
+            llama_decode(llm, toks, 8)
+            torch_decode(eng, toks, 8, 0)  # warm-up
+            a, b = [], []
+            for i in range(args.repeats):
+                a.append(torch_decode(eng, toks, args.tokens, i))
+                b.append(llama_decode(llm, toks, args.tokens))
+        finally:
+            eng.close()
+            llm.close()
+        ta, tb = statistics.median(a), statistics.median(b)
+        out["decode"] = {"torch_tok_s": round(ta, 2), "llamacpp_tok_s": round(tb, 2), "ratio": round(ta / tb, 3),
+                         "torch_runs": [round(x, 2) for x in a], "llamacpp_runs": [round(x, 2) for x in b]}
+
+    # communication: TP=3 over SmolLM2's three KV heads, one prompt of n tokens
+    toks5 = [504, 3575, 282, 4649, 314]
+    eng = TorchEngine(q41, n_ctx=128, layout=Layout((Stage(("a", "b", "c"), (0, 30), (1, 1, 1)),)), simulate=True)
+    try:
+        eng.logits(toks5)
+        tele = eng.sync_telemetry()
+    finally:
+        eng.close()
+    theory = 2 * 30 * 576 * 4 * len(toks5)
+    out["comm"] = {"per_rank_bytes": [tele[r]["layer_allreduce_bytes"] for r in sorted(tele)], "theory": theory}
+
+    # greedy agreement on the quantized file
+    llm = llama_cpp.Llama(model_path=q41, n_ctx=512, n_threads=args.threads, verbose=False)
+    eng = TorchEngine(q41, n_ctx=512, n_threads=args.threads)
+    rows = []
+    try:
+        for p in PROMPTS:
+            text = f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n".encode()
+            toks = llm.tokenize(text, add_bos=False, special=True)
+            llm.reset()
+            ref = []
+            for t in llm.generate(toks, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+                ref.append(t)
+                if len(ref) == 48 or llm.token_eos() == t:
+                    break
+            ours = list(eng.generate_ids(toks, Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=48)))
+            same = next((i for i, (x, y) in enumerate(zip(ours, ref, strict=False)) if x != y),
+                        min(len(ours), len(ref)))
+            rows.append({"prompt": p, "agree_tokens": same, "of": min(len(ours), len(ref))})
+    finally:
+        eng.close()
+        llm.close()
+    out["q4_1_greedy"] = rows
+
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    d = out["decode"]
+    print(f"decode, F32 SmolLM2, {args.threads} threads, {args.tokens} tokens x {args.repeats}: torch {d['torch_tok_s']}"
+          f" tok/s, llama.cpp {d['llamacpp_tok_s']} tok/s, ratio {d['ratio']} (aim >= 0.8)")
+    c = out["comm"]
+    ok = all(b == c["theory"] for b in c["per_rank_bytes"])
+    print(f"all-reduce bytes per TP=3 rank for 5 tokens: {c['per_rank_bytes']} vs theory {c['theory']}: "
+          f"{'equal' if ok else 'DIFFERENT'}")
+    for r in rows:
+        print(f"Q4_1 greedy, {r['prompt']!r}: first {r['agree_tokens']} of {r['of']} tokens agree")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
