@@ -1,0 +1,93 @@
+"""bf16 decode of a 1B-class model with mixrun's torch backend against the GPU's measured memory bandwidth.
+
+Decode of one sequence reads every weight once per token, so its ceiling is ``bandwidth / weight bytes``. The script
+writes a random-weight Llama-3.2-1B-shaped GGUF (F16, ~2.5 GB; the weights do not matter for speed), measures the
+device's copy bandwidth with torch, runs the torch engine at TP=1 on ``cuda:0`` in bf16, and reports decode tok/s
+as a share of the roofline (issue 5 aims at >= 70%). Needs a CUDA GPU; on a machine without one it says so and exits 2.
+
+    python benchmarks/torch_gpu_roofline.py [--tokens 128] [--repeats 3] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+LLAMA_1B = dict(n_layers=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192, n_vocab=128256, n_ctx=4096, tied=True)
+
+
+def copy_bandwidth_gbs(torch, n_bytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Device-to-device copy: each byte is read once and written once."""
+    a = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * n_bytes * repeats / (time.perf_counter() - t) / 1e9
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--keep", help="write (or reuse) the model in this folder")
+    args = ap.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("torch_gpu_roofline: no CUDA device here", file=sys.stderr)
+        return 2
+    import gguf_factory
+
+    from mixrun.backends.base import Sampling
+    from mixrun.backends.torch.engine import TorchEngine
+    from mixrun.backends.torch.parallel import Layout, Stage
+    from mixrun.profile import Device, RigProfile
+
+    folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mixrun-1b-"))
+    path = folder / "llama-1b-shape-F16.gguf"
+    if not path.exists():
+        gguf_factory.write_model(path, "llama", qtype="F16", merges=True, **LLAMA_1B)
+    bw = copy_bandwidth_gbs(torch)
+    name = torch.cuda.get_device_name(0)
+    prof = RigProfile(format="mixrun-profile/1", name="this-gpu",
+                      devices=[Device(id="gpu0", backend="cuda", name=name, vram_gib=80, mem_bandwidth_gbs=bw,
+                                      fp16_tflops=100)])
+    n_layers = LLAMA_1B["n_layers"]
+    layout = Layout((Stage(("gpu0",), (0, n_layers), (LLAMA_1B["n_head_kv"],)),))
+    eng = TorchEngine(str(path), n_ctx=1024, layout=layout, profile=prof, dtype="bfloat16")
+    try:
+        weight_bytes = sum(r["weight_bytes"] for r in eng.ready.values())
+        ids = list(range(10, 42))
+        runs = []
+        for _ in range(args.repeats + 1):
+            eng._fed = []
+            t_first = t_last = None
+            n = 0
+            for _tok in eng.generate_ids(ids, Sampling(temperature=0.0, max_tokens=args.tokens), max_new=args.tokens):
+                now = time.perf_counter()
+                t_first = t_first or now
+                t_last = now
+                n += 1
+            runs.append((n - 1) / (t_last - t_first))
+        decode = statistics.median(runs[1:])  # the first run warms up
+    finally:
+        eng.close()
+    roof = bw * 1e9 / weight_bytes
+    print(f"{name}: copy bandwidth {bw:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB (bf16); roofline {roof:.0f} tok/s")
+    print(f"torch backend decode: {decode:.1f} tok/s = {100 * decode / roof:.0f}% of the roofline (aim >= 70%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
