@@ -109,6 +109,7 @@ class TorchEngine:
         self._tokens_total = 0
         self._last = Stats()
         self._wait_ready(progress)
+        self._note_weight_memory(plan)
 
     # ---- start-up ----
 
@@ -134,6 +135,19 @@ class TorchEngine:
         finally:
             if tty and shown >= 0:
                 sys.stderr.write("\r\x1b[2K")
+
+    def _note_weight_memory(self, plan: Any) -> None:
+        """The planner counts torch weights in GGUF quant blocks (the target: fused dequant-matmul kernels); this
+        runtime dequantizes to its dtype. Say so when it holds more than the plan counted."""
+        if plan is None:
+            return
+        planned = {d.id: d.weights_bytes for d in plan.devices}
+        over = [(s.device_id, self.ready[s.rank]["weight_bytes"], planned[s.device_id]) for s in self.slots
+                if s.device_id in planned and self.ready.get(s.rank, {}).get("weight_bytes", 0) > 1.1 * planned[s.device_id]]
+        if over:
+            dev, have, want = max(over, key=lambda o: o[1] / max(o[2], 1))
+            self.info.notes.append(f"weights are dequantized in this runtime: {dev} holds {have / 2**30:.2f} GiB "
+                                   f"where the plan counted {want / 2**30:.2f} GiB in GGUF blocks")
 
     # ---- the Engine protocol ----
 
