@@ -87,8 +87,15 @@ class Cluster:
             except TimeoutError:
                 continue
             ch = Channel(sock)
-            hello = (ch.recv() or {}).get("hello") or {}
-            slot = waiting.pop((str(hello.get("host", "")), int(hello.get("local_rank", -1))), None)
+            try:  # anything that is not a worker's hello within a few seconds is dropped
+                sock.settimeout(10.0)
+                hello = (ch.recv() or {}).get("hello") or {}
+                key = (str(hello.get("host", "")), int(hello.get("local_rank", -1)))
+                sock.settimeout(None)
+            except (OSError, ValueError, TypeError, AttributeError):
+                ch.close()
+                continue
+            slot = waiting.pop(key, None)
             if slot is None:
                 ch.close()
                 continue

@@ -277,11 +277,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=timeout)
         r = Rank(rank, world, job, link)
+        if job.get("fail_rank") == rank:  # tests: a rank that fails after loading, while its peers wait for it
+            raise RuntimeError(f"injected failure on rank {rank}")
         dist.barrier(group=r.ctrl)
         link.send({"ready": {"rank": rank, "load_s": r.load_s, "weight_bytes": r.weight_bytes,
                              "rss_anon_load_bytes": r.rss_anon_load_bytes}})
-        if job.get("fail_rank") == rank:  # tests: a rank that fails after loading
-            raise RuntimeError(f"injected failure on rank {rank}")
         if rank == r.layout.driver:
             r.drive()
         else:
