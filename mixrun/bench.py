@@ -17,7 +17,6 @@ Recording into a profile is in :mod:`mixrun.bench_record`.
 from __future__ import annotations
 
 import io
-import os
 import statistics
 import sys
 import time
@@ -362,9 +361,7 @@ def run_bench(report: BenchReport, profile: Any, step: Callable[[str, str], None
             t0 = time.perf_counter()
             step(c.label, "loading")
             llama = c.backend.value == "llama.cpp"
-            # llama-cpp-python's default is half the cores; the torch engine divides the cores among its ranks
-            threads = cfg.threads or (os.cpu_count() if llama else None)
-            engine = start_engine(c.backend.value, model=report.model, n_ctx=cfg.ctx, n_threads=threads,
+            engine = start_engine(c.backend.value, model=report.model, n_ctx=cfg.ctx, n_threads=cfg.threads,
                                   seed=0, plan=c, profile=profile, simulate=cfg.simulate,
                                   progress=LoadProgress(Path(report.model).name, out=io.StringIO()) if llama else False)
             m.load_s = time.perf_counter() - t0

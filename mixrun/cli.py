@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="measured runs per candidate (default 3)")
     b.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
     b.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: every core for llama.cpp; the torch backend divides them among its ranks)")
+                   help="CPU threads (default: as `mixrun chat`, the backend's own choice)")
     b.add_argument("--simulate", action="store_true",
                    help="run the torch candidates on CPU processes, one per planned device (llama.cpp ones are skipped)")
     b.add_argument("--record", action="store_true",

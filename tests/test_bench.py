@@ -241,3 +241,26 @@ def test_failed_candidate_does_not_lose_the_others(fake: dict[str, Any], capsys,
     assert main(["bench", "-p", "cpu-only", "--tokens", "4", "--prompt-tokens", "16", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "torch: no luck" in out and "winner: llama.cpp, CPU only" in out
+
+
+# ---- benchmarks/run_all.py --------------------------------------------------------------------------------------
+
+
+def test_run_all_docs_section_replaced_or_appended(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import run_all
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nintro\n")
+    rows = [{"name": "a", "setting": "fast", "result": "x | y", "seconds": 1.0}]
+    info = {"date": "2026-01-01", "machine": run_all.machine(), "load_before": 1.0, "load_after": 2.0, "total_s": 3.0}
+    run_all.update_docs(run_all.markdown(rows, info), doc)
+    first = doc.read_text()
+    assert first.startswith("# Benchmarks\n\nintro\n\n" + run_all.BEGIN) and first.rstrip().endswith(run_all.END)
+    assert "| a | fast | x \\| y | 1 |" in first
+    doc.write_text(first + "\n## later section\n")
+    run_all.update_docs(run_all.markdown([{**rows[0], "result": "z"}], info), doc)
+    second = doc.read_text()
+    assert second.count(run_all.BEGIN) == 1 and "| a | fast | z | 1 |" in second and "x \\| y" not in second
+    assert second.endswith("\n## later section\n")
+    assert run_all.run_one(run_all.Bench("gone", [], "", str, 10, script="no_such.py"), 10, {})["status"] == "absent"
