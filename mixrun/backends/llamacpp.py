@@ -7,15 +7,13 @@ llama.cpp itself. Generation reuses the KV cache for the prompt prefix the previ
 
 from __future__ import annotations
 
-import codecs
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
 from mixrun.backends.base import EngineInfo, Sampling, Stats, register
 from mixrun.backends.loading import LoadProgress, interruptible, llama_progress
-from mixrun.chat import ChatTemplate
+from mixrun.backends.text import Vocab, stream_text
 from mixrun.errors import GGUFError, MixrunError, where
 from mixrun.telemetry import DeviceSampler, Snapshot, now
 
@@ -68,20 +66,11 @@ class LlamaCppEngine:
         self._tokens_total = 0
         self._last = Stats()
         self._sampler: DeviceSampler | None = None
-        bos = self._piece(self.llm.token_bos())
-        eos = self._piece(self.llm.token_eos())
-        self.template = ChatTemplate(self.llm.metadata.get("tokenizer.chat_template"), model, bos, eos)
-        self._add_bos = self.llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
-        self._bos_text = bos
-
-    def _piece(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+        self.vocab = Vocab(self.llm, model)
+        self.template = self.vocab.template
 
     def tokenize(self, text: str) -> list[int]:
-        add_bos = self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        return self.vocab.tokenize(text)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
@@ -95,45 +84,13 @@ class LlamaCppEngine:
             return
         if sampling.seed is not None:
             self.llm.set_seed(sampling.seed)
-        vocab = self.llm._model.vocab
-        is_eog = self._llama_cpp.llama_vocab_is_eog
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        hold = max((len(s) for s in sampling.stop), default=0)
-        text, emitted = "", 0
-        stats.stop_reason = "length"
-        t0 = time.perf_counter()
-        t_first = None
-        for tok in self.llm.generate(tokens, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
-                                     temp=sampling.temperature, repeat_penalty=sampling.repeat_penalty):
-            now = time.perf_counter()
-            if t_first is None:
-                t_first = now
-                stats.prefill_s = now - t0
-            else:
-                stats.decode_s = now - t_first
-            if is_eog(vocab, tok):
-                stats.stop_reason = "eos"
-                break
-            stats.completion_tokens += 1
-            text += decoder.decode(self.llm.detokenize([tok]))
-            cut = min((i for i in (text.find(s, max(emitted - hold, 0)) for s in sampling.stop) if i >= 0),
-                      default=-1)
-            if cut >= 0:
-                text = text[:cut]
-                stats.stop_reason = "stop"
-                break
-            safe = len(text) - hold
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-            if stats.completion_tokens >= min(sampling.max_tokens, room):
-                stats.stop_reason = "length" if stats.completion_tokens >= sampling.max_tokens else "context full"
-                break
-        text += decoder.decode(b"", final=True)
-        self._tokens_total += stats.completion_tokens
-        self._last = stats
-        if len(text) > emitted:
-            yield text[emitted:]
+        ids = self.llm.generate(tokens, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
+                                temp=sampling.temperature, repeat_penalty=sampling.repeat_penalty)
+        try:
+            yield from stream_text(ids, self.vocab, sampling, stats, min(sampling.max_tokens, room))
+        finally:
+            self._tokens_total += stats.completion_tokens
+            self._last = stats
 
     def telemetry(self) -> Snapshot:
         """Tokens and rates of the last answer, and this process's memory and CPU (llama.cpp exposes no

@@ -9,6 +9,8 @@ back so a stop spanning tokens is never shown).
 from __future__ import annotations
 
 import codecs
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from mixrun.chat import ChatTemplate
@@ -76,3 +78,35 @@ class TextStream:
             return ""
         piece, self.emitted = self.text[self.emitted:upto], upto
         return piece
+
+
+def stream_text(tokens: Iterator[int], vocab: Vocab, sampling: Any, stats: Any, limit: int) -> Iterator[str]:
+    """Text pieces of generated ``tokens`` for every backend: times the first token (prefill) and the rest
+    (decode), stops at an end-of-generation token, a stop string, or ``limit`` tokens, and fills ``stats``."""
+    stream = TextStream(sampling.stop)
+    stats.stop_reason = "length"
+    t0 = time.perf_counter()
+    t_first = None
+    for tok in tokens:
+        now = time.perf_counter()
+        if t_first is None:
+            t_first = now
+            stats.prefill_s = now - t0
+        else:
+            stats.decode_s = now - t_first
+        if vocab.is_eog(tok):
+            stats.stop_reason = "eos"
+            break
+        stats.completion_tokens += 1
+        piece = stream.feed(vocab.bytes_of(tok))
+        if piece:
+            yield piece
+        if stream.stopped:
+            stats.stop_reason = "stop"
+            break
+        if stats.completion_tokens >= limit:
+            stats.stop_reason = "length" if stats.completion_tokens >= sampling.max_tokens else "context full"
+            break
+    tail = stream.finish()
+    if tail:
+        yield tail

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mixrun.backends.base import EngineInfo, Sampling, Stats, register
-from mixrun.backends.text import TextStream, Vocab
+from mixrun.backends.text import Vocab, stream_text
 from mixrun.errors import GGUFError, MixrunError, where
 from mixrun.telemetry import DeviceSampler, LinkSample, Snapshot, StageSample, now
 
@@ -87,7 +87,6 @@ class TorchEngine:
         self.vocab = Vocab(self._vocab_llm, model)
         self.template = self.vocab.template
         self._eog = self.vocab.eog_ids()
-        self._eog_set = set(self._eog)
         notes = []
         if simulate:
             notes.append(f"--simulate: {len(self.slots)} CPU processes stand in for "
@@ -161,34 +160,12 @@ class TorchEngine:
         if room <= 0:
             stats.stop_reason = "context full"
             return
-        stream = TextStream(sampling.stop)
-        stats.stop_reason = "length" if sampling.max_tokens <= room else "context full"
-        t0 = time.perf_counter()
-        t_first = None
-        gen = self.generate_ids(ids, sampling, max_new=min(sampling.max_tokens, room))
+        limit = min(sampling.max_tokens, room)
+        gen = self.generate_ids(ids, sampling, max_new=limit)
         try:
-            for tok in gen:
-                now_ = time.perf_counter()
-                if t_first is None:
-                    t_first = now_
-                    stats.prefill_s = now_ - t0
-                else:
-                    stats.decode_s = now_ - t_first
-                if tok in self._eog_set:
-                    stats.stop_reason = "eos"
-                    break
-                stats.completion_tokens += 1
-                piece = stream.feed(self.vocab.bytes_of(tok))
-                if piece:
-                    yield piece
-                if stream.stopped:
-                    stats.stop_reason = "stop"
-                    break
-            tail = stream.finish()
-            if tail:
-                yield tail
+            yield from stream_text(gen, self.vocab, sampling, stats, limit)
         finally:
-            gen.close()
+            gen.close()  # cancels on the ranks if the answer stopped early
             self._tokens_total += stats.completion_tokens
             self._last = stats
 
