@@ -40,7 +40,7 @@ def _result(m: Measured, rep: BenchReport, label: str, split: str, backend: str,
     assert d is not None
     runs = [r for r in m.runs if r.decode_tok_s > 0]
     return Result(model=Path(rep.model).name, split=split, backend=backend, label=label,
-                  decode_tok_s=round(d.median, 3), decode_tok_s_min=round(d.lo, 3), decode_tok_s_max=round(d.hi, 3),
+                  decode_tok_s=round(d.median, 2), decode_tok_s_min=round(d.lo, 2), decode_tok_s_max=round(d.hi, 2),
                   prefill_tok_s=round(p.median, 2) if p else None, prefill_tok_s_min=round(p.lo, 2) if p else None,
                   prefill_tok_s_max=round(p.hi, 2) if p else None, model_bytes=rep.model_bytes, ctx=rep.config.ctx,
                   prompt_tokens=max(r.prompt_tokens for r in m.runs),
