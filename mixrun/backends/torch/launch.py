@@ -232,13 +232,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def worker_env(job: dict[str, Any]) -> dict[str, str]:
+    """Rank processes' environment. OpenMP threads sleep rather than spin when idle (``OMP_WAIT_POLICY=PASSIVE``):
+    several ranks share the cores under ``--simulate``, and spinning threads made decode 3x slower on a busy
+    2-core machine (133 vs 48 ms per token) for 10% less speed on an idle one."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(job.get("threads") or 1))
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
 def start_local(slots: list[Slot], job: dict[str, Any], *, timeout_s: float = 120.0, debug: bool = False) -> Cluster:
     """Spawn one worker process per slot on this machine and hand out the job."""
     server = socket.create_server(("127.0.0.1", 0))
     tmpdir = tempfile.mkdtemp(prefix="mixrun-")
     cluster = Cluster(slots=slots, job=job, init=f"file://{os.path.join(tmpdir, 'rendezvous')}", server=server,
                       tmpdir=tmpdir)
-    env = dict(os.environ, OMP_NUM_THREADS=str(job.get("threads") or 1))
+    env = worker_env(job)
     for s in slots:
         cmd = [sys.executable, "-m", "mixrun.backends.torch.worker", "--control", cluster.address,
                "--host-id", s.host, "--local-rank", str(s.local_rank)]
@@ -267,7 +276,7 @@ def start_hosts(slots: list[Slot], job: dict[str, Any], *, advertise: str, run_h
     cluster = Cluster(slots=slots, job=job, init=f"store://{advertise}:{store.port}", server=server, store=store)
     control = f"{advertise}:{server.getsockname()[1]}"
     commands = torchrun_commands(slots, control, f"{advertise}:{_free_port()}")
-    env = dict(os.environ, OMP_NUM_THREADS=str(job.get("threads") or 1))
+    env = worker_env(job)
     for k, (host, cmd) in enumerate(commands.items()):
         if host in run_here:
             cluster.procs[-1 - k] = subprocess.Popen(
