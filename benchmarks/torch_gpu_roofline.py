@@ -48,7 +48,6 @@ def main() -> int:
         print("torch_gpu_roofline: no CUDA device here", file=sys.stderr)
         return 2
     import gguf_factory
-
     from mixrun.backends.base import Sampling
     from mixrun.backends.torch.engine import TorchEngine
     from mixrun.backends.torch.parallel import Layout, Stage
