@@ -34,6 +34,21 @@ def _llama(path: str | Path, n_ctx: int = 256) -> llama_cpp.Llama:
                            type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
 
+def _reference(path: str | Path, toks: list[int], n_tokens: int, n_ctx: int) -> tuple[np.ndarray, list[int]]:
+    """llama.cpp's logits for ``toks`` and its first ``n_tokens`` greedy tokens after them."""
+    ref = _llama(path, n_ctx)
+    ref.eval(toks)
+    logits = np.array(ref.scores[: len(toks)])
+    ref.reset()
+    tokens: list[int] = []
+    for t in ref.generate(toks, temp=0.0, top_k=1, repeat_penalty=1.0):
+        tokens.append(t)
+        if len(tokens) == n_tokens:
+            break
+    ref.close()
+    return logits, tokens
+
+
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
@@ -87,17 +102,11 @@ def test_layouts_from_plans_and_checks() -> None:
 
 
 def test_f32_smollm2_matches_llamacpp(smollm2_f32: Path) -> None:
-    ref = _llama(smollm2_f32)
-    toks = ref.tokenize(b"<|im_start|>user\nTell me about the Moon.<|im_end|>\n<|im_start|>assistant\n",
-                        add_bos=False, special=True)
-    ref.eval(toks)
-    ref_logits = np.array(ref.scores[: len(toks)])
-    ref.reset()
-    ref_tokens = []
-    for t in ref.generate(toks, temp=0.0, top_k=1, repeat_penalty=1.0):
-        ref_tokens.append(t)
-        if len(ref_tokens) == 64:
-            break
+    vocab = llama_cpp.Llama(model_path=str(smollm2_f32), vocab_only=True, verbose=False)
+    toks = vocab.tokenize(b"<|im_start|>user\nTell me about the Moon.<|im_end|>\n<|im_start|>assistant\n",
+                          add_bos=False, special=True)
+    vocab.close()
+    ref_logits, ref_tokens = _reference(smollm2_f32, toks, 64, 256)
     eng = TorchEngine(str(smollm2_f32), n_ctx=256)
     try:
         logits = eng.logits(toks)
@@ -114,16 +123,8 @@ def test_random_qwen_matches_llamacpp(arch: str, tmp_path: Path) -> None:
     path = gguf_factory.write_model(tmp_path / f"{arch}.gguf", arch, n_layers=2, n_embd=128, n_head=4, n_head_kv=2,
                                     head_dim=48 if arch == "qwen3" else None, n_ff=256, n_vocab=64, tied=False,
                                     merges=True, seed=3)
-    ref = _llama(path, 64)
     toks = [1, 5, 9, 3, 7, 2, 11, 4]
-    ref.eval(toks)
-    ref_logits = np.array(ref.scores[: len(toks)])
-    ref.reset()
-    ref_tokens = []
-    for t in ref.generate(toks, temp=0.0, top_k=1, repeat_penalty=1.0):
-        ref_tokens.append(t)
-        if len(ref_tokens) == 32:
-            break
+    ref_logits, ref_tokens = _reference(path, toks, 32, 64)
     eng = TorchEngine(str(path), n_ctx=64)
     try:
         assert _rel(eng.logits(toks), ref_logits) < 1e-5  # measured 5e-7 (qwen2), 9e-7 (qwen3)

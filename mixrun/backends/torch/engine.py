@@ -262,14 +262,11 @@ class TorchEngine:
             last_s = max((tele.get(r, {}).get("last_step_s", 0.0) for r in ranks), default=0.0)
             total_s = max((tele.get(r, {}).get("compute_s", 0.0) for r in ranks), default=0.0)
             stages.append(StageSample(st.devices, st.layers, last_s, total_s))
-            for a, b in zip(st.devices, st.devices[1:], strict=False):
-                ar = sum(tele.get(r, {}).get("layer_allreduce_bytes", 0) for r in ranks) // max(1, st.tp)
-                links.append(LinkSample((a, b), "tp", ar))
-            nxt = lay.stages[(i + 1) % len(lay.stages)]
-            if len(lay.stages) > 1:
-                sent = tele.get(ranks[0], {}).get("sent_bytes", 0) if i != len(lay.stages) - 1 else 0
-                if i == len(lay.stages) - 1:  # the driver sends embeddings to the first stage
-                    sent = tele.get(lay.driver, {}).get("sent_bytes", 0)
+            allreduced = sum(tele.get(r, {}).get("layer_allreduce_bytes", 0) for r in ranks) // st.tp
+            links += [LinkSample((a, b), "tp", allreduced) for a, b in zip(st.devices, st.devices[1:], strict=False)]
+            if len(lay.stages) > 1:  # a stage's first rank hands on (the driver: embeddings to the first stage)
+                nxt = lay.stages[(i + 1) % len(lay.stages)]
+                sent = tele.get(ranks[0], {}).get("sent_bytes", 0)
                 links.append(LinkSample((st.devices[0], nxt.devices[0]), "pipeline", sent))
         plan, last = self.info.plan, self._last
         return Snapshot(t=now(), backend="torch", tokens_total=self._tokens_total,

@@ -14,7 +14,6 @@ import contextlib
 import os
 import queue
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mixrun.backends.torch.control import Channel
-from mixrun.errors import MixrunError, RuntimeFailure
+from mixrun.errors import RuntimeFailure
 
 STOP_GRACE_S = 3.0
 
@@ -65,6 +64,12 @@ class Cluster:
     failed: str | None = None
     tmpdir: str | None = None
     store: Any = None  # the TCPStore several hosts meet at
+    driver: int = field(init=False)  # the rank that samples and takes commands
+
+    def __post_init__(self) -> None:
+        from mixrun.backends.torch.parallel import Layout
+
+        self.driver = Layout.from_json(self.job["layout"]).driver
 
     @property
     def address(self) -> str:
@@ -151,12 +156,6 @@ class Cluster:
         except OSError:
             raise self.fail(f"rank {self.driver} ({self.slots[self.driver].device_id}) died") from None
 
-    @property
-    def driver(self) -> int:
-        from mixrun.backends.torch.parallel import Layout
-
-        return Layout.from_json(self.job["layout"]).driver
-
     # ---- failure and shutdown ----
 
     def _exit_note(self, rank: int) -> str:
@@ -241,25 +240,32 @@ def worker_env(job: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-def start_local(slots: list[Slot], job: dict[str, Any], *, timeout_s: float = 120.0, debug: bool = False) -> Cluster:
-    """Spawn one worker process per slot on this machine and hand out the job."""
-    server = socket.create_server(("127.0.0.1", 0))
-    tmpdir = tempfile.mkdtemp(prefix="mixrun-")
-    cluster = Cluster(slots=slots, job=job, init=f"file://{os.path.join(tmpdir, 'rendezvous')}", server=server,
-                      tmpdir=tmpdir)
-    env = worker_env(job)
-    for s in slots:
-        cmd = [sys.executable, "-m", "mixrun.backends.torch.worker", "--control", cluster.address,
-               "--host-id", s.host, "--local-rank", str(s.local_rank)]
-        cluster.procs[s.rank] = subprocess.Popen(cmd, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
-                                                 stdout=subprocess.DEVNULL,
-                                                 stderr=None if debug else subprocess.DEVNULL)
+def _spawn(module_args: list[str], job: dict[str, Any], debug: bool) -> subprocess.Popen:
+    """``python -m MODULE ARGS`` in its own session (a terminal's Ctrl-C reaches only the controller)."""
+    return subprocess.Popen([sys.executable, "-m", *module_args], env=worker_env(job), start_new_session=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=None if debug else subprocess.DEVNULL)
+
+
+def _accepted(cluster: Cluster, timeout_s: float) -> Cluster:
     try:
         cluster.accept_all(timeout_s)
     except BaseException:
         cluster.stop(graceful=False)
         raise
     return cluster
+
+
+def start_local(slots: list[Slot], job: dict[str, Any], *, timeout_s: float = 120.0, debug: bool = False) -> Cluster:
+    """Spawn one worker process per slot on this machine and hand out the job."""
+    server = socket.create_server(("127.0.0.1", 0))
+    tmpdir = tempfile.mkdtemp(prefix="mixrun-")
+    cluster = Cluster(slots=slots, job=job, init=f"file://{os.path.join(tmpdir, 'rendezvous')}", server=server,
+                      tmpdir=tmpdir)
+    for s in slots:
+        cluster.procs[s.rank] = _spawn(["mixrun.backends.torch.worker", "--control", cluster.address,
+                                        "--host-id", s.host, "--local-rank", str(s.local_rank)], job, debug)
+    return _accepted(cluster, timeout_s)
 
 
 def start_hosts(slots: list[Slot], job: dict[str, Any], *, advertise: str, run_here: list[str],
@@ -276,20 +282,12 @@ def start_hosts(slots: list[Slot], job: dict[str, Any], *, advertise: str, run_h
     cluster = Cluster(slots=slots, job=job, init=f"store://{advertise}:{store.port}", server=server, store=store)
     control = f"{advertise}:{server.getsockname()[1]}"
     commands = torchrun_commands(slots, control, f"{advertise}:{_free_port()}")
-    env = worker_env(job)
     for k, (host, cmd) in enumerate(commands.items()):
         if host in run_here:
-            cluster.procs[-1 - k] = subprocess.Popen(
-                [sys.executable, "-m", "torch.distributed.run", *cmd.split()[1:]], env=env, start_new_session=True,
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None if debug else subprocess.DEVNULL)
+            cluster.procs[-1 - k] = _spawn(["torch.distributed.run", *cmd.split()[1:]], job, debug)
         else:
             announce(f"run on host {host}: {cmd}")
-    try:
-        cluster.accept_all(timeout_s)
-    except BaseException:
-        cluster.stop(graceful=False)
-        raise
-    return cluster
+    return _accepted(cluster, timeout_s)
 
 
 def torchrun_commands(slots: list[Slot], control: str, rdzv: str) -> dict[str, str]:
@@ -305,16 +303,4 @@ def torchrun_commands(slots: list[Slot], control: str, rdzv: str) -> dict[str, s
     return out
 
 
-def interrupt_safe(fn: Any) -> Any:
-    """Run ``fn`` with SIGINT deferred (a stop sequence must not be cut in half)."""
-    if threading.current_thread() is not threading.main_thread():
-        return fn()
-    got: list[int] = []
-    old = signal.signal(signal.SIGINT, lambda *_: got.append(1))
-    try:
-        return fn()
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
-__all__ = ["Cluster", "MixrunError", "Slot", "start_hosts", "start_local", "torchrun_commands"]
+__all__ = ["Cluster", "Slot", "start_hosts", "start_local", "torchrun_commands"]

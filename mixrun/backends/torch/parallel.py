@@ -25,8 +25,8 @@ def split_sizes(total: int, weights: Sequence[float], minimum: int = 0) -> list[
     if total < minimum * n:
         raise ValueError(f"cannot split {total} into {n} parts of at least {minimum}")
     w = [max(x, 0.0) for x in weights]
-    s = sum(w) or float(n)
-    w = [x / s if sum(weights) else 1.0 / n for x in w]
+    s = sum(w)
+    w = [x / s for x in w] if s > 0 else [1.0 / n] * n
     free = total - minimum * n
     raw = [free * x for x in w]
     sizes = [int(r) for r in raw]
