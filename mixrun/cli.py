@@ -178,16 +178,14 @@ def _plan_for_chat(args: argparse.Namespace, model: str, backend: str) -> tuple[
             print(f"mixrun: note: the best plan ({best.label}) needs CUDA, which this machine lacks: running "
                   f"{fallback.label} (--backend torch --simulate runs the torch plan on CPU processes)", file=sys.stderr)
             best = fallback
-    if args.simulate:  # CPU processes stand in for the devices: their memory is not this machine's
-        if args.profile and not args.quiet:
+    # with --simulate, CPU processes stand in for the devices: their memory is not this machine's
+    notes = [] if args.simulate else preflight(profile, best, force=args.force, warn=warn)
+    if not args.quiet:
+        for note in notes:
+            print(f"mixrun: note: {note}", file=sys.stderr)
+        if args.profile:
             print(f"mixrun: plan: {best.label}, predicted {best.decode_tok_s:.1f} tok/s ({best.why})",
                   file=sys.stderr)
-        return profile, best
-    for note in preflight(profile, best, force=args.force, warn=warn):
-        if not args.quiet:
-            print(f"mixrun: note: {note}", file=sys.stderr)
-    if args.profile and not args.quiet:
-        print(f"mixrun: plan: {best.label}, predicted {best.decode_tok_s:.1f} tok/s ({best.why})", file=sys.stderr)
     return profile, best
 
 
