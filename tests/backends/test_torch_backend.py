@@ -21,7 +21,7 @@ import torch
 import gguf_factory
 from mixrun.backends.base import Sampling
 from mixrun.backends.torch.engine import TorchEngine
-from mixrun.backends.torch.model import ModelConfig, Rope
+from mixrun.backends.torch.model import ModelConfig, Rope, pair_order
 from mixrun.backends.torch.parallel import Layout, Stage, split_sizes
 from mixrun.errors import RuntimeFailure
 
@@ -70,18 +70,26 @@ def smollm2_f32(smollm2: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ---- pieces ----------------------------------------------------------------------------------------------------
 
 
-def test_rope_layouts_agree_under_llamas_permutation() -> None:
-    """llama GGUFs permute Q/K rows for adjacent-pair rotation; rotating a permuted vector with the llama layout
-    must equal rotating the original with the half-split (NEOX) layout, then permuting."""
-    cfg = dict(arch="llama", n_layers=1, dim=64, n_head=2, n_head_kv=2, head_dim=32, ffn_dim=8, vocab=8,
-               norm_eps=1e-5, rope_base=10000.0, rope_dim=32, qkv_bias=False, qk_norm=False, tied=True)
-    pairs, neox = Rope(ModelConfig(rope_neox=False, **cfg), 16), Rope(ModelConfig(rope_neox=True, **cfg), 16)
-    pairs.build(torch.device("cpu"))
-    neox.build(torch.device("cpu"))
-    x = torch.randn(5, 2, 32)  # (T, heads, head_dim) in HF's layout
-    perm = torch.arange(32).view(2, 16).t().reshape(-1)  # convert_hf_to_gguf's permutation within a head
-    assert torch.allclose(pairs(x[..., perm], 7), neox(x, 7)[..., perm], atol=1e-6)
-    assert not torch.allclose(pairs(x, 7), neox(x, 7), atol=1e-3)
+def test_rope_pair_order_turns_neox_into_adjacent_pairs() -> None:
+    """qwen GGUFs rotate ``(x[i], x[i + r/2])`` (NEOX). The loader puts their Q/K features in pair order, after
+    which the one adjacent-pair rotation must equal the NEOX formula, permuted; partial RoPE keeps the tail. The
+    order is convert_hf_to_gguf's own permutation for llama, whose GGUFs need none."""
+    base = dict(n_layers=1, dim=64, n_head=2, n_head_kv=2, head_dim=32, ffn_dim=8, vocab=8, norm_eps=1e-5,
+                rope_base=10000.0, qkv_bias=False, qk_norm=False, tied=True)
+    assert pair_order(ModelConfig(arch="llama", rope_dim=32, rope_neox=False, **base)) is None
+    assert pair_order(ModelConfig(arch="qwen2", rope_dim=32, rope_neox=True, **base)) == \
+        torch.arange(32).view(2, 16).t().reshape(-1).tolist()
+    cfg = ModelConfig(arch="qwen2", rope_dim=24, rope_neox=True, **base)
+    rope = Rope(cfg, 16)
+    rope.build(torch.device("cpu"))
+    x = torch.randn(5, 2, 32)  # (T, heads, head_dim) in the NEOX layout, positions 7..11
+    ang = torch.arange(7, 12, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, 24, 2) / 24)
+    cos, sin = ang.cos().float()[:, None], ang.sin().float()[:, None]
+    a, b = x[..., :12], x[..., 12:24]
+    ref = torch.cat((a * cos - b * sin, a * sin + b * cos, x[..., 24:]), dim=-1)
+    order = pair_order(cfg)
+    assert torch.allclose(rope(x[..., order], 7), ref[..., order], atol=1e-5)
+    assert not torch.allclose(rope(x, 7), ref, atol=1e-3)
 
 
 def test_layouts_from_plans_and_checks() -> None:

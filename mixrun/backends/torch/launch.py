@@ -232,11 +232,13 @@ def _free_port() -> int:
 
 
 def worker_env(job: dict[str, Any]) -> dict[str, str]:
-    """Rank processes' environment. OpenMP threads sleep rather than spin when idle (``OMP_WAIT_POLICY=PASSIVE``):
-    several ranks share the cores under ``--simulate``, and spinning threads made decode 3x slower on a busy
-    2-core machine (133 vs 48 ms per token) for 10% less speed on an idle one."""
+    """Rank processes' environment. With several ranks, OpenMP threads sleep rather than spin when idle
+    (``OMP_WAIT_POLICY=PASSIVE``): they share the cores under ``--simulate``, and spinning threads made decode 3x
+    slower on a busy 2-core machine (133 vs 48 ms per token). A lone rank keeps OpenMP's default: waking sleeping
+    threads adds about 10 us to each of a decode step's few hundred small operations."""
     env = dict(os.environ, OMP_NUM_THREADS=str(job.get("threads") or 1))
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if len(job.get("devices") or ()) > 1:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 

@@ -7,12 +7,17 @@ its own part. Tensor parallelism is applied afterwards by :mod:`mixrun.backends.
 linears to their shards; the head counts below are therefore read from the modules, never from the config.
 
 RoPE layout: llama GGUFs store Q and K permuted for llama.cpp's "normal" rotation of adjacent pairs
-``(x[2i], x[2i+1])``; qwen2/qwen3 GGUFs keep the NEOX layout, which rotates ``(x[i], x[i + d/2])``.
+``(x[2i], x[2i+1])``; qwen2/qwen3 GGUFs keep the NEOX layout, which rotates ``(x[i], x[i + d/2])``. The loader
+reorders NEOX models' Q and K rows into pair order (:func:`pair_order`), so one rotation serves both.
+
+Decode speed on the CPU is weight bandwidth: Q/K/V and gate/up are fused linears (fewer, longer products), and
+one-row products are split over the threads (:class:`Weight`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,129 +57,229 @@ class ModelConfig:
                    tied=spec.tied_output)
 
 
+class Weight:
+    """A linear's weight and bias as a decode step uses them. On the CPU a one-row product (a decode step) runs as
+    one batched product over ``chunks`` blocks of rows: MKL computes a lone matrix-vector product on a single
+    thread and a batch of them on all, which on a 2-core machine doubles the weight bandwidth (14 -> 28 GB/s), and
+    decode speed is weight bandwidth. Plain ``F.linear`` otherwise."""
+
+    __slots__ = ("w", "b", "blocks")
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, chunks: int = 1) -> None:
+        self.w, self.b = w, b
+        self.blocks = w.view(chunks, w.shape[0] // chunks, w.shape[1]) if chunks > 1 else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = self.blocks
+        if blocks is not None and x.shape[0] == 1 and x.stride(-1) == 1:
+            c, r, k = blocks.shape
+            # x as a (c, k, 1) column with strides (0, 1, k), which MKL's batched product takes as it is (a
+            # contiguous column is 4x slower)
+            y = torch.bmm(blocks, x.as_strided((c, k, 1), (0, 1, k))).view(1, c * r)
+            return y if self.b is None else y + self.b
+        return F.linear(x, self.w, self.b)
+
+
+def cpu_chunks(rows: int, threads: int) -> int:
+    """Row blocks for :class:`Weight` on the CPU: one per thread (2 to 32 blocks measured: one per thread streams
+    fastest), or 1 when the threads do not divide the rows."""
+    return threads if threads > 1 and rows % threads == 0 else 1
+
+
 class RMSNorm(nn.Module):
+    """An RMS norm's weight (computed by :class:`Norm`)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+class Norm:
+    """``x / sqrt(mean(x^2) + eps) * w`` in float32, as llama.cpp computes it, written as
+    ``x * rsqrt(sum(x^2) + n eps) * (sqrt(n) w)``: five small operations (``F.rms_norm`` decomposes into twice as
+    many on the CPU, and each costs microseconds in a decode step)."""
+
+    __slots__ = ("w", "add")
+
+    def __init__(self, norm: RMSNorm) -> None:
+        n = norm.weight.shape[0]
+        self.w = norm.weight.detach().float() * math.sqrt(n)
+        self.add = n * norm.eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x if x.dtype == torch.float32 else x.float()
+        y = x32 * torch.linalg.vecdot(x32, x32).add_(self.add).rsqrt_().unsqueeze(-1)
+        y = y.mul_(self.w)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-class Rope(nn.Module):
-    """cos/sin tables for positions ``[0, max_pos)`` and the rotation of the first ``rope_dim`` features."""
+def pair_order(cfg: ModelConfig) -> list[int] | None:
+    """The order of a head's features that turns the half-split (NEOX) rotation into the adjacent-pair one:
+    feature ``2i`` takes ``i`` and ``2i + 1`` takes ``i + rope_dim/2``. The loader applies it to the Q and K rows
+    (and QK-norm weights) of NEOX models, so one rotation serves every architecture; attention scores are sums
+    over features and do not change. None for llama GGUFs, which are stored in pair order already."""
+    if not cfg.rope_neox:
+        return None
+    half = cfg.rope_dim // 2
+    return [j for i in range(half) for j in (i, i + half)] + list(range(cfg.rope_dim, cfg.head_dim))
+
+
+class Rope:
+    """Rotation of adjacent feature pairs ``(x[2i], x[2i+1])`` by ``pos * base^(-2i/rope_dim)``, as a complex
+    product, over the first ``rope_dim`` features (see :func:`pair_order` for NEOX models)."""
 
     def __init__(self, cfg: ModelConfig, max_pos: int) -> None:
-        super().__init__()
-        self.dim, self.neox, self.base, self.max_pos = cfg.rope_dim, cfg.rope_neox, cfg.rope_base, max_pos
-        self.cos = self.sin = torch.empty(0)
+        self.dim, self.base, self.max_pos = cfg.rope_dim, cfg.rope_base, max_pos
+        self.freqs = torch.empty(0)
 
     def build(self, device: torch.device) -> None:
-        """The tables, computed in float64 on the CPU (the model may have been built on the meta device)."""
+        """The table ``exp(i * angle)``, (max_pos, 1, dim/2), computed in float64 on the CPU."""
         inv = self.base ** (-torch.arange(0, self.dim, 2, dtype=torch.float64) / self.dim)  # (dim/2,)
-        ang = torch.arange(self.max_pos, dtype=torch.float64)[:, None] * inv[None, :]  # (max_pos, dim/2)
-        self.cos, self.sin = ang.cos().float().to(device), ang.sin().float().to(device)
+        ang = torch.arange(self.max_pos, dtype=torch.float64)[:, None, None] * inv  # (max_pos, 1, dim/2)
+        self.freqs = torch.polar(torch.ones_like(ang), ang).to(torch.complex64).to(device)
 
-    def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         # x: (T, heads, head_dim)
-        T = x.shape[0]
-        cos = self.cos[pos:pos + T, None, :].to(x.dtype)  # (T, 1, dim/2)
-        sin = self.sin[pos:pos + T, None, :].to(x.dtype)
-        rot, rest = x[..., :self.dim], x[..., self.dim:]
-        if self.neox:
-            a, b = rot[..., : self.dim // 2], rot[..., self.dim // 2:]
-            rot = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
-        else:
-            a, b = rot[..., 0::2], rot[..., 1::2]  # adjacent pairs
-            rot = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
-        return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+        T, heads, hd = x.shape
+        half = self.dim // 2
+        rot = x if self.dim == hd else x.narrow(2, 0, self.dim)
+        rot = (rot if rot.dtype == torch.float32 else rot.float()).reshape(T, heads, half, 2)
+        rot = torch.view_as_real(torch.view_as_complex(rot) * self.freqs.narrow(0, pos, T)).view(T, heads, self.dim)
+        rot = rot if rot.dtype == x.dtype else rot.to(x.dtype)
+        return rot if self.dim == hd else torch.cat((rot, x.narrow(2, self.dim, hd - self.dim)), dim=-1)
 
 
 class Attention(nn.Module):
-    """GQA attention with a preallocated KV cache. Head counts follow the linears' shapes (sharded or not)."""
+    """GQA attention's parameters: Q, K and V as one fused linear. ``n_head`` and ``n_kv`` are this part's heads
+    (tensor parallelism shrinks them with the linears)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         hd = cfg.head_dim
-        self.head_dim = hd
-        self.wq = nn.Linear(cfg.dim, cfg.n_head * hd, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(cfg.dim, cfg.n_head_kv * hd, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(cfg.dim, cfg.n_head_kv * hd, bias=cfg.qkv_bias)
+        self.head_dim, self.n_head, self.n_kv = hd, cfg.n_head, cfg.n_head_kv
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.n_head_kv) * hd, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_head * hd, cfg.dim, bias=False)
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_cache: torch.Tensor | None = None
-        self.v_cache: torch.Tensor | None = None
-
-    def setup_cache(self, max_pos: int, dtype: torch.dtype, device: torch.device) -> None:
-        n_kv = self.wk.out_features // self.head_dim
-        self.k_cache = torch.zeros(n_kv, max_pos, self.head_dim, dtype=dtype, device=device)  # (n_kv, S, hd)
-        self.v_cache = torch.zeros(n_kv, max_pos, self.head_dim, dtype=dtype, device=device)
-
-    def forward(self, x: torch.Tensor, pos: int, rope: Rope) -> torch.Tensor:
-        T, hd = x.shape[0], self.head_dim
-        q = self.wq(x).view(T, -1, hd)  # (T, n_head, hd)
-        k = self.wk(x).view(T, -1, hd)  # (T, n_kv, hd)
-        v = self.wv(x).view(T, -1, hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(q, pos), rope(k, pos)
-        assert self.k_cache is not None and self.v_cache is not None, "setup_cache() first"
-        self.k_cache[:, pos:pos + T] = k.transpose(0, 1)
-        self.v_cache[:, pos:pos + T] = v.transpose(0, 1)
-        S = pos + T
-        n_head, n_kv = q.shape[1], k.shape[1]
-        group = n_head // n_kv
-        # GQA without copying the cache: the query heads of a KV group attend to it together
-        q = q.view(T, n_kv, group, hd).permute(1, 2, 0, 3)  # (n_kv, group, T, hd)
-        keys = self.k_cache[:, None, :S]  # (n_kv, 1, S, hd)
-        vals = self.v_cache[:, None, :S]
-        scores = (q @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(hd))  # (n_kv, group, T, S)
-        if T > 1:  # query i sits at position pos + i and sees keys up to it
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=pos)  # (T, S)
-            scores = scores.masked_fill(~mask, float("-inf"))
-        out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vals  # (n_kv, group, T, hd)
-        return self.wo(out.permute(2, 0, 1, 3).reshape(T, n_head * hd))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: ``w2(silu(w1 x) * w3 x)``."""
+    """SwiGLU's parameters: gate and up as one fused linear ``w13``, down as ``w2``."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)  # gate rows, then up rows
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+@dataclass(slots=True)
+class LayerTensors:
+    """One layer's tensors and sizes, fetched once by :meth:`Transformer.setup_cache`: a decode step is a few
+    hundred small operations, and looking parameters up through ``nn.Module`` costs about 1 us each."""
+
+    n_head: int
+    n_kv: int
+    head_dim: int
+    attn_norm: Norm
+    wqkv: Weight
+    q_norm: Norm | None
+    k_norm: Norm | None
+    wo: Weight
+    ffn_norm: Norm
+    w13: Weight
+    w2: Weight
+    k_cache: torch.Tensor  # (n_kv, max_pos, head_dim)
+    v_cache: torch.Tensor
+
+
+def weight(lin: nn.Linear, device: torch.device, threads: int) -> Weight:
+    return Weight(lin.weight, lin.bias, cpu_chunks(lin.out_features, threads) if device.type == "cpu" else 1)
 
 
 class Block(nn.Module):
+    """One decoder layer. Tensor parallelism sets ``reduce``, the all-reduce over the stage's group that follows
+    the row-parallel ``wo`` and ``w2``."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.t: LayerTensors | None = None
+
+    def setup_cache(self, max_pos: int, dtype: torch.dtype, device: torch.device, threads: int) -> None:
+        a, f = self.attn, self.ffn
+        cache = (a.n_kv, max_pos, a.head_dim)
+        self.t = LayerTensors(
+            n_head=a.n_head, n_kv=a.n_kv, head_dim=a.head_dim,
+            attn_norm=Norm(self.attn_norm), wqkv=weight(a.wqkv, device, threads),
+            q_norm=Norm(a.q_norm) if a.q_norm is not None else None,
+            k_norm=Norm(a.k_norm) if a.k_norm is not None else None,
+            wo=weight(a.wo, device, threads), ffn_norm=Norm(self.ffn_norm), w13=weight(f.w13, device, threads),
+            w2=weight(f.w2, device, threads), k_cache=torch.zeros(cache, dtype=dtype, device=device),
+            v_cache=torch.zeros(cache, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor, pos: int, rope: Rope) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), pos, rope)
-        return x + self.ffn(self.ffn_norm(x))
+        t = self.t
+        assert t is not None, "setup_cache() first"
+        h = attention(t.attn_norm(x), pos, t, rope)
+        x = x + (h if self.reduce is None else self.reduce(h))
+        h = feed_forward(t.ffn_norm(x), t)
+        return x + (h if self.reduce is None else self.reduce(h))
+
+
+def attention(x: torch.Tensor, pos: int, t: LayerTensors, rope: Rope) -> torch.Tensor:
+    """GQA attention of positions ``[pos, pos + T)`` over the KV cache, before the all-reduce. (``narrow`` and
+    ``select`` rather than indexing: a decode step is short, and tensor indexing costs microseconds.)"""
+    T, hd, nh, nkv = x.shape[0], t.head_dim, t.n_head, t.n_kv
+    qkv = t.wqkv(x).view(T, nh + 2 * nkv, hd)
+    if t.q_norm is not None and t.k_norm is not None:
+        qk = torch.cat((t.q_norm(qkv.narrow(1, 0, nh)), t.k_norm(qkv.narrow(1, nh, nkv))), dim=1)
+    else:
+        qk = qkv.narrow(1, 0, nh + nkv)
+    qk = rope(qk, pos)  # (T, nh + nkv, hd)
+    S, group = pos + T, nh // nkv
+    keys, vals = t.k_cache.narrow(1, 0, S), t.v_cache.narrow(1, 0, S)
+    if T == 1:  # a decode step
+        t.k_cache.select(1, pos).copy_(qk[0].narrow(0, nh, nkv))
+        t.v_cache.select(1, pos).copy_(qkv[0].narrow(0, nh + nkv, nkv))
+        q = qk[0].narrow(0, 0, nh).view(nkv, group, hd)
+    else:
+        keys.narrow(1, pos, T).copy_(qk.narrow(1, nh, nkv).transpose(0, 1))
+        vals.narrow(1, pos, T).copy_(qkv.narrow(1, nh + nkv, nkv).transpose(0, 1))
+        # GQA without copying the cache: a KV group's query heads (and positions) are one batch row of queries
+        q = qk.narrow(1, 0, nh).view(T, nkv, group, hd).permute(1, 2, 0, 3).reshape(nkv, group * T, hd)
+    scores = torch.bmm(q, keys.transpose(1, 2)).mul_(1.0 / math.sqrt(hd))  # (nkv, group*T, S)
+    if T > 1:  # query i sits at position pos + i and sees keys up to it
+        mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=pos)  # (T, S)
+        scores = scores.view(nkv, group, T, S).masked_fill(~mask, float("-inf")).view(nkv, group * T, S)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    out = torch.bmm(probs if probs.dtype == q.dtype else probs.to(q.dtype), vals)  # (nkv, group*T, hd)
+    out = out.view(1, nh * hd) if T == 1 else out.view(nkv, group, T, hd).permute(2, 0, 1, 3).reshape(T, nh * hd)
+    return t.wo(out)
+
+
+def feed_forward(x: torch.Tensor, t: LayerTensors) -> torch.Tensor:
+    """SwiGLU ``w2(silu(gate x) * up x)``, before the all-reduce."""
+    gate, up = t.w13(x).chunk(2, dim=-1)
+    return t.w2(F.silu(gate).mul_(up))
 
 
 class Embedding(nn.Module):
     """Token embedding over vocabulary rows ``[start, start + rows)``; ids outside give zeros (a vocab-parallel
     shard sums to the full lookup across its group)."""
 
-    def __init__(self, rows: int, dim: int, start: int = 0) -> None:
+    def __init__(self, rows: int, dim: int, start: int = 0, shard: bool = False) -> None:
         super().__init__()
-        self.start = start
+        self.start, self.shard = start, shard
         self.weight = nn.Parameter(torch.empty(rows, dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.shard:
+            return F.embedding(ids, self.weight)
         local = ids - self.start
         inside = (local >= 0) & (local < self.weight.shape[0])
         out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)  # (T, dim)
@@ -193,11 +298,22 @@ class Transformer(nn.Module):
         self.embed = Embedding(cfg.vocab, cfg.dim) if head else None
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if head else None
         self.output = nn.Linear(cfg.dim, cfg.vocab, bias=False) if head else None
+        self._blocks: list[Block] = []
+        self._output: Weight | None = None
+        self._norm: Norm | None = None
 
-    def setup_cache(self, dtype: torch.dtype, device: torch.device) -> None:
+    def setup_cache(self, dtype: torch.dtype, device: torch.device, threads: int | None = None) -> None:
+        """KV caches and RoPE table on ``device``, once the weights are loaded; on the CPU, the one-row products'
+        split over ``threads``."""
+        threads = threads or torch.get_num_threads()
         self.rope.build(device)
         for blk in self.layers:
-            blk.attn.setup_cache(self.max_pos, dtype, device)
+            blk.setup_cache(self.max_pos, dtype, device, threads)
+        if self.output is not None:
+            self._output = weight(self.output, device, threads)
+        if self.norm is not None:
+            self._norm = Norm(self.norm)
+        self._blocks = list(self.layers)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         assert self.embed is not None
@@ -205,10 +321,12 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """Run this part's layers on hidden states ``x`` of positions ``[pos, pos + T)``."""
-        for blk in self.layers:
-            x = blk(x, pos, self.rope)
+        rope = self.rope
+        for blk in self._blocks:
+            x = blk(x, pos, rope)
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         assert self.norm is not None and self.output is not None
-        return self.output(self.norm(x)).float()  # (T, vocab or its shard)
+        assert self._output is not None and self._norm is not None, "setup_cache() first"
+        return self._output(self._norm(x)).float()  # (T, vocab or its shard)

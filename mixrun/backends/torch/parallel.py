@@ -159,9 +159,9 @@ def _linear(old: nn.Linear, in_f: int, out_f: int) -> nn.Linear:
     return nn.Linear(in_f, out_f, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
 
 
-def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[str, Shard]:
-    """Shrink ``model``'s linears to this member's shard and add the all-reduces; returns the slice each parameter
-    takes from its GGUF tensor (parameters absent from the dict hold the whole tensor).
+def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[str, tuple[Shard, ...]]:
+    """Shrink ``model``'s linears to this member's shard and add the all-reduces; returns the slices each
+    parameter takes from its GGUF tensors, in row order (parameters absent from the dict hold whole tensors).
 
     Run it on a model built on the meta device, before loading weights: nothing full-sized is ever allocated.
     """
@@ -169,41 +169,31 @@ def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[
     hd, group = cfg.head_dim, cfg.n_head // cfg.n_head_kv
     kv = stage.kv_heads
     kv0 = sum(kv[:member])
-    q_rows = (kv0 * group * hd, (kv0 + kv[member]) * group * hd)
-    kv_rows = (kv0 * hd, (kv0 + kv[member]) * hd)
+    q = Shard(0, kv0 * group * hd, (kv0 + kv[member]) * group * hd)
+    k = Shard(0, kv0 * hd, (kv0 + kv[member]) * hd)
     ffn = split_sizes(cfg.ffn_dim, kv)
-    f_rows = (sum(ffn[:member]), sum(ffn[: member + 1]))
-    shards: dict[str, Shard] = {}
-
-    def reduce_hook(_mod: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
-        return comm.all_reduce(out)
-
+    f = Shard(0, sum(ffn[:member]), sum(ffn[: member + 1]))
+    shards: dict[str, tuple[Shard, ...]] = {}
     for i, blk in enumerate(model.layers):
-        a, f = blk.attn, blk.ffn
+        a, ff = blk.attn, blk.ffn
         p = f"layers.{i}."
         if stage.tp > 1:
-            a.wq = _linear(a.wq, cfg.dim, q_rows[1] - q_rows[0])
-            a.wk = _linear(a.wk, cfg.dim, kv_rows[1] - kv_rows[0])
-            a.wv = _linear(a.wv, cfg.dim, kv_rows[1] - kv_rows[0])
-            a.wo = _linear(a.wo, q_rows[1] - q_rows[0], cfg.dim)
-            f.w1 = _linear(f.w1, cfg.dim, f_rows[1] - f_rows[0])
-            f.w3 = _linear(f.w3, cfg.dim, f_rows[1] - f_rows[0])
-            f.w2 = _linear(f.w2, f_rows[1] - f_rows[0], cfg.dim)
-            a.wo.register_forward_hook(reduce_hook)
-            f.w2.register_forward_hook(reduce_hook)
-        for name, rows in (("attn.wq", q_rows), ("attn.wk", kv_rows), ("attn.wv", kv_rows), ("ffn.w1", f_rows),
-                           ("ffn.w3", f_rows)):
-            shards[p + name + ".weight"] = Shard(0, *rows)
-            shards[p + name + ".bias"] = Shard(0, *rows)
-        shards[p + "attn.wo.weight"] = Shard(1, *q_rows)
-        shards[p + "ffn.w2.weight"] = Shard(1, *f_rows)
+            a.n_head, a.n_kv = kv[member] * group, kv[member]
+            a.wqkv = _linear(a.wqkv, cfg.dim, (a.n_head + 2 * a.n_kv) * hd)
+            a.wo = _linear(a.wo, a.n_head * hd, cfg.dim)
+            ff.w13 = _linear(ff.w13, cfg.dim, 2 * (f.stop - f.start))
+            ff.w2 = _linear(ff.w2, f.stop - f.start, cfg.dim)
+            blk.reduce = comm.all_reduce
+        shards[p + "attn.wqkv.weight"] = shards[p + "attn.wqkv.bias"] = (q, k, k)
+        shards[p + "attn.wo.weight"] = (Shard(1, q.start, q.stop),)
+        shards[p + "ffn.w13.weight"] = (f, f)
+        shards[p + "ffn.w2.weight"] = (Shard(1, f.start, f.stop),)
     if model.embed is not None:
         vocab = split_sizes(cfg.vocab, kv)
         v0, v1 = sum(vocab[:member]), sum(vocab[: member + 1])
-        model.embed = Embedding(v1 - v0, cfg.dim, start=v0).to(model.embed.weight.device)
+        model.embed = Embedding(v1 - v0, cfg.dim, start=v0, shard=stage.tp > 1).to(model.embed.weight.device)
         model.output = nn.Linear(cfg.dim, v1 - v0, bias=False, device=model.output.weight.device)
-        shards["embed.weight"] = Shard(0, v0, v1)
-        shards["output.weight"] = Shard(0, v0, v1)
+        shards["embed.weight"] = shards["output.weight"] = (Shard(0, v0, v1),)
     return {k: v for k, v in shards.items() if _has(model, k)}
 
 

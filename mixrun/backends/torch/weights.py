@@ -7,6 +7,8 @@ dequantized a band of rows at a time. A rank's peak memory is its shard plus one
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -21,35 +23,43 @@ from mixrun.errors import GGUFError, where
 
 BAND_BYTES = 64 << 20  # float32 bytes dequantized at once for an unaligned column slice
 
-# parameter name inside a Block -> the GGUF tensor it comes from
-_BLOCK = {
-    "attn_norm.weight": (MODEL_TENSOR.ATTN_NORM, "weight"),
-    "attn.wq.weight": (MODEL_TENSOR.ATTN_Q, "weight"), "attn.wq.bias": (MODEL_TENSOR.ATTN_Q, "bias"),
-    "attn.wk.weight": (MODEL_TENSOR.ATTN_K, "weight"), "attn.wk.bias": (MODEL_TENSOR.ATTN_K, "bias"),
-    "attn.wv.weight": (MODEL_TENSOR.ATTN_V, "weight"), "attn.wv.bias": (MODEL_TENSOR.ATTN_V, "bias"),
-    "attn.wo.weight": (MODEL_TENSOR.ATTN_OUT, "weight"),
-    "attn.q_norm.weight": (MODEL_TENSOR.ATTN_Q_NORM, "weight"),
-    "attn.k_norm.weight": (MODEL_TENSOR.ATTN_K_NORM, "weight"),
-    "ffn_norm.weight": (MODEL_TENSOR.FFN_NORM, "weight"),
-    "ffn.w1.weight": (MODEL_TENSOR.FFN_GATE, "weight"),
-    "ffn.w3.weight": (MODEL_TENSOR.FFN_UP, "weight"),
-    "ffn.w2.weight": (MODEL_TENSOR.FFN_DOWN, "weight"),
+# parameter name inside a Block -> the GGUF tensors it holds, stacked by rows (Q/K/V and gate/up are fused)
+_BLOCK: dict[str, tuple[tuple[MODEL_TENSOR, str], ...]] = {
+    "attn_norm.weight": ((MODEL_TENSOR.ATTN_NORM, "weight"),),
+    "attn.wqkv.weight": ((MODEL_TENSOR.ATTN_Q, "weight"), (MODEL_TENSOR.ATTN_K, "weight"),
+                         (MODEL_TENSOR.ATTN_V, "weight")),
+    "attn.wqkv.bias": ((MODEL_TENSOR.ATTN_Q, "bias"), (MODEL_TENSOR.ATTN_K, "bias"), (MODEL_TENSOR.ATTN_V, "bias")),
+    "attn.wo.weight": ((MODEL_TENSOR.ATTN_OUT, "weight"),),
+    "attn.q_norm.weight": ((MODEL_TENSOR.ATTN_Q_NORM, "weight"),),
+    "attn.k_norm.weight": ((MODEL_TENSOR.ATTN_K_NORM, "weight"),),
+    "ffn_norm.weight": ((MODEL_TENSOR.FFN_NORM, "weight"),),
+    "ffn.w13.weight": ((MODEL_TENSOR.FFN_GATE, "weight"), (MODEL_TENSOR.FFN_UP, "weight")),
+    "ffn.w2.weight": ((MODEL_TENSOR.FFN_DOWN, "weight"),),
 }
+# tensors whose features within a head follow the RoPE pair order (reordered for NEOX models)
+_ROTATED = (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K, MODEL_TENSOR.ATTN_Q_NORM, MODEL_TENSOR.ATTN_K_NORM)
 
 
-def gguf_name(param: str, first_layer: int, tied: bool) -> str:
-    """The GGUF tensor behind a parameter of a model part whose first layer is ``first_layer``."""
+def gguf_parts(param: str, first_layer: int, tied: bool) -> list[tuple[str, bool]]:
+    """The GGUF tensors behind a parameter of a model part whose first layer is ``first_layer``, in row order,
+    each with whether its head features are rotated by RoPE."""
     if param.startswith("layers."):
         _, idx, rest = param.split(".", 2)
-        kind, suffix = _BLOCK[rest]
-        return TENSOR_NAMES[kind].format(bid=first_layer + int(idx)) + "." + suffix
+        return [(TENSOR_NAMES[kind].format(bid=first_layer + int(idx)) + "." + suffix, kind in _ROTATED)
+                for kind, suffix in _BLOCK[rest]]
     if param == "embed.weight" or (param == "output.weight" and tied):
-        return TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight"
+        return [(TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight", False)]
     if param == "norm.weight":
-        return TENSOR_NAMES[MODEL_TENSOR.OUTPUT_NORM] + ".weight"
+        return [(TENSOR_NAMES[MODEL_TENSOR.OUTPUT_NORM] + ".weight", False)]
     if param == "output.weight":
-        return TENSOR_NAMES[MODEL_TENSOR.OUTPUT] + ".weight"
+        return [(TENSOR_NAMES[MODEL_TENSOR.OUTPUT] + ".weight", False)]
     raise KeyError(param)
+
+
+def reorder_heads(arr: np.ndarray, order: list[int]) -> np.ndarray:
+    """Reorder the features of every head (rows of a weight, elements of a bias or QK-norm weight)."""
+    hd = len(order)
+    return arr.reshape(-1, hd, *arr.shape[1:])[:, order].reshape(arr.shape)
 
 
 def read_slice(tf: Any, name: str, shard: Shard | None) -> np.ndarray:
@@ -77,26 +87,62 @@ def read_slice(tf: Any, name: str, shard: Shard | None) -> np.ndarray:
     return out
 
 
-def load(model: torch.nn.Module, tf: Any, shards: dict[str, Shard], *, first_layer: int, tied: bool,
-         dtype: torch.dtype, device: torch.device, progress: Callable[[int, int], None] | None = None) -> int:
+def materialize(model: torch.nn.Module, device: torch.device) -> mmap.mmap | None:
+    """Allocate a meta-device model's parameters on ``device``, uninitialized. On a Linux CPU they share one
+    anonymous memory map advised for transparent huge pages: a decode step streams every weight once, and with
+    2 MiB pages it takes fewer TLB misses (about 8% more bandwidth here, ``docs/benchmarks.md``). Returns the map,
+    which must live as long as the parameters."""
+    params = [(n, p) for n, p in model.named_parameters()]
+    if device.type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE") or not params:
+        model.to_empty(device=device)
+        return None
+    align = 64
+    spans = [-(-p.numel() * p.element_size() // align) * align for _, p in params]
+    buf = mmap.mmap(-1, sum(spans), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):  # transparent huge pages off or unsupported: plain pages
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(buf, dtype=torch.uint8)
+    off = 0
+    for (name, p), span in zip(params, spans, strict=True):
+        t = raw[off:off + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, torch.nn.Parameter(t, requires_grad=False))
+        off += span
+    return buf
+
+
+def load(model: torch.nn.Module, tf: Any, shards: dict[str, tuple[Shard, ...]], *, first_layer: int, tied: bool,
+         dtype: torch.dtype, device: torch.device, order: list[int] | None = None,
+         progress: Callable[[int, int], None] | None = None) -> int:
     """Materialize a meta-device model on ``device`` and fill every parameter from the GGUF; returns bytes loaded.
 
-    A tensor whose shape does not match what the model expects is a :class:`GGUFError` naming the file."""
-    model.to_empty(device=device)
+    ``shards`` gives each parameter's slice of each of its GGUF tensors (none: whole tensors); ``order`` is the
+    RoPE feature order within a head for Q and K (:func:`mixrun.backends.torch.model.pair_order`). A tensor whose
+    shape does not match what the model expects is a :class:`GGUFError` naming the file."""
+    model.weight_map = materialize(model, device)
     params = dict(model.named_parameters())
     total = sum(p.numel() * p.element_size() for p in params.values())
     done = 0
     for pname, param in params.items():
-        name = gguf_name(pname, first_layer, tied)
-        if name not in tf:
-            raise GGUFError(where(tf.spec.source, f"tensor {name!r} is missing"))
-        arr = read_slice(tf, name, shards.get(pname))
-        if tuple(arr.shape) != tuple(param.shape):
-            raise GGUFError(where(tf.spec.source, f"tensor {name!r}: shape {list(tf.info(name).shape)} does not give "
-                                                  f"the {list(param.shape)} this model part needs"))
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # a read-only memmap view is only read from
-            param.copy_(torch.from_numpy(np.ascontiguousarray(arr)).to(dtype))
+        parts = gguf_parts(pname, first_layer, tied)
+        row = 0
+        for (name, rotated), shard in zip(parts, shards.get(pname) or [None] * len(parts), strict=True):
+            if name not in tf:
+                raise GGUFError(where(tf.spec.source, f"tensor {name!r} is missing"))
+            arr = read_slice(tf, name, shard)
+            if rotated and order is not None:
+                arr = reorder_heads(arr, order)
+            n = arr.shape[0]
+            if tuple(arr.shape[1:]) != tuple(param.shape[1:]) or row + n > param.shape[0]:
+                raise GGUFError(where(tf.spec.source, f"tensor {name!r}: shape {list(tf.info(name).shape)} does not "
+                                                      f"give the {list(param.shape)} this model part needs"))
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # a read-only memmap view is only read from
+                param[row:row + n].copy_(torch.from_numpy(np.ascontiguousarray(arr)).to(dtype))
+            row += n
+        if row != param.shape[0]:
+            raise GGUFError(where(tf.spec.source, f"tensors {[n for n, _ in parts]} give {row} rows, this model "
+                                                  f"part needs {param.shape[0]}"))
         done += param.numel() * param.element_size()
         if progress is not None:
             progress(done, total)

@@ -47,7 +47,7 @@ class Rank:
         import torch.distributed as dist
 
         from mixrun.backends.torch import weights
-        from mixrun.backends.torch.model import ModelConfig, Transformer
+        from mixrun.backends.torch.model import ModelConfig, Transformer, pair_order
         from mixrun.backends.torch.parallel import Comm, Layout, apply_tp, vocab_sizes
         from mixrun.gguf_spec import TensorFile
 
@@ -86,7 +86,8 @@ class Rank:
                 link.send({"progress": done / total if total else 1.0, "rank": rank})
 
         self.weight_bytes = weights.load(model, tf, shards, first_layer=self.stage.layers[0], tied=cfg.tied,
-                                         dtype=self.dtype, device=self.device, progress=progress)
+                                         dtype=self.dtype, device=self.device, order=pair_order(cfg),
+                                         progress=progress)
         del tf
         model.setup_cache(self.dtype, self.device)
         model.eval()
