@@ -9,8 +9,8 @@ Where llama.cpp puts things (checked against llama.cpp's own load-time buffer re
 - ``-sm row``: 2-D matrices split by ``-ts`` ratios; everything else, the whole KV cache and the compute buffers
   on the main GPU.
 - ``-sm tensor``: matrices and KV heads split across devices by ``-ts`` ratios.
-The torch backend keeps weights in their GGUF quant blocks on the device (dequantized one matrix at a time), so
-its weight bytes are the GGUF bytes. It shards ``token_embd`` and ``output`` over the vocabulary of the last stage,
+The torch backend keeps quantized matrices in their GGUF blocks on a GPU (dequantized one matrix at a time, right
+before its product), so its weight bytes are the GGUF bytes; CPU ranks (``--simulate``) hold float32 copies. It shards ``token_embd`` and ``output`` over the vocabulary of the last stage,
 as Megatron does, one table when they are tied: the last stage samples the next token, looks up its embedding and
 sends the hidden state to the first stage.
 """

@@ -152,8 +152,9 @@ LAYOUTS = {
 }
 
 
-def _run(model: str, layout: Layout | None, toks: list[int]) -> tuple[np.ndarray, list[int], dict, dict]:
-    eng = TorchEngine(model, n_ctx=128, layout=layout, simulate=True)
+def _run(model: str, layout: Layout | None, toks: list[int], weights: str | None = None
+         ) -> tuple[np.ndarray, list[int], dict, dict]:
+    eng = TorchEngine(model, n_ctx=128, layout=layout, simulate=True, weights=weights)
     try:
         logits = eng.logits(toks)
         tele_prompt = eng.sync_telemetry()
@@ -185,6 +186,25 @@ def test_parallel_layouts_equal_tp1(smollm2: str) -> None:
             for r in range(3):
                 assert ready[r]["rss_anon_load_bytes"] <= 0.45 * one, (r, ready[r], one)
                 assert ready[r]["weight_bytes"] <= 0.36 * base_ready[0]["weight_bytes"]
+
+
+def test_gguf_blocks_kept_on_the_device_equal_dense_weights(smollm2: str) -> None:
+    """GPU ranks keep quantized matrices in their GGUF blocks and dequantize each right before its product (torch
+    code, so it runs on CPU ranks too): the same logits and tokens as float32 weights, TP=1 and the hybrid, at
+    exactly the GGUF bytes the planner counts (plus the tied output's own copy of the embedding)."""
+    from mixrun.gguf_spec import read_spec
+
+    toks = [504, 3575, 282, 4649, 314, 7042, 30]
+    dense_logits, dense_tokens, _t, dense_ready = _run(smollm2, None, toks)
+    for name, layout in (("tp1", None), ("hybrid", LAYOUTS["hybrid"])):
+        logits, tokens, _t, ready = _run(smollm2, layout, toks, weights="blocks")
+        assert _rel(logits, dense_logits) < 1e-5, name
+        assert tokens == dense_tokens, name
+        if name == "tp1":
+            spec = read_spec(smollm2)
+            assert spec.tied_output
+            assert ready[0]["weight_bytes"] == spec.total_bytes + spec.other_bytes["token_embd.weight"]
+            assert ready[0]["weight_bytes"] < 0.3 * dense_ready[0]["weight_bytes"]
 
 
 def test_two_hosts_on_loopback_through_torchrun(smollm2: str) -> None:

@@ -48,7 +48,8 @@ class TorchEngine:
     def __init__(self, model: str, n_ctx: int = 4096, n_threads: int | None = None, seed: int | None = None,
                  plan: Any = None, simulate: bool = False, profile: Any = None, layout: Any = None,
                  dtype: str | None = None, debug: bool = False, fail_rank: int | None = None,
-                 progress: Any = None, advertise_address: str | None = None, **_ignored: Any) -> None:
+                 progress: Any = None, advertise_address: str | None = None, weights: str | None = None,
+                 **_ignored: Any) -> None:
         import llama_cpp
 
         self._sampler: DeviceSampler | None = None
@@ -79,7 +80,8 @@ class TorchEngine:
         cores = os.cpu_count() or 1
         threads = n_threads or max(1, cores // len(self.slots))
         job = {"model": os.path.abspath(model), "layout": layout.to_json(), "devices": [s.torch_device for s in self.slots],
-               "n_ctx": n_ctx, "threads": threads, "dtype": dtype, "timeout_s": 300, "fail_rank": fail_rank}
+               "n_ctx": n_ctx, "threads": threads, "dtype": dtype, "timeout_s": 300, "fail_rank": fail_rank,
+               "weights": weights}
         from llama_cpp._utils import suppress_stdout_stderr
 
         with suppress_stdout_stderr(disable=False):  # llama.cpp warns about the vocab-only context's size
@@ -136,8 +138,8 @@ class TorchEngine:
                 sys.stderr.write("\r\x1b[2K")
 
     def _note_weight_memory(self, plan: Any) -> None:
-        """The planner counts torch weights in GGUF quant blocks (the target: fused dequant-matmul kernels); this
-        runtime dequantizes to its dtype. Say so when it holds more than the plan counted."""
+        """The planner counts torch weights in GGUF quant blocks, which GPU ranks keep; CPU ranks (``--simulate``)
+        dequantize to float32. Say so when a device holds more than the plan counted."""
         if plan is None:
             return
         planned = {d.id: d.weights_bytes for d in plan.devices}
@@ -145,8 +147,8 @@ class TorchEngine:
                 if s.device_id in planned and self.ready.get(s.rank, {}).get("weight_bytes", 0) > 1.1 * planned[s.device_id]]
         if over:
             dev, have, want = max(over, key=lambda o: o[1] / max(o[2], 1))
-            self.info.notes.append(f"weights are dequantized in this runtime: {dev} holds {have / 2**30:.2f} GiB "
-                                   f"where the plan counted {want / 2**30:.2f} GiB in GGUF blocks")
+            self.info.notes.append(f"CPU ranks hold weights dequantized to float32: {dev} holds {have / 2**30:.2f} "
+                                   f"GiB where the plan counted {want / 2**30:.2f} GiB in GGUF blocks")
 
     # ---- the Engine protocol ----
 

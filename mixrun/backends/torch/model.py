@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixrun.backends.torch import quant
+
 ARCHS = ("llama", "qwen2", "qwen3")
 
 
@@ -84,6 +86,25 @@ def cpu_chunks(rows: int, threads: int) -> int:
     """Row blocks for :class:`Weight` on the CPU: one per thread (2 to 32 blocks measured: one per thread streams
     fastest), or 1 when the threads do not divide the rows."""
     return threads if threads > 1 and rows % threads == 0 else 1
+
+
+class BlockWeight:
+    """A linear's weight kept in its GGUF quant blocks (one part per stacked GGUF tensor, e.g. Q, K and V, each
+    in its own type), dequantized right before the product: the device holds the GGUF bytes the planner counted,
+    plus one dequantized matrix at a time."""
+
+    __slots__ = ("parts", "cols", "dtype", "b")
+
+    def __init__(self, parts: list[tuple[torch.Tensor, Any]], cols: int, dtype: torch.dtype,
+                 b: torch.Tensor | None) -> None:
+        self.parts, self.cols, self.dtype, self.b = parts, cols, dtype, b
+
+    def dense(self) -> torch.Tensor:
+        mats = [quant.dequantize(raw, qtype, self.cols, self.dtype) for raw, qtype in self.parts]
+        return mats[0] if len(mats) == 1 else torch.cat(mats)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense(), self.b)
 
 
 class RMSNorm(nn.Module):
@@ -182,18 +203,22 @@ class LayerTensors:
     n_kv: int
     head_dim: int
     attn_norm: Norm
-    wqkv: Weight
+    wqkv: Weight | BlockWeight
     q_norm: Norm | None
     k_norm: Norm | None
-    wo: Weight
+    wo: Weight | BlockWeight
     ffn_norm: Norm
-    w13: Weight
-    w2: Weight
+    w13: Weight | BlockWeight
+    w2: Weight | BlockWeight
     k_cache: torch.Tensor  # (n_kv, max_pos, head_dim)
     v_cache: torch.Tensor
 
 
-def weight(lin: nn.Linear, device: torch.device, threads: int) -> Weight:
+def weight(lin: nn.Linear, device: torch.device, threads: int) -> Weight | BlockWeight:
+    """How a step computes ``lin``: from GGUF blocks when the loader kept them, else dense."""
+    blocks = getattr(lin, "blocks", None)
+    if blocks:
+        return BlockWeight(blocks, lin.block_cols, lin.block_dtype, lin.bias)
     return Weight(lin.weight, lin.bias, cpu_chunks(lin.out_features, threads) if device.type == "cpu" else 1)
 
 
@@ -274,15 +299,22 @@ class Embedding(nn.Module):
 
     def __init__(self, rows: int, dim: int, start: int = 0, shard: bool = False) -> None:
         super().__init__()
-        self.start, self.shard = start, shard
+        self.start, self.shard, self.rows = start, shard, rows
         self.weight = nn.Parameter(torch.empty(rows, dim))
+        self.blocks: list[tuple[torch.Tensor, Any]] = []  # the table in GGUF blocks, when the loader kept them
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.blocks:
+            return F.embedding(ids, self.weight)
+        raw, qtype = self.blocks[0]
+        return quant.dequantize(raw.index_select(0, ids), qtype, self.block_cols, self.block_dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.shard:
-            return F.embedding(ids, self.weight)
+            return self.lookup(ids)
         local = ids - self.start
-        inside = (local >= 0) & (local < self.weight.shape[0])
-        out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)  # (T, dim)
+        inside = (local >= 0) & (local < self.rows)
+        out = self.lookup(local.clamp(0, self.rows - 1))  # (T, dim)
         return out * inside[:, None].to(out.dtype)
 
 
@@ -299,7 +331,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if head else None
         self.output = nn.Linear(cfg.dim, cfg.vocab, bias=False) if head else None
         self._blocks: list[Block] = []
-        self._output: Weight | None = None
+        self._output: Weight | BlockWeight | None = None
         self._norm: Norm | None = None
 
     def setup_cache(self, dtype: torch.dtype, device: torch.device, threads: int | None = None) -> None:

@@ -18,6 +18,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType
 from gguf.quants import dequantize
 
+from mixrun.backends.torch import quant
 from mixrun.backends.torch.parallel import Shard
 from mixrun.errors import GGUFError, where
 
@@ -111,19 +112,74 @@ def materialize(model: torch.nn.Module, device: torch.device) -> mmap.mmap | Non
     return buf
 
 
+def read_blocks(tf: Any, name: str, shard: Shard | None) -> np.ndarray | None:
+    """A matrix's (slice of) GGUF blocks as raw bytes (rows, bytes per row), or None for a column slice that
+    cuts blocks."""
+    info = tf.info(name)
+    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[info.qtype]]
+    rows, cols = int(np.prod(info.shape[:-1])), info.shape[-1]
+    raw = tf.raw(name).reshape(rows, cols // block * type_size)
+    if shard is None or shard.dim is None:
+        return raw
+    if shard.dim == 0:
+        return raw[shard.start:shard.stop]
+    if shard.start % block or shard.stop % block:
+        return None
+    return raw[:, shard.start // block * type_size: shard.stop // block * type_size]
+
+
+def _kept_in_blocks(model: torch.nn.Module, tf: Any, shards: dict[str, tuple[Shard, ...]], first_layer: int,
+                    tied: bool) -> dict[str, list[tuple[str, bool, Shard | None]]]:
+    """Matrices to keep in their GGUF quant blocks: every part quantized in a type :mod:`quant` handles, and
+    sliced along whole blocks."""
+    out = {}
+    for pname, p in model.named_parameters():
+        if p.dim() != 2:
+            continue
+        parts = gguf_parts(pname, first_layer, tied)
+        pshards = shards.get(pname) or [None] * len(parts)
+        keep = []
+        for (name, rotated), shard in zip(parts, pshards, strict=True):
+            if name not in tf:
+                break
+            info = tf.info(name)
+            qtype = GGMLQuantizationType[info.qtype]
+            block = GGML_QUANT_SIZES[qtype][0]
+            if qtype not in quant.SUPPORTED or block == 1 or (
+                    shard is not None and shard.dim == 1 and (shard.start % block or shard.stop % block)):
+                break
+            keep.append((name, rotated, shard))
+        else:
+            out[pname] = keep
+    return out
+
+
 def load(model: torch.nn.Module, tf: Any, shards: dict[str, tuple[Shard, ...]], *, first_layer: int, tied: bool,
-         dtype: torch.dtype, device: torch.device, order: list[int] | None = None,
+         dtype: torch.dtype, device: torch.device, order: list[int] | None = None, blocks: bool = False,
          progress: Callable[[int, int], None] | None = None) -> int:
-    """Materialize a meta-device model on ``device`` and fill every parameter from the GGUF; returns bytes loaded.
+    """Materialize a meta-device model on ``device`` and fill every parameter from the GGUF; returns bytes held.
 
     ``shards`` gives each parameter's slice of each of its GGUF tensors (none: whole tensors); ``order`` is the
-    RoPE feature order within a head for Q and K (:func:`mixrun.backends.torch.model.pair_order`). A tensor whose
+    RoPE feature order within a head for Q and K (:func:`mixrun.backends.torch.model.pair_order`). With
+    ``blocks``, quantized matrices stay in their GGUF blocks on the device (the module gets ``blocks``, a list
+    of (uint8 tensor, quant type) in row order, and ``block_cols``; its weight is an empty placeholder) and are
+    dequantized one at a time before their product, so a device holds what the planner counted. A tensor whose
     shape does not match what the model expects is a :class:`GGUFError` naming the file."""
+    kept = _kept_in_blocks(model, tf, shards, first_layer, tied) if blocks else {}
+    for pname in kept:
+        owner, _, attr = pname.rpartition(".")
+        cols = model.get_parameter(pname).shape[1]
+        setattr(model.get_submodule(owner), attr, torch.nn.Parameter(torch.empty(0, cols, device="meta"),
+                                                                      requires_grad=False))
     model.weight_map = materialize(model, device)
     params = dict(model.named_parameters())
-    total = sum(p.numel() * p.element_size() for p in params.values())
+    dense_total = sum(p.numel() * p.element_size() for p in params.values())
+    block_total = sum(int(np.prod(read_blocks(tf, n, sh).shape)) for parts in kept.values() for n, _, sh in parts)
+    total = dense_total + block_total
     done = 0
     for pname, param in params.items():
+        if pname in kept:
+            continue
         parts = gguf_parts(pname, first_layer, tied)
         row = 0
         for (name, rotated), shard in zip(parts, shards.get(pname) or [None] * len(parts), strict=True):
@@ -144,6 +200,28 @@ def load(model: torch.nn.Module, tf: Any, shards: dict[str, tuple[Shard, ...]], 
             raise GGUFError(where(tf.spec.source, f"tensors {[n for n, _ in parts]} give {row} rows, this model "
                                                   f"part needs {param.shape[0]}"))
         done += param.numel() * param.element_size()
+        if progress is not None:
+            progress(done, total)
+    for pname, parts in kept.items():
+        owner = model.get_submodule(pname.rpartition(".")[0])
+        held = []
+        for name, rotated, shard in parts:
+            raw = read_blocks(tf, name, shard)
+            info = tf.info(name)
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[info.qtype]]
+            if raw is None or raw.shape[1] != params[pname].shape[1] // block * type_size:
+                raise GGUFError(where(tf.spec.source, f"tensor {name!r}: shape {list(info.shape)} does not give "
+                                                      f"the {params[pname].shape[1]} columns this model part needs"))
+            if rotated and order is not None:
+                raw = reorder_heads(raw, order)
+            held.append((torch.from_numpy(np.ascontiguousarray(raw)).to(device), GGMLQuantizationType[info.qtype]))
+            done += raw.size
+        rows = sum(r.shape[0] for r, _ in held)
+        want = owner.out_features if isinstance(owner, torch.nn.Linear) else owner.rows
+        if rows != want:
+            raise GGUFError(where(tf.spec.source, f"tensors {[n for n, _, _ in parts]} give {rows} rows, this "
+                                                  f"model part needs {want}"))
+        owner.blocks, owner.block_cols, owner.block_dtype = held, params[pname].shape[1], dtype
         if progress is not None:
             progress(done, total)
     return done

@@ -66,6 +66,9 @@ class Rank:
                   for i, s in enumerate(self.layout.stages)]
         self.comm = Comm(groups[self.stage_idx], self.stage.tp)
         self.dtype = getattr(torch, job.get("dtype") or ("float32" if self.device.type == "cpu" else "bfloat16"))
+        # GPUs keep quantized matrices in their GGUF blocks (what the planner counts); CPU ranks dequantize them
+        # once, as a decode step on the CPU cannot afford to dequantize every matrix again
+        self.blocks = (job.get("weights") or ("dense" if self.device.type == "cpu" else "blocks")) == "blocks"
 
         rss0 = rss_anon_bytes()
         tf = TensorFile(job["model"])
@@ -87,7 +90,7 @@ class Rank:
 
         self.weight_bytes = weights.load(model, tf, shards, first_layer=self.stage.layers[0], tied=cfg.tied,
                                          dtype=self.dtype, device=self.device, order=pair_order(cfg),
-                                         progress=progress)
+                                         blocks=self.blocks, progress=progress)
         del tf
         model.setup_cache(self.dtype, self.device)
         model.eval()
