@@ -17,12 +17,14 @@ import numpy as np
 import psutil
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gguf_factory
 from mixrun.backends.base import Sampling
 from mixrun.backends.torch.engine import TorchEngine
-from mixrun.backends.torch.model import ModelConfig, Rope, pair_order
+from mixrun.backends.torch.model import ModelConfig, Norm, RMSNorm, Rope, Weight, cpu_chunks, pair_order
 from mixrun.backends.torch.parallel import Layout, Stage, split_sizes
+from mixrun.backends.torch.weights import materialize
 from mixrun.errors import RuntimeFailure
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=64)
@@ -90,6 +92,29 @@ def test_rope_pair_order_turns_neox_into_adjacent_pairs() -> None:
     order = pair_order(cfg)
     assert torch.allclose(rope(x[..., order], 7), ref[..., order], atol=1e-5)
     assert not torch.allclose(rope(x, 7), ref, atol=1e-3)
+
+
+def test_decode_pieces_match_plain_torch() -> None:
+    """The decode step's tuned pieces against plain torch: the row-block product (one row, several rows, bias),
+    the five-operation RMS norm, and CPU parameters as views into one huge-page-advised map."""
+    torch.manual_seed(0)
+    w, b, x1, x3 = torch.randn(96, 40), torch.randn(96), torch.randn(1, 40), torch.randn(3, 40)
+    blocked = Weight(w, b, chunks=2)
+    assert blocked.blocks is not None and blocked.blocks.shape == (2, 48, 40)
+    assert torch.allclose(blocked(x1), F.linear(x1, w, b), atol=1e-5)
+    assert torch.allclose(blocked(x3), F.linear(x3, w, b), atol=1e-5)
+    assert (cpu_chunks(96, 2), cpu_chunks(97, 2), cpu_chunks(96, 1)) == (2, 1, 1)
+    norm = RMSNorm(40, 1e-5)
+    norm.weight.data = torch.randn(40)
+    ref = x3 / torch.sqrt(x3.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    assert torch.allclose(Norm(norm)(x3), ref, rtol=1e-5, atol=1e-6)
+    with torch.device("meta"):
+        net = torch.nn.Sequential(torch.nn.Linear(40, 96), torch.nn.Linear(96, 8))
+    arena = materialize(net, torch.device("cpu"))
+    assert arena is not None
+    ptrs = [p.data_ptr() for p in net.parameters()]
+    assert all(p.device.type == "cpu" for p in net.parameters())
+    assert all(0 <= q - ptrs[0] < len(arena) for q in ptrs) and len(set(ptrs)) == len(ptrs)
 
 
 def test_layouts_from_plans_and_checks() -> None:

@@ -15,13 +15,15 @@ PENALTY_LAST_N = 64  # llama.cpp's default window for the repeat penalty
 
 def sample(logits: torch.Tensor, s: dict[str, Any], recent: Sequence[int], gen: torch.Generator) -> int:
     """One token from ``logits`` (vocab,) under the settings ``s`` (keys as in :class:`~mixrun.backends.base.Sampling`)."""
-    logits = logits.float().clone()
     penalty = float(s.get("repeat_penalty", 1.0))
+    temp = float(s.get("temperature", 0.0))
+    if temp <= 0 and (penalty == 1.0 or not recent):
+        return int(torch.argmax(logits))  # nothing to change in the logits: no copy
+    logits = logits.float().clone()
     if penalty != 1.0 and recent:
         ids = torch.tensor(sorted(set(recent[-PENALTY_LAST_N:])), dtype=torch.long)
         vals = logits[ids]
         logits[ids] = torch.where(vals > 0, vals / penalty, vals * penalty)
-    temp = float(s.get("temperature", 0.0))
     if temp <= 0:
         return int(torch.argmax(logits))
     k = int(s.get("top_k", 0))
