@@ -8,7 +8,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 
-from mixrun.planner.cost import allreduce_s, costs, read_time_s, transfer_s
+from mixrun.planner.cost import allreduce_s, costs, dequant_bytes, read_time_s, transfer_s
 from mixrun.planner.evaluate import Context, Evaluation, evaluate_pipeline, evaluate_row, planned_capacity
 from mixrun.planner.memory import GPU_OVERHEAD_BYTES, compute_bytes
 from mixrun.planner.search import StageCosts, Unit, allocate, best_layout, exact_boundaries, head_shares, tp_cliques
@@ -63,7 +63,7 @@ def _finish(ctx: Context, split: Split, backend: BackendName, label: str, groups
         commands["llama_server"] = f"llama-server -m {model} -c {ctx.req.ctx} {server}" + _kv_flags(ctx)
     return Candidate(split=split, backend=backend, label=label, groups=tuple(groups), devices=ev.devices,
                      decode_tok_s=1.0 / decode, prefill_tok_s=ctx.req.prompt_tokens / ev.prefill_s, decode=ev.decode,
-                     why=_why(ctx, groups, ev, split), commands=commands, llama_kwargs=llama or {})
+                     why=_why(ctx, groups, ev, split, backend), commands=commands, llama_kwargs=llama or {})
 
 
 def _slowest_link(ctx: Context, devices: Sequence[str]) -> str:
@@ -72,7 +72,7 @@ def _slowest_link(ctx: Context, devices: Sequence[str]) -> str:
     return f"{worst.kind} {worst.bandwidth_gbs:g} GB/s"
 
 
-def _why(ctx: Context, groups: list[Group], ev: Evaluation, split: Split) -> str:
+def _why(ctx: Context, groups: list[Group], ev: Evaluation, split: Split, backend: BackendName) -> str:
     parts = []
     for g in groups:
         span = f"layers {g.layers[0]}-{g.layers[1] - 1}"
@@ -91,6 +91,9 @@ def _why(ctx: Context, groups: list[Group], ev: Evaluation, split: Split) -> str
     t = ev.decode
     if t.tp_comm_s + t.handoff_s > 0.15 * t.total_s:
         text += f"; communication {(t.tp_comm_s + t.handoff_s) / t.total_s:.0%}"
+    gpus = any(ctx.profile.device(d).backend != "cpu" for g in groups for d in g.devices)
+    if backend == BackendName.TORCH and gpus and any(ctx.facts.layer_quant_elements):
+        text += "; quantized matrices are expanded by torch operations for every product (no fused kernels yet)"
     if not ev.fits:
         short = [f"{d.id} short by {d.shortfall_bytes / 2**30:.2f} GiB" for d in ev.devices if not d.fits]
         text += "; does not fit: " + ", ".join(short)
@@ -324,6 +327,7 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
     if len(units) > MAX_UNITS:  # keep the fastest units (the search stays exact among them)
         units = sorted(units, key=lambda u: -sum(p.device(d).mem_bandwidth_gbs for d in u.devices))[:MAX_UNITS]
     mat = sum(facts.layer_matrix_bytes) / L
+    quant = sum(facts.layer_quant_elements) / L
     oth = sum(facts.layer_other_bytes) / L
     kv = facts.kv_bytes(req.ctx, req.ubatch, 0, L) / L
     mean_layer = (mat, oth, kv)
@@ -353,9 +357,11 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
             per_layer = lm * s + lo + lk * s
             room = planned_capacity(dev, util) - fixed_bytes(dev, s, last)
             cap = min(cap, int(room // per_layer) if room > 0 else 0)
-            layer_s = max(layer_s, read_time_s(mat * s + oth, dev, backend))
+            layer_s = max(layer_s, read_time_s(mat * s + oth + dequant_bytes(quant * s, dev, backend), dev, backend))
             if last:
-                fixed_s = max(fixed_s, read_time_s(facts.output_bytes * (s if torch else 1.0), dev, backend))
+                out = facts.output_bytes * (s if torch else 1.0) + dequant_bytes(facts.output_quant_elements * s, dev,
+                                                                                   backend)
+                fixed_s = max(fixed_s, read_time_s(out, dev, backend))
         dev0 = p.device(u.devices[0])
         layer_s += costs(backend, dev0).layer_overhead_s
         if len(u.devices) > 1:

@@ -89,6 +89,18 @@ def costs(backend: str, device: Device) -> BackendCosts:
     return COSTS[(backend, device_class(device))]
 
 
+# The torch backend keeps quantized matrices in their GGUF blocks on a GPU and expands each with torch operations
+# right before its product, which write and re-read float32 intermediates: 19-39 bytes allocated per weight by quant
+# type (docs/benchmarks.md), so about 50 bytes of memory traffic per weight on top of the blocks themselves.
+DEQUANT_BYTES_PER_WEIGHT = 50
+
+
+def dequant_bytes(elements: float, device: Device, backend: str) -> float:
+    """Memory traffic of expanding ``elements`` quantized weights for one product (torch on a GPU; CPU ranks keep
+    float32 copies)."""
+    return DEQUANT_BYTES_PER_WEIGHT * elements if backend == "torch" and device.backend != "cpu" else 0.0
+
+
 def read_time_s(n_bytes: float, device: Device, backend: str) -> float:
     """Seconds to stream ``n_bytes`` of weights from a device's memory during decode."""
     return n_bytes / (device.mem_bandwidth_gbs * 1e9 * costs(backend, device).bw_eff)

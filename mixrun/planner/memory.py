@@ -31,6 +31,7 @@ KV_CTX_PAD = 256
 # backend's caching allocator and NCCL buffers add to it.
 GPU_OVERHEAD_BYTES = {"llama.cpp": 400 * MIB, "torch": 700 * MIB}
 F32 = 4
+PLAIN_TYPES = frozenset({"F32", "F16", "BF16"})  # stored as plain floats, not in quant blocks
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,25 @@ class ModelFacts:
     @cached_property
     def embd_bytes(self) -> int:
         return self.spec.other_bytes.get("token_embd.weight", 0)
+
+    @cached_property
+    def layer_quant_elements(self) -> tuple[int, ...]:
+        """Weights per layer in quantized (block) matrices: what the torch backend dequantizes for every product."""
+        out = [0] * self.spec.n_layers
+        for t in self.spec.tensors:
+            if t.layer is not None and len(t.shape) >= 2 and t.qtype not in PLAIN_TYPES:
+                out[t.layer] += t.n_elements
+        return tuple(out)
+
+    @cached_property
+    def output_quant_elements(self) -> int:
+        """Weights of the output projection (the embedding when tied) when quantized, else 0."""
+        name = "output.weight" if not self.spec.tied_output else "token_embd.weight"
+        t = next((t for t in self.spec.tensors if t.name == name), None)
+        return t.n_elements if t is not None and t.qtype not in PLAIN_TYPES else 0
+
+    def quant_elements(self, start: int, end: int, share: float = 1.0) -> float:
+        return sum(self.layer_quant_elements[start:end]) * share
 
     @cached_property
     def output_bytes(self) -> int:

@@ -10,27 +10,44 @@ import pytest
 
 from mixrun.cli import main
 from mixrun.model_spec import ModelSpec
-from mixrun.planner import PlanError, PlanRequest, plan, scaled_spec, spec_at_bpw
-from mixrun.planner.types import Split
+from mixrun.planner import PlanError, PlanRequest, cost, plan, scaled_spec, spec_at_bpw
+from mixrun.planner.types import Candidate, Split
 from mixrun.profile import Result, load_profile
 
 
-def test_hybrid_on_nvlink_pair_plus_3060(llama70b: ModelSpec) -> None:
-    assert 42.0e9 < llama70b.total_bytes < 43.0e9  # Llama-3-70B Q4_K_M is 42.5 GB
-    rep = plan(load_profile("dual-3090-nvlink-plus-3060"), llama70b, PlanRequest(ctx=4096))
-    best = rep.best
-    assert best is not None and best.fits
-    assert best.split == Split.HYBRID and best.backend.value == "torch"
-    tp = [g for g in best.groups if g.tp == 2]
+def _assert_hybrid_shape(c: Candidate) -> None:
+    assert c.split == Split.HYBRID and c.backend.value == "torch" and c.fits
+    tp = [g for g in c.groups if g.tp == 2]
     assert len(tp) == 1 and set(tp[0].devices) == {"gpu0", "gpu1"}
-    rest = [g for g in best.groups if g.tp == 1]
+    rest = [g for g in c.groups if g.tp == 1]
     assert [g.devices for g in rest] == [("gpu2",)]
-    assert sum(g.n_layers for g in best.groups) == 80
-    assert sorted(g.layers for g in best.groups)[0][0] == 0  # contiguous, half-open, covering every layer
+    assert sum(g.n_layers for g in c.groups) == 80
+    assert sorted(g.layers for g in c.groups)[0][0] == 0  # contiguous, half-open, covering every layer
+
+
+def test_hybrid_on_nvlink_pair_plus_3060(llama70b: ModelSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TP 2 on the matched NVLink pair and a layer stage on the 3060. This torch runtime expands quantized matrices
+    with torch operations for every product (about 50 bytes of traffic per weight), so for a Q4_K_M model the
+    planner picks a llama.cpp split and says why; without that cost (fused dequant-matmul kernels, the target)
+    the hybrid is the best plan."""
+    assert 42.0e9 < llama70b.total_bytes < 43.0e9  # Llama-3-70B Q4_K_M is 42.5 GB
+    prof = load_profile("dual-3090-nvlink-plus-3060")
+    rep = plan(prof, llama70b, PlanRequest(ctx=4096))
+    hybrid = next(c for c in rep.candidates if c.backend.value == "torch")
+    _assert_hybrid_shape(hybrid)
+    assert "expanded by torch operations" in hybrid.why
+    best = rep.best
+    assert best is not None and best.fits and best.backend.value == "llama.cpp"
+    assert best.decode_tok_s > 10 * hybrid.decode_tok_s
     labels = {c.split.value for c in rep.candidates if c.backend.value == "llama.cpp"}
     assert {"layer", "row", "tensor"} <= labels
     for c in rep.candidates:
         assert c.decode_tok_s > 0 and c.prefill_tok_s > 0 and c.why
+
+    monkeypatch.setattr(cost, "DEQUANT_BYTES_PER_WEIGHT", 0)
+    target = plan(prof, llama70b, PlanRequest(ctx=4096)).best
+    assert target is not None
+    _assert_hybrid_shape(target)
 
 
 def test_too_big_reports_shortfalls_and_checked_suggestions(llama70b: ModelSpec) -> None:

@@ -19,14 +19,15 @@ from mixrun.tui.session import EngineSession, Sample
 
 @pytest.fixture(scope="module")
 def hybrid(llama70b_path: str):  # type: ignore[no-untyped-def]
+    """The profile and its torch hybrid for the 70B (not the best plan: see tests/planner/test_plan.py)."""
     prof = load_profile("dual-3090-nvlink-plus-3060")
-    return prof, plan(prof, read_spec(llama70b_path), PlanRequest(ctx=4096))
+    report = plan(prof, read_spec(llama70b_path), PlanRequest(ctx=4096))
+    return prof, next(c for c in report.candidates if c.split.value == "hybrid")
 
 
 def test_rig_diagram_marks_stages_tp_group_and_links(hybrid) -> None:  # type: ignore[no-untyped-def]
-    prof, report = hybrid
-    assert report.best is not None and report.best.split.value == "hybrid"
-    text = views.rig_diagram(prof, report.best).plain
+    prof, cand = hybrid
+    text = views.rig_diagram(prof, cand).plain
     assert "stage 1  layers 0-0 (1)  gpu2" in text
     assert "stage 2  layers 1-79 (79)  gpu0 RTX 3090 24G ═ gpu1" in text  # NVLink drawn as a double line
     assert "TP 2, shares 50/50%, slowest nvlink 56.25 GB/s" in text
@@ -35,11 +36,11 @@ def test_rig_diagram_marks_stages_tp_group_and_links(hybrid) -> None:  # type: i
 
 
 def test_memory_bar_is_as_wide_as_asked_and_shows_each_part(hybrid) -> None:  # type: ignore[no-untyped-def]
-    _, report = hybrid
+    _, cand = hybrid
     for width in (8, 30, 77):
-        for d in report.best.devices:
+        for d in cand.devices:
             assert views.memory_bar(d, width).cell_len == width
-    bars = views.memory_bars(report.best, 80).plain.splitlines()
+    bars = views.memory_bars(cand, 80).plain.splitlines()
     assert bars[0].startswith("gpu2 ") and bars[0].endswith("1.45 GiB / 10.80 GiB")
     assert "weights" in bars[-1] and "KV" in bars[-1] and "free" in bars[-1]
 
