@@ -336,7 +336,8 @@ class Transformer(nn.Module):
         self.rope = Rope(cfg, max_pos)
         self.embed = Embedding(cfg.vocab, cfg.dim) if head else None
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if head else None
-        self.output = nn.Linear(cfg.dim, cfg.vocab, bias=False) if head else None
+        # a tied output is the embedding table itself (one copy; the planner counts one)
+        self.output = nn.Linear(cfg.dim, cfg.vocab, bias=False) if head and not cfg.tied else None
         self._blocks: list[Block] = []
         self._output: Weight | BlockWeight | None = None
         self._norm: Norm | None = None
@@ -350,6 +351,10 @@ class Transformer(nn.Module):
             blk.setup_cache(self.max_pos, dtype, device, threads)
         if self.output is not None:
             self._output = weight(self.output, device, threads)
+        elif self.embed is not None:  # tied
+            e = self.embed
+            self._output = (BlockWeight(e.blocks, e.block_cols, e.block_dtype, None) if e.blocks else
+                            Weight(e.weight, None, cpu_chunks(e.rows, threads) if device.type == "cpu" else 1))
         if self.norm is not None:
             self._norm = Norm(self.norm)
         self._blocks = list(self.layers)
@@ -366,6 +371,6 @@ class Transformer(nn.Module):
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.norm is not None and self.output is not None
+        assert self.norm is not None
         assert self._output is not None and self._norm is not None, "setup_cache() first"
         return self._output(self._norm(x)).float()  # (T, vocab or its shard)

@@ -192,7 +192,8 @@ def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[
         vocab = split_sizes(cfg.vocab, kv)
         v0, v1 = sum(vocab[:member]), sum(vocab[: member + 1])
         model.embed = Embedding(v1 - v0, cfg.dim, start=v0, shard=stage.tp > 1).to(model.embed.weight.device)
-        model.output = nn.Linear(cfg.dim, v1 - v0, bias=False, device=model.output.weight.device)
+        if model.output is not None:  # untied: its own vocabulary shard
+            model.output = nn.Linear(cfg.dim, v1 - v0, bias=False, device=model.output.weight.device)
         shards["embed.weight"] = shards["output.weight"] = (Shard(0, v0, v1),)
     return {k: v for k, v in shards.items() if _has(model, k)}
 
