@@ -120,8 +120,17 @@ def sum_torch(text: str) -> str:
     agree = d.get("q4_1_greedy") or []
     ag = (f"; Q4_1 greedy agreement: {sum(a['agree_tokens'] for a in agree)}/{sum(a['of'] for a in agree)} tokens "
           f"before the first difference over {len(agree)} prompts") if agree else ""
+    k = d.get("kernels_gbs") or {}
+    kern = (f"; one-row products {k['row blocks, huge pages']} GB/s vs F.linear {k['F.linear']}"
+            if "F.linear" in k else "")
     return (f"decode torch/llama.cpp {dec['ratio']:.2f} ({dec['torch_tok_s']:.1f} vs {dec['llamacpp_tok_s']:.1f} "
-            f"tok/s, F32 SmolLM2); TP=3 all-reduce bytes {'= theory' if same else '!= theory'}{ag}")
+            f"tok/s, F32 SmolLM2); TP=3 all-reduce bytes {'= theory' if same else '!= theory'}{ag}{kern}")
+
+
+def sum_dequant(text: str) -> str:
+    d = json.loads(text)
+    return "allocated B/weight expanding GGUF blocks to bf16: " + ", ".join(
+        f"{k} {v['allocated_bytes_per_weight']:g}" for k, v in d.items())
 
 
 def sum_roofline(text: str) -> str:
@@ -158,6 +167,8 @@ BENCHES = [
                                                     "--repeats", "2", "--warmup", "0", "--no-raw-defaults",
                                                     "--json"],
           "32 tokens, 2 rounds", sum_chat, 300, "chat_overhead.py"),
+    Bench("torch GGUF-block expansion traffic", [str(HERE / "dequant_traffic.py"), "--rows", "256", "--json"],
+          "256 x 4096", sum_dequant, 120, "dequant_traffic.py"),
     Bench("torch backend vs GPU roofline", [str(HERE / "torch_gpu_roofline.py"), "--tokens", "64", "--repeats", "2"],
           "64 tokens, 2 runs", sum_roofline, 300, "torch_gpu_roofline.py", skip_when="no CUDA device here"),
 ]

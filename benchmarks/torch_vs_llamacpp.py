@@ -6,6 +6,9 @@
 2. Communication accounting: bytes all-reduced per token and TP member against 2 x layers x hidden x 4 bytes.
 3. Greedy agreement on the bundled Q4_1 SmolLM2 over five prompts: the first token where the torch backend
    (weights dequantized to float32) and llama.cpp (quantized matmuls with Q8_0-quantized activations) part.
+4. The decode kernels behind 1: weight bandwidth of one-row products over SmolLM2-shaped float32 matrices with
+   ``F.linear`` (MKL's gemv, one thread), with the torch backend's row blocks (one batched product, all threads),
+   and with row blocks in a huge-page-advised arena (as the loader allocates them); ratios to ``F.linear``.
 
     python benchmarks/torch_vs_llamacpp.py [--repeats 5] [--tokens 64] [--threads 2] [--json]
 """
@@ -59,6 +62,44 @@ def torch_decode(eng, toks: list[int], n: int, nonce: int) -> float:
         t_last = now
         got += 1
     return (got - 1) / (t_last - t_first)
+
+
+def kernel_bandwidth(threads: int, rounds: int = 5) -> dict[str, float]:
+    """GB/s of one decode step's products (30 layers of SmolLM2's fused matrices and the output head), best of
+    ``rounds``, for three ways of computing them."""
+    import torch
+    import torch.nn.functional as F
+
+    from mixrun.backends.torch.model import Weight, cpu_chunks
+    from mixrun.backends.torch.weights import materialize
+
+    torch.set_num_threads(threads)
+    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
+    with torch.device("meta"):
+        net = torch.nn.ModuleList(torch.nn.Linear(k, n, bias=False) for n, k in shapes)
+    arena = materialize(net, torch.device("cpu"))
+    plain = [torch.randn(n, k) for n, k in shapes]
+    with torch.no_grad():
+        for lin, w in zip(net, plain, strict=True):
+            lin.weight.copy_(w)
+    xs = {k: torch.randn(1, k) for _n, k in shapes}
+    ways = {"F.linear": [lambda x, w=w: F.linear(x, w) for w in plain],
+            "row blocks": [Weight(w, None, cpu_chunks(w.shape[0], threads)) for w in plain],
+            "row blocks, huge pages": [Weight(lin.weight, None, cpu_chunks(lin.out_features, threads))
+                                       for lin in net]}
+    total = sum(n * k * 4 for n, k in shapes)
+    out = {}
+    with torch.inference_mode():
+        for name, fns in ways.items():
+            best = float("inf")
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                for (_n, k), fn in zip(shapes, fns, strict=True):
+                    fn(xs[k])
+                best = min(best, time.perf_counter() - t0)
+            out[name] = round(total / best / 1e9, 1)
+    del arena
+    return out
 
 
 def main() -> int:
@@ -133,6 +174,8 @@ def main() -> int:
         llm.close()
     out["q4_1_greedy"] = rows
 
+    out["kernels_gbs"] = kernel_bandwidth(args.threads)
+
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -145,6 +188,9 @@ def main() -> int:
           f"{'equal' if ok else 'DIFFERENT'}")
     for r in rows:
         print(f"Q4_1 greedy, {r['prompt']!r}: first {r['agree_tokens']} of {r['of']} tokens agree")
+    k = out["kernels_gbs"]
+    ref = k["F.linear"]
+    print("one-row products, GB/s of weights: " + ", ".join(f"{n} {v} (x{v / ref:.2f})" for n, v in k.items()))
     return 0
 
 
