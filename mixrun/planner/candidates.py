@@ -4,13 +4,15 @@ memory, predicted speed, a one-line why, and the commands that reproduce it."""
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Sequence
 
+from mixrun.model_spec import ModelSpec, tally_bytes
 from mixrun.planner.cost import allreduce_s, costs, dequant_bytes, read_time_s, transfer_s
 from mixrun.planner.evaluate import Context, Evaluation, evaluate_pipeline, evaluate_row, planned_capacity
-from mixrun.planner.memory import GPU_OVERHEAD_BYTES, compute_bytes
+from mixrun.planner.memory import F32, GPU_OVERHEAD_BYTES, ModelFacts, compute_bytes
 from mixrun.planner.search import StageCosts, Unit, allocate, best_layout, exact_boundaries, head_shares, tp_cliques
 from mixrun.planner.types import BackendName, Candidate, Group, Split
 from mixrun.profile import Device
@@ -250,6 +252,14 @@ def _tensor_shares(ctx: Context, gpus: list[Device]) -> tuple[float, ...] | None
 # ---- torch: TP groups inside pipeline stages ----------------------------------------------------------------------
 
 
+def float32_spec(spec: ModelSpec) -> ModelSpec:
+    """The model as CPU ranks of the torch backend hold it: every tensor in float32."""
+    tensors = tuple(dataclasses.replace(t, qtype="F32", n_bytes=F32 * t.n_elements) for t in spec.tensors)
+    layer_bytes, other = tally_bytes(tensors, spec.n_layers)
+    return dataclasses.replace(spec, tensors=tensors, layer_bytes=layer_bytes, other_bytes=other,
+                               total_bytes=sum(t.n_bytes for t in tensors))
+
+
 def torch_units(ctx: Context) -> list[Unit]:
     """TP groups from NVLink cliques (uneven shares by bandwidth, whole KV-head groups), their halves, and every
     GPU alone; CPU processes only when the rig has no GPU."""
@@ -289,6 +299,9 @@ def torch_plan(ctx: Context) -> Candidate | None:
     units = torch_units(ctx)
     if not units:
         return None
+    if all(ctx.profile.device(d).backend == "cpu" for u in units for d in u.devices):
+        # CPU ranks dequantize the weights once, to float32: that is what they hold and stream
+        ctx = dataclasses.replace(ctx, facts=ModelFacts(float32_spec(ctx.spec), ctx.req.kv_type))
     shape = _torch_shape(ctx.req.split)
     groups = _search(ctx, "torch", units, shape=shape)
     if groups is None:  # nothing fits: every TP clique and lone GPU, layers in proportion to memory

@@ -170,3 +170,18 @@ def test_kv_suggestions_only_offer_smaller_caches(llama70b: ModelSpec) -> None:
     rep = plan(prof, llama70b, PlanRequest(ctx=131072, kv_type="q8_0"))
     offered = [s.change["kv_type"] for s in rep.suggestions if "kv_type" in s.change]
     assert offered and set(offered) <= {"q4_0"}
+
+
+def test_torch_on_a_cpu_counts_the_float32_copies_it_holds(smollm2: str) -> None:
+    """CPU ranks dequantize once to float32: the torch candidate on a CPU-only rig holds (and streams) 4 bytes per
+    weight, where llama.cpp holds the Q4_1 file's bytes."""
+    from mixrun.gguf_spec import read_spec
+
+    spec = read_spec(smollm2)
+    rep = plan(load_profile("cpu-only"), spec, PlanRequest(ctx=4096))
+    torch_c = next(c for c in rep.candidates if c.backend.value == "torch")
+    llama_c = next(c for c in rep.candidates if c.backend.value == "llama.cpp")
+    assert torch_c.devices[0].weights_bytes == sum(4 * t.n_elements for t in spec.tensors)
+    assert llama_c.devices[0].weights_bytes == spec.total_bytes
+    assert "expanded by torch operations" not in torch_c.why
+    assert torch_c.decode_tok_s < llama_c.decode_tok_s / 2
