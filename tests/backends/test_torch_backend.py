@@ -90,8 +90,18 @@ def test_rope_pair_order_turns_neox_into_adjacent_pairs() -> None:
     a, b = x[..., :12], x[..., 12:24]
     ref = torch.cat((a * cos - b * sin, a * sin + b * cos, x[..., 24:]), dim=-1)
     order = pair_order(cfg)
-    assert torch.allclose(rope(x[..., order], 7), ref[..., order], atol=1e-5)
-    assert not torch.allclose(rope(x, 7), ref, atol=1e-3)
+    steps = x[..., order]  # a copy: rotate_ works in place
+    rope.rotate_(steps, 7)
+    assert torch.allclose(steps, ref[..., order], atol=1e-5)
+    one = x[2][:, order]  # a decode step: (heads, head_dim) at position 9
+    rope.rotate_(one, 9)
+    assert torch.allclose(one, ref[2][:, order], atol=1e-5)
+    half = x[..., order].to(torch.bfloat16)  # through a float32 copy
+    rope.rotate_(half, 7)
+    assert torch.allclose(half.float(), ref[..., order], atol=3e-2)
+    unordered = x.clone()
+    rope.rotate_(unordered, 7)
+    assert not torch.allclose(unordered, ref, atol=1e-3)
 
 
 def test_decode_pieces_match_plain_torch() -> None:

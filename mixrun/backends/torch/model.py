@@ -71,15 +71,23 @@ class Weight:
         self.w, self.b = w, b
         self.blocks = w.view(chunks, w.shape[0] // chunks, w.shape[1]) if chunks > 1 else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        blocks = self.blocks
+    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ w.T + b``, plus ``add`` (a residual, folded into the product where there is no bias)."""
+        blocks, b = self.blocks, self.b
         if blocks is not None and x.shape[0] == 1 and x.stride(-1) == 1:
             c, r, k = blocks.shape
             # x as a (c, k, 1) column with strides (0, 1, k), which MKL's batched product takes as it is (a
             # contiguous column is 4x slower)
-            y = torch.bmm(blocks, x.as_strided((c, k, 1), (0, 1, k))).view(1, c * r)
-            return y if self.b is None else y + self.b
-        return F.linear(x, self.w, self.b)
+            col = x.as_strided((c, k, 1), (0, 1, k))
+            if b is None:
+                y = torch.bmm(blocks, col) if add is None else torch.baddbmm(add.view(c, r, 1), blocks, col)
+                return y.view(1, c * r)
+            y = torch.bmm(blocks, col).view(1, c * r) + b
+        elif b is None:
+            return F.linear(x, self.w) if add is None else torch.addmm(add, x, self.w.t())
+        else:
+            y = F.linear(x, self.w, b)
+        return y if add is None else y + add
 
 
 def cpu_chunks(rows: int, threads: int) -> int:
@@ -103,8 +111,9 @@ class BlockWeight:
         mats = [quant.dequantize(raw, qtype, self.cols, self.dtype) for raw, qtype in self.parts]
         return mats[0] if len(mats) == 1 else torch.cat(mats)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense(), self.b)
+    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.linear(x, self.dense(), self.b)
+        return y if add is None else y + add
 
 
 class RMSNorm(nn.Module):
@@ -159,15 +168,16 @@ class Rope:
         ang = torch.arange(self.max_pos, dtype=torch.float64)[:, None, None] * inv  # (max_pos, 1, dim/2)
         self.freqs = torch.polar(torch.ones_like(ang), ang).to(torch.complex64).to(device)
 
-    def __call__(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        """``x``: (T, heads, head_dim) at positions ``[pos, pos + T)``, or (heads, head_dim) at ``pos``."""
-        lead, hd = x.shape[:-1], x.shape[-1]
-        rot = x if self.dim == hd else x.narrow(-1, 0, self.dim)
-        rot = (rot if rot.dtype == torch.float32 else rot.float()).reshape(*lead, self.dim // 2, 2)
-        f = self.freqs.select(0, pos) if x.dim() == 2 else self.freqs.narrow(0, pos, lead[0])
-        rot = torch.view_as_real(torch.view_as_complex(rot) * f).view(*lead, self.dim)
-        rot = rot if rot.dtype == x.dtype else rot.to(x.dtype)
-        return rot if self.dim == hd else torch.cat((rot, x.narrow(-1, self.dim, hd - self.dim)), dim=-1)
+    def rotate_(self, x: torch.Tensor, pos: int) -> None:
+        """Rotate ``x`` in place: (T, heads, head_dim) at positions ``[pos, pos + T)``, or (heads, head_dim) at
+        ``pos``. Float32 is rotated as complex numbers where it lies; other dtypes through a float32 copy."""
+        rot = x if self.dim == x.shape[-1] else x.narrow(-1, 0, self.dim)
+        f = self.freqs.select(0, pos) if x.dim() == 2 else self.freqs.narrow(0, pos, x.shape[0])
+        if rot.dtype == torch.float32:
+            torch.view_as_complex(rot.unflatten(-1, (self.dim // 2, 2))).mul_(f)
+        else:
+            c = torch.view_as_complex(rot.float().unflatten(-1, (self.dim // 2, 2))) * f
+            rot.copy_(torch.view_as_real(c).flatten(-2))
 
 
 class Attention(nn.Module):
@@ -209,7 +219,8 @@ class LayerTensors:
     ffn_norm: Norm
     w13: Weight | BlockWeight
     w2: Weight | BlockWeight
-    k_cache: torch.Tensor  # (n_kv, max_pos, head_dim)
+    kv_cache: torch.Tensor  # (2, n_kv, max_pos, head_dim): keys, then values, written by one copy per step
+    k_cache: torch.Tensor  # views of kv_cache
     v_cache: torch.Tensor
     scale: torch.Tensor  # 1/sqrt(head_dim), a tensor (see Norm)
 
@@ -237,51 +248,49 @@ class Block(nn.Module):
 
     def setup_cache(self, max_pos: int, dtype: torch.dtype, device: torch.device, threads: int) -> None:
         a, f = self.attn, self.ffn
-        cache = (a.n_kv, max_pos, a.head_dim)
+        kv = torch.zeros(2, a.n_kv, max_pos, a.head_dim, dtype=dtype, device=device)
         self.t = LayerTensors(
             n_head=a.n_head, n_kv=a.n_kv, head_dim=a.head_dim,
             attn_norm=Norm(self.attn_norm), wqkv=weight(a.wqkv, device, threads),
             q_norm=Norm(a.q_norm) if a.q_norm is not None else None,
             k_norm=Norm(a.k_norm) if a.k_norm is not None else None,
             wo=weight(a.wo, device, threads), ffn_norm=Norm(self.ffn_norm), w13=weight(f.w13, device, threads),
-            w2=weight(f.w2, device, threads), k_cache=torch.zeros(cache, dtype=dtype, device=device),
-            v_cache=torch.zeros(cache, dtype=dtype, device=device),
+            w2=weight(f.w2, device, threads), kv_cache=kv, k_cache=kv[0], v_cache=kv[1],
             scale=torch.tensor(1.0 / math.sqrt(a.head_dim), dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor, pos: int, rope: Rope) -> torch.Tensor:
         t = self.t
         assert t is not None, "setup_cache() first"
-        h = attention(t.attn_norm(x), pos, t, rope)
-        x = x + (h if self.reduce is None else self.reduce(h))
-        h = feed_forward(t.ffn_norm(x), t)
-        return x + (h if self.reduce is None else self.reduce(h))
+        if self.reduce is None:  # the residual adds fold into the wo and w2 products
+            x = attention(t.attn_norm(x), pos, t, rope, x)
+            return feed_forward(t.ffn_norm(x), t, x)
+        x = x + self.reduce(attention(t.attn_norm(x), pos, t, rope))
+        return x + self.reduce(feed_forward(t.ffn_norm(x), t))
 
 
-def attention(x: torch.Tensor, pos: int, t: LayerTensors, rope: Rope) -> torch.Tensor:
-    """GQA attention of positions ``[pos, pos + T)`` over the KV cache, before the all-reduce. ``narrow`` and
-    ``select`` rather than indexing, and a decode step (T = 1) without its T axis: such a step is a few hundred
-    small operations, and each view or index costs about a microsecond."""
+def attention(x: torch.Tensor, pos: int, t: LayerTensors, rope: Rope, add: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """GQA attention of positions ``[pos, pos + T)`` over the KV cache (plus ``add``, the residual, when given),
+    before the all-reduce. ``narrow`` and ``select`` rather than indexing, RoPE in place and one copy into the
+    cache, and a decode step (T = 1) without its T axis: such a step is a few hundred small operations, and each
+    view or index costs about a microsecond."""
     T, hd, nh, nkv = x.shape[0], t.head_dim, t.n_head, t.n_kv
     S, group = pos + T, nh // nkv
     heads = nh + 2 * nkv
-    qkv = t.wqkv(x).view(heads, hd) if T == 1 else t.wqkv(x).view(T, heads, hd)
+    qkv = t.wqkv(x).view(heads, hd) if T == 1 else t.wqkv(x).view(T, heads, hd)  # a fresh tensor: ours to change
     d = qkv.dim() - 2  # the heads axis
     if t.q_norm is not None and t.k_norm is not None:
-        qk = torch.cat((t.q_norm(qkv.narrow(d, 0, nh)), t.k_norm(qkv.narrow(d, nh, nkv))), dim=d)
-    else:
-        qk = qkv.narrow(d, 0, nh + nkv)
-    qk = rope(qk, pos)  # (T?, nh + nkv, hd)
-    keys, vals = t.k_cache.narrow(1, 0, S), t.v_cache.narrow(1, 0, S)  # (nkv, S, hd)
+        qkv.narrow(d, 0, nh).copy_(t.q_norm(qkv.narrow(d, 0, nh)))
+        qkv.narrow(d, nh, nkv).copy_(t.k_norm(qkv.narrow(d, nh, nkv)))
+    rope.rotate_(qkv.narrow(d, 0, nh + nkv), pos)
     if T == 1:
-        t.k_cache.select(1, pos).copy_(qk.narrow(0, nh, nkv))
-        t.v_cache.select(1, pos).copy_(qkv.narrow(0, nh + nkv, nkv))
-        q = qk.narrow(0, 0, nh).view(nkv, group, hd)
+        t.kv_cache.select(2, pos).copy_(qkv.narrow(0, nh, 2 * nkv).view(2, nkv, hd))
+        q = qkv.narrow(0, 0, nh).view(nkv, group, hd)
     else:
-        keys.narrow(1, pos, T).copy_(qk.narrow(1, nh, nkv).transpose(0, 1))
-        vals.narrow(1, pos, T).copy_(qkv.narrow(1, nh + nkv, nkv).transpose(0, 1))
+        t.kv_cache.narrow(2, pos, T).copy_(qkv.narrow(1, nh, 2 * nkv).view(T, 2, nkv, hd).permute(1, 2, 0, 3))
         # GQA without copying the cache: a KV group's query heads (and positions) are one batch row of queries
-        q = qk.narrow(1, 0, nh).view(T, nkv, group, hd).permute(1, 2, 0, 3).reshape(nkv, group * T, hd)
-    scores = torch.bmm(q, keys.transpose(1, 2)).mul_(t.scale)  # (nkv, group*T, S)
+        q = qkv.narrow(1, 0, nh).view(T, nkv, group, hd).permute(1, 2, 0, 3).reshape(nkv, group * T, hd)
+    scores = torch.bmm(q, t.k_cache.narrow(1, 0, S).transpose(1, 2)).mul_(t.scale)  # (nkv, group*T, S)
     if T > 1:  # query i sits at position pos + i and sees keys up to it
         mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=pos)  # (T, S)
         scores = scores.view(nkv, group, T, S).masked_fill(~mask, float("-inf")).view(nkv, group * T, S)
@@ -289,15 +298,15 @@ def attention(x: torch.Tensor, pos: int, t: LayerTensors, rope: Rope) -> torch.T
         probs = torch.softmax(scores, dim=-1)
     else:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.bmm(probs, vals)  # (nkv, group*T, hd)
+    out = torch.bmm(probs, t.v_cache.narrow(1, 0, S))  # (nkv, group*T, hd)
     out = out.view(1, nh * hd) if T == 1 else out.view(nkv, group, T, hd).permute(2, 0, 1, 3).reshape(T, nh * hd)
-    return t.wo(out)
+    return t.wo(out, add)
 
 
-def feed_forward(x: torch.Tensor, t: LayerTensors) -> torch.Tensor:
-    """SwiGLU ``w2(silu(gate x) * up x)``, before the all-reduce."""
+def feed_forward(x: torch.Tensor, t: LayerTensors, add: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU ``w2(silu(gate x) * up x)`` (plus ``add``, the residual, when given), before the all-reduce."""
     gate, up = t.w13(x).chunk(2, dim=-1)
-    return t.w2(F.silu(gate).mul_(up))
+    return t.w2(F.silu(gate).mul_(up), add)
 
 
 class Embedding(nn.Module):
