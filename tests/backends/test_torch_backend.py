@@ -187,9 +187,9 @@ LAYOUTS = {
 }
 
 
-def _run(model: str, layout: Layout | None, toks: list[int], weights: str | None = None
+def _run(model: str, layout: Layout | None, toks: list[int], weights: str | None = None, dtype: str | None = None
          ) -> tuple[np.ndarray, list[int], dict, dict]:
-    eng = TorchEngine(model, n_ctx=128, layout=layout, simulate=True, weights=weights)
+    eng = TorchEngine(model, n_ctx=128, layout=layout, simulate=True, weights=weights, dtype=dtype)
     try:
         logits = eng.logits(toks)
         tele_prompt = eng.sync_telemetry()
@@ -240,6 +240,20 @@ def test_gguf_blocks_kept_on_the_device_equal_dense_weights(smollm2: str) -> Non
             assert spec.tied_output
             assert ready[0]["weight_bytes"] == spec.total_bytes
             assert ready[0]["weight_bytes"] < 0.3 * dense_ready[0]["weight_bytes"]
+
+
+def test_the_gpu_configuration_on_cpu_ranks(smollm2: str) -> None:
+    """What a GPU rank runs, bf16 activations and GGUF blocks, on CPU ranks in the hybrid layout: logits within
+    bf16 precision of float32 TP=1, the same greedy tokens, and all-reduces of 2-byte elements."""
+    toks = [504, 3575, 282, 4649, 314, 7042, 30]
+    ref_logits, ref_tokens, _t, _r = _run(smollm2, None, toks)
+    layout = LAYOUTS["hybrid"]
+    logits, tokens, tele, _r = _run(smollm2, layout, toks, weights="blocks", dtype="bfloat16")
+    assert _rel(logits, ref_logits) < 5e-2  # measured 2.5e-2
+    assert (logits.argmax(-1) == ref_logits.argmax(-1)).all()
+    assert tokens == ref_tokens
+    for r in layout.ranks(0):
+        assert tele[r]["layer_allreduce_bytes"] == 2 * 20 * 576 * 2 * len(toks)
 
 
 def test_two_hosts_on_loopback_through_torchrun(smollm2: str) -> None:
