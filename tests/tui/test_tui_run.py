@@ -164,3 +164,33 @@ async def test_real_generation_with_smollm2_on_llama_cpp(smollm2: str) -> None:
         speed = plain(screen.query_one("#tel-speed"))
         assert "tokens 12" in speed and "n/a" not in speed.split("decode")[1].split("\n")[0]
     assert app.session.engine is None  # closed on exit
+
+
+@asynctest
+async def test_real_generation_on_the_torch_hybrid_simulated(smollm2: str) -> None:
+    """The torch backend inside the app: the forced hybrid on CPU processes (--simulate) loads, streams a greedy
+    answer, and the panel shows both stages' times and the bytes the TP and pipeline links carried."""
+    from mixrun.planner import PlanRequest
+
+    req = PlanRequest(ctx=256, split="hybrid", backend="torch")
+    app = make_app(smollm2, "dual-3090-nvlink-plus-3060", 256, request=req, simulate=True, poll_s=0.1,
+                   sampling=Sampling(temperature=0, max_tokens=8))
+    assert app.state.report.best.split.value == "hybrid"
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("r")
+        await wait_for(pilot, lambda: isinstance(app.screen, RunScreen), "the Run screen")
+        screen = app.screen
+        await wait_for(pilot, lambda: screen.engine_state == "ready", "the ranks to load", timeout=90)
+        panel = screen.query_one(TelemetryPanel)
+        await _ask(pilot, screen, "What is the capital of France?")
+        await wait_for(pilot, lambda: screen.answers == 1, "the answer", timeout=90)
+        assert "Paris" in screen.query_one(".answer", Markdown).source  # greedy: "The capital of France is Paris."
+        last = app.session.last
+        assert last.stop_reason == "eos" and 5 <= last.completion_tokens < 8
+        await wait_for(pilot, lambda: panel.last is not None and len(panel.last.snapshot.stages) == 2
+                       and all(lk.bytes_total > 0 for lk in panel.last.snapshot.links), "stage and link figures")
+        kinds = {lk.kind for lk in panel.last.snapshot.links}
+        assert "pipeline" in kinds and len(kinds) >= 2
+        stages = plain(screen.query_one("#tel-stages"))
+        assert "ms/tok" in stages and "gpu0+gpu1" in stages
+    assert app.session.engine is None  # the ranks were stopped on exit
