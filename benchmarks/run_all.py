@@ -134,7 +134,7 @@ def sum_dequant(text: str) -> str:
 
 
 def sum_roofline(text: str) -> str:
-    return " ".join(line.strip() for line in text.strip().splitlines()[-2:])
+    return " ".join(line.strip() for line in text.strip().splitlines()[-3:])
 
 
 def sum_bench(text: str) -> str:

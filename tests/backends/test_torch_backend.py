@@ -21,11 +21,13 @@ import torch.nn.functional as F
 
 import gguf_factory
 from mixrun.backends.base import Sampling
+from mixrun.backends.torch import weights
 from mixrun.backends.torch.engine import TorchEngine
-from mixrun.backends.torch.model import ModelConfig, Norm, RMSNorm, Rope, Weight, cpu_chunks, pair_order
-from mixrun.backends.torch.parallel import Layout, Stage, split_sizes
+from mixrun.backends.torch.model import ModelConfig, Norm, RMSNorm, Rope, Transformer, Weight, cpu_chunks, pair_order
+from mixrun.backends.torch.parallel import Comm, Layout, Stage, apply_tp, split_sizes
 from mixrun.backends.torch.weights import materialize
 from mixrun.errors import RuntimeFailure
+from mixrun.gguf_spec import TensorFile
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=64)
 
@@ -139,6 +141,39 @@ def test_layouts_from_plans_and_checks() -> None:
         Layout((Stage(("a",), (0, 10), (3,)), Stage(("b",), (11, 30), (3,)))).check(cfg)
     with pytest.raises(ValueError, match="KV heads"):
         Layout((Stage(("a", "b"), (0, 30), (3, 0)),)).check(cfg)
+
+
+def _in_process(path: str | Path, max_pos: int) -> Transformer:
+    """A whole model in this process (TP=1), as a rank builds it."""
+    tf = TensorFile(str(path))
+    cfg = ModelConfig.from_gguf(tf.spec, tf.fields)
+    stage = Stage(("cpu",), (0, cfg.n_layers), (cfg.n_head_kv,))
+    with torch.device("meta"):
+        model = Transformer(cfg, stage.layers, head=True, max_pos=max_pos)
+    shards = apply_tp(model, stage, 0, Comm(None, 1))
+    weights.load(model, tf, shards, first_layer=0, tied=cfg.tied, dtype=torch.float32, device=torch.device("cpu"),
+                 order=pair_order(cfg))
+    model.setup_cache(torch.float32, torch.device("cpu"))
+    return model
+
+
+def test_fixed_shape_decode_steps_equal_the_usual_ones(smollm2: str, tmp_path: Path) -> None:
+    """The decode step a CUDA graph captures (position as a tensor, attention over the whole cache, later
+    positions masked) gives the usual step's logits, on llama (SmolLM2) and on qwen3 (QK norm, NEOX order)."""
+    qwen3 = gguf_factory.write_model(tmp_path / "qwen3.gguf", "qwen3", n_layers=2, n_embd=128, n_head=4,
+                                     n_head_kv=2, head_dim=48, n_ff=256, n_vocab=64, tied=False, seed=5)
+    for path, prompt in ((smollm2, [504, 3575, 282, 4649, 314]), (qwen3, [1, 5, 9, 3])):
+        usual, fixed = _in_process(path, 48), _in_process(path, 48)
+        with torch.inference_mode():
+            ids = torch.tensor(prompt)
+            a = usual.logits(usual(usual.embed_tokens(ids), 0)[-1:])
+            b = fixed.logits(fixed(fixed.embed_tokens(ids), 0)[-1:])
+            for pos in range(len(prompt), len(prompt) + 6):
+                tok = torch.argmax(a[-1]).view(1)
+                assert torch.equal(tok, torch.argmax(b[-1]).view(1))
+                a = usual.logits(usual(usual.embed_tokens(tok), pos))
+                b = fixed.logits(fixed(fixed.embed_tokens(tok), torch.tensor([pos])))
+                assert _rel(b.numpy(), a.numpy()) < 1e-5, (path, pos)
 
 
 # ---- against llama.cpp -------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ class TorchEngine:
                  plan: Any = None, simulate: bool = False, profile: Any = None, layout: Any = None,
                  dtype: str | None = None, debug: bool = False, fail_rank: int | None = None,
                  progress: Any = None, advertise_address: str | None = None, weights: str | None = None,
-                 **_ignored: Any) -> None:
+                 cuda_graphs: bool = True, **_ignored: Any) -> None:
         import llama_cpp
 
         self._sampler: DeviceSampler | None = None
@@ -81,7 +81,7 @@ class TorchEngine:
         threads = n_threads or max(1, cores // len(self.slots))
         job = {"model": os.path.abspath(model), "layout": layout.to_json(), "devices": [s.torch_device for s in self.slots],
                "n_ctx": n_ctx, "threads": threads, "dtype": dtype, "timeout_s": 300, "fail_rank": fail_rank,
-               "weights": weights}
+               "weights": weights, "cuda_graphs": cuda_graphs}
         from llama_cpp._utils import suppress_stdout_stderr
 
         with suppress_stdout_stderr(disable=False):  # llama.cpp warns about the vocab-only context's size
@@ -111,6 +111,7 @@ class TorchEngine:
         self._last = Stats()
         self._wait_ready(progress)
         self._note_weight_memory(plan)
+        self.info.notes.extend(r["note"] for r in self.ready.values() if r.get("note"))
 
     # ---- start-up ----
 

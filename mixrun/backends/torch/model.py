@@ -161,18 +161,24 @@ class Rope:
     def __init__(self, cfg: ModelConfig, max_pos: int) -> None:
         self.dim, self.base, self.max_pos = cfg.rope_dim, cfg.rope_base, max_pos
         self.freqs = torch.empty(0)
+        self.positions = torch.empty(0)
 
     def build(self, device: torch.device) -> None:
         """The table ``exp(i * angle)``, (max_pos, 1, dim/2), computed in float64 on the CPU."""
         inv = self.base ** (-torch.arange(0, self.dim, 2, dtype=torch.float64) / self.dim)  # (dim/2,)
         ang = torch.arange(self.max_pos, dtype=torch.float64)[:, None, None] * inv  # (max_pos, 1, dim/2)
         self.freqs = torch.polar(torch.ones_like(ang), ang).to(torch.complex64).to(device)
+        self.positions = torch.arange(self.max_pos, device=device)  # masks a fixed-shape decode step
 
-    def rotate_(self, x: torch.Tensor, pos: int) -> None:
+    def rotate_(self, x: torch.Tensor, pos: int | torch.Tensor) -> None:
         """Rotate ``x`` in place: (T, heads, head_dim) at positions ``[pos, pos + T)``, or (heads, head_dim) at
-        ``pos``. Float32 is rotated as complex numbers where it lies; other dtypes through a float32 copy."""
+        ``pos`` (an int, or a one-element tensor for a fixed-shape step). Float32 is rotated as complex numbers
+        where it lies; other dtypes through a float32 copy."""
         rot = x if self.dim == x.shape[-1] else x.narrow(-1, 0, self.dim)
-        f = self.freqs.select(0, pos) if x.dim() == 2 else self.freqs.narrow(0, pos, x.shape[0])
+        if isinstance(pos, torch.Tensor):
+            f = self.freqs.index_select(0, pos).view(1, self.dim // 2)
+        else:
+            f = self.freqs.select(0, pos) if x.dim() == 2 else self.freqs.narrow(0, pos, x.shape[0])
         if rot.dtype == torch.float32:
             torch.view_as_complex(rot.unflatten(-1, (self.dim // 2, 2))).mul_(f)
         else:
@@ -258,7 +264,7 @@ class Block(nn.Module):
             w2=weight(f.w2, device, threads), kv_cache=kv, k_cache=kv[0], v_cache=kv[1],
             scale=torch.tensor(1.0 / math.sqrt(a.head_dim), dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor, pos: int, rope: Rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: int | torch.Tensor, rope: Rope) -> torch.Tensor:
         t = self.t
         assert t is not None, "setup_cache() first"
         if self.reduce is None:  # the residual adds fold into the wo and w2 products
@@ -268,37 +274,48 @@ class Block(nn.Module):
         return x + self.reduce(feed_forward(t.ffn_norm(x), t))
 
 
-def attention(x: torch.Tensor, pos: int, t: LayerTensors, rope: Rope, add: torch.Tensor | None = None
-              ) -> torch.Tensor:
+def attention(x: torch.Tensor, pos: int | torch.Tensor, t: LayerTensors, rope: Rope,
+              add: torch.Tensor | None = None) -> torch.Tensor:
     """GQA attention of positions ``[pos, pos + T)`` over the KV cache (plus ``add``, the residual, when given),
     before the all-reduce. ``narrow`` and ``select`` rather than indexing, RoPE in place and one copy into the
     cache, and a decode step (T = 1) without its T axis: such a step is a few hundred small operations, and each
-    view or index costs about a microsecond."""
+    view or index costs about a microsecond.
+
+    A one-element tensor ``pos`` makes a decode step of fixed shapes: it attends over the whole cache with the
+    positions after ``pos`` masked, so a CUDA graph captures it once and replays it for every token."""
     T, hd, nh, nkv = x.shape[0], t.head_dim, t.n_head, t.n_kv
-    S, group = pos + T, nh // nkv
-    heads = nh + 2 * nkv
+    fixed = isinstance(pos, torch.Tensor)
+    group, heads = nh // nkv, nh + 2 * nkv
     qkv = t.wqkv(x).view(heads, hd) if T == 1 else t.wqkv(x).view(T, heads, hd)  # a fresh tensor: ours to change
     d = qkv.dim() - 2  # the heads axis
     if t.q_norm is not None and t.k_norm is not None:
         qkv.narrow(d, 0, nh).copy_(t.q_norm(qkv.narrow(d, 0, nh)))
         qkv.narrow(d, nh, nkv).copy_(t.k_norm(qkv.narrow(d, nh, nkv)))
     rope.rotate_(qkv.narrow(d, 0, nh + nkv), pos)
-    if T == 1:
+    if isinstance(pos, torch.Tensor):
+        t.kv_cache.index_copy_(2, pos, qkv.narrow(0, nh, 2 * nkv).view(2, nkv, 1, hd))
+        q, keys, vals = qkv.narrow(0, 0, nh).view(nkv, group, hd), t.k_cache, t.v_cache
+    elif T == 1:
         t.kv_cache.select(2, pos).copy_(qkv.narrow(0, nh, 2 * nkv).view(2, nkv, hd))
-        q = qkv.narrow(0, 0, nh).view(nkv, group, hd)
+        q, keys, vals = qkv.narrow(0, 0, nh).view(nkv, group, hd), t.k_cache.narrow(1, 0, pos + 1), \
+            t.v_cache.narrow(1, 0, pos + 1)
     else:
         t.kv_cache.narrow(2, pos, T).copy_(qkv.narrow(1, nh, 2 * nkv).view(T, 2, nkv, hd).permute(1, 2, 0, 3))
         # GQA without copying the cache: a KV group's query heads (and positions) are one batch row of queries
         q = qkv.narrow(1, 0, nh).view(T, nkv, group, hd).permute(1, 2, 0, 3).reshape(nkv, group * T, hd)
-    scores = torch.bmm(q, t.k_cache.narrow(1, 0, S).transpose(1, 2)).mul_(t.scale)  # (nkv, group*T, S)
-    if T > 1:  # query i sits at position pos + i and sees keys up to it
+        keys, vals = t.k_cache.narrow(1, 0, pos + T), t.v_cache.narrow(1, 0, pos + T)
+    scores = torch.bmm(q, keys.transpose(1, 2)).mul_(t.scale)  # (nkv, group*T, S)
+    if fixed:
+        scores.masked_fill_(rope.positions > pos, float("-inf"))
+    elif T > 1:  # query i sits at position pos + i and sees keys up to it
+        S = pos + T
         mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=pos)  # (T, S)
         scores = scores.view(nkv, group, T, S).masked_fill(~mask, float("-inf")).view(nkv, group * T, S)
     if scores.dtype == torch.float32:
         probs = torch.softmax(scores, dim=-1)
     else:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.bmm(probs, t.v_cache.narrow(1, 0, S))  # (nkv, group*T, hd)
+    out = torch.bmm(probs, vals)  # (nkv, group*T, hd)
     out = out.view(1, nh * hd) if T == 1 else out.view(nkv, group, T, hd).permute(2, 0, 1, 3).reshape(T, nh * hd)
     return t.wo(out, add)
 
@@ -372,8 +389,9 @@ class Transformer(nn.Module):
         assert self.embed is not None
         return self.embed(ids)
 
-    def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        """Run this part's layers on hidden states ``x`` of positions ``[pos, pos + T)``."""
+    def forward(self, x: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
+        """Run this part's layers on hidden states ``x`` of positions ``[pos, pos + T)`` (a one-element tensor
+        ``pos``: one decode step of fixed shapes, see :func:`attention`)."""
         rope = self.rope
         for blk in self._blocks:
             x = blk(x, pos, rope)

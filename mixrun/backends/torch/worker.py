@@ -95,6 +95,15 @@ class Rank:
         model.setup_cache(self.dtype, self.device)
         model.eval()
         self.model = model
+        self.graphed = None
+        self.graph_note = None
+        if self.device.type == "cuda" and self.stage.tp == 1 and job.get("cuda_graphs", True):
+            from mixrun.backends.torch.graphs import GraphedStep
+
+            try:
+                self.graphed = GraphedStep(model, self.dtype, self.device, logits=self.stage_idx == self.last)
+            except Exception as e:  # eager steps still work; say why
+                self.graph_note = f"CUDA graph capture failed on rank {rank}, decoding eagerly: {e}"
         self.vocab = vocab_sizes(cfg, self.stage) if head else []
         self.load_s = time.monotonic() - t0
         self.rss_anon_load_bytes = rss_anon_bytes() - rss0 if rss0 is not None else None
@@ -135,7 +144,8 @@ class Rank:
                 h = torch.empty(ids.numel(), self.cfg.dim, dtype=self.dtype, device=self.device)
                 dist.recv(h, src=src)
             t0 = time.perf_counter()
-            h = self.model(h, pos)
+            graphed = self.graphed is not None and ids.numel() == 1
+            h = self.graphed(h, pos) if graphed else self.model(h, pos)  # the last stage's graph ends in logits
             if self.stage_idx != self.last:
                 self._sync()
                 self.last_step_s = time.perf_counter() - t0
@@ -143,7 +153,7 @@ class Rank:
                     self._send(h, lay.ranks(self.stage_idx + 1))
                 out = None
             else:
-                local = self.model.logits(h if all_logits else h[-1:])
+                local = h.clone() if graphed else self.model.logits(h if all_logits else h[-1:])
                 out = self.comm.gather_vocab(local, self.vocab)
                 self._sync()
                 self.last_step_s = time.perf_counter() - t0
@@ -285,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
             raise RuntimeError(f"injected failure on rank {rank}")
         dist.barrier(group=r.ctrl)
         link.send({"ready": {"rank": rank, "load_s": r.load_s, "weight_bytes": r.weight_bytes,
-                             "rss_anon_load_bytes": r.rss_anon_load_bytes}})
+                             "rss_anon_load_bytes": r.rss_anon_load_bytes, "cuda_graph": r.graphed is not None,
+                             "note": r.graph_note}})
         if rank == r.layout.driver:
             r.drive()
         else:
