@@ -26,7 +26,7 @@ from mixrun.backends.torch.engine import TorchEngine
 from mixrun.backends.torch.model import ModelConfig, Norm, RMSNorm, Rope, Transformer, Weight, cpu_chunks, pair_order
 from mixrun.backends.torch.parallel import Comm, Layout, Stage, apply_tp, split_sizes
 from mixrun.backends.torch.weights import materialize
-from mixrun.errors import RuntimeFailure
+from mixrun.errors import MixrunError, RuntimeFailure
 from mixrun.gguf_spec import TensorFile
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=64)
@@ -127,6 +127,10 @@ def test_decode_pieces_match_plain_torch() -> None:
     ptrs = [p.data_ptr() for p in net.parameters()]
     assert all(p.device.type == "cpu" for p in net.parameters())
     assert all(0 <= q - ptrs[0] < len(arena) for q in ptrs) and len(set(ptrs)) == len(ptrs)
+    with torch.device("meta"):
+        huge = torch.nn.Linear(1 << 29, 1 << 29, bias=False)  # 2^60 bytes: beyond any address space
+    with pytest.raises(MixrunError, match=r"cannot allocate 1073741824.00 GiB for this rank's weights"):
+        materialize(huge, torch.device("cpu"))
 
 
 def test_layouts_from_plans_and_checks() -> None:

@@ -20,7 +20,7 @@ from gguf.quants import dequantize
 
 from mixrun.backends.torch import quant
 from mixrun.backends.torch.parallel import Shard
-from mixrun.errors import GGUFError, where
+from mixrun.errors import GGUFError, MixrunError, where
 
 BAND_BYTES = 64 << 20  # float32 bytes dequantized at once for an unaligned column slice
 
@@ -99,7 +99,10 @@ def materialize(model: torch.nn.Module, device: torch.device) -> mmap.mmap | Non
         return None
     align = 64
     spans = [-(-p.numel() * p.element_size() // align) * align for _, p in params]
-    buf = mmap.mmap(-1, sum(spans), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf = mmap.mmap(-1, sum(spans), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as e:
+        raise MixrunError(f"cannot allocate {sum(spans) / 2**30:.2f} GiB for this rank's weights: {e.strerror}") from e
     with contextlib.suppress(OSError):  # transparent huge pages off or unsupported: plain pages
         buf.madvise(mmap.MADV_HUGEPAGE)
     raw = torch.frombuffer(buf, dtype=torch.uint8)
