@@ -281,6 +281,26 @@ def test_gguf_blocks_kept_on_the_device_equal_dense_weights(smollm2: str) -> Non
             assert ready[0]["weight_bytes"] < 0.3 * dense_ready[0]["weight_bytes"]
 
 
+def test_gguf_blocks_with_bias_and_untied_output_at_tp2(tmp_path: Path) -> None:
+    """A Q8_0 qwen2 (QKV bias, its own output matrix) at TP=2 keeps every matrix in blocks: logits equal to dense
+    weights, and each rank holds half the matrices and biases plus the replicated norm weights."""
+    from mixrun.gguf_spec import read_spec
+
+    path = str(gguf_factory.write_model(tmp_path / "q8.gguf", "qwen2", n_layers=2, n_embd=128, n_head=4,
+                                        n_head_kv=2, n_ff=256, n_vocab=64, tied=False, merges=True, seed=3,
+                                        qtype="Q8_0"))
+    layout = Layout((Stage(("a", "b"), (0, 2), (1, 1)),))
+    toks = [1, 5, 9, 3, 7, 2]
+    dense_logits, dense_tokens, _t, _r = _run(path, layout, toks)
+    logits, tokens, _t, ready = _run(path, layout, toks, weights="blocks")
+    assert np.array_equal(logits, dense_logits) and tokens == dense_tokens
+    spec = read_spec(path)
+    assert {t.qtype for t in spec.tensors if len(t.shape) == 2} == {"Q8_0"}
+    norms = sum(t.n_bytes for t in spec.tensors if "norm" in t.name)
+    per_rank = (spec.total_bytes - norms) // 2 + norms
+    assert [ready[r]["weight_bytes"] for r in (0, 1)] == [per_rank, per_rank]
+
+
 def test_the_gpu_configuration_on_cpu_ranks(smollm2: str) -> None:
     """What a GPU rank runs, bf16 activations and GGUF blocks, on CPU ranks in the hybrid layout: logits within
     bf16 precision of float32 TP=1, the same greedy tokens, and all-reduces of 2-byte elements."""
