@@ -3,8 +3,10 @@
 Decode of one sequence reads every weight once per token, so its ceiling is ``bandwidth / weight bytes``. The script
 writes a random-weight Llama-3.2-1B-shaped GGUF (F16, ~2.5 GB; the weights do not matter for speed), measures the
 device's copy bandwidth with torch, runs the torch engine at TP=1 on ``cuda:0`` in bf16, eager and with its decode
-step captured in a CUDA graph, and reports decode tok/s as a share of the roofline (issue 5 aims at >= 70%). Needs a
-CUDA GPU; on a machine without one it says so and exits 2.
+step captured in a CUDA graph, and reports decode tok/s as a share of the roofline (issue 5 aims at >= 70%). First it
+checks the GPU path on the bundled SmolLM2 (GGUF blocks, bf16, eager and graphed): logits within bf16 precision of
+the CPU's float32 run and the same first greedy tokens; a failed check exits 1. Needs a CUDA GPU; on a machine
+without one it says so and exits 2.
 
     python benchmarks/torch_gpu_roofline.py [--tokens 128] [--repeats 3] [--keep DIR]
 """
@@ -36,6 +38,42 @@ def copy_bandwidth_gbs(torch, n_bytes: int = 1 << 30, repeats: int = 10) -> floa
     return 2 * n_bytes * repeats / (time.perf_counter() - t) / 1e9
 
 
+def gpu_path_agrees(TorchEngine, Layout, Stage, Device, RigProfile, Sampling) -> bool:  # noqa: N803
+    """SmolLM2 on cuda:0 (GGUF blocks, bf16; eager, then with CUDA graphs) against float32 on the CPU."""
+    import numpy as np
+
+    from mixrun.cli import default_model
+
+    model = default_model()
+    toks = [504, 3575, 282, 4649, 314, 7042, 30]
+    greedy = Sampling(temperature=0.0, max_tokens=16)
+    ref = TorchEngine(model, n_ctx=128)
+    try:
+        ref_logits, ref_tokens = ref.logits(toks), list(ref.generate_ids(toks, greedy))
+    finally:
+        ref.close()
+    prof = RigProfile(format="mixrun-profile/1", name="this-gpu",
+                      devices=[Device(id="gpu0", backend="cuda", name="gpu", vram_gib=80, mem_bandwidth_gbs=1000,
+                                      fp16_tflops=100)])
+    layout = Layout((Stage(("gpu0",), (0, 30), (3,)),))
+    ok = True
+    for graphs in (False, True):
+        eng = TorchEngine(model, n_ctx=128, layout=layout, profile=prof, cuda_graphs=graphs)
+        try:
+            logits, tokens = eng.logits(toks), list(eng.generate_ids(toks, greedy))
+            captured = all(r.get("cuda_graph") for r in eng.ready.values())
+        finally:
+            eng.close()
+        rel = float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max())
+        same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens, strict=False)) if a != b), len(tokens))
+        good = rel < 5e-2 and same >= 8 and (captured or not graphs)
+        ok &= good
+        print(f"SmolLM2 on cuda:0, {'CUDA graph' if graphs else 'eager'}{'' if captured or not graphs else ' (NOT captured)'}"
+              f": logits {rel:.1e} relative to CPU float32, first {same} of {len(tokens)} greedy tokens equal: "
+              f"{'ok' if good else 'FAILED'}")
+    return ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=128)
@@ -54,6 +92,8 @@ def main() -> int:
     from mixrun.backends.torch.parallel import Layout, Stage
     from mixrun.profile import Device, RigProfile
 
+    if not gpu_path_agrees(TorchEngine, Layout, Stage, Device, RigProfile, Sampling):
+        return 1
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mixrun-1b-"))
     path = folder / "llama-1b-shape-F16.gguf"
     if not path.exists():
