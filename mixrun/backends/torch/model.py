@@ -297,8 +297,8 @@ def attention(x: torch.Tensor, pos: int | torch.Tensor, t: LayerTensors, rope: R
         q, keys, vals = qkv.narrow(0, 0, nh).view(nkv, group, hd), t.k_cache, t.v_cache
     elif T == 1:
         t.kv_cache.select(2, pos).copy_(qkv.narrow(0, nh, 2 * nkv).view(2, nkv, hd))
-        q, keys, vals = qkv.narrow(0, 0, nh).view(nkv, group, hd), t.k_cache.narrow(1, 0, pos + 1), \
-            t.v_cache.narrow(1, 0, pos + 1)
+        q = qkv.narrow(0, 0, nh).view(nkv, group, hd)
+        keys, vals = t.k_cache.narrow(1, 0, pos + 1), t.v_cache.narrow(1, 0, pos + 1)
     else:
         t.kv_cache.narrow(2, pos, T).copy_(qkv.narrow(1, nh, 2 * nkv).view(T, 2, nkv, hd).permute(1, 2, 0, 3))
         # GQA without copying the cache: a KV group's query heads (and positions) are one batch row of queries
