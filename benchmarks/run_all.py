@@ -133,6 +133,13 @@ def sum_dequant(text: str) -> str:
         f"{k} {v['allocated_bytes_per_weight']:g}" for k, v in d.items())
 
 
+def sum_prefill(text: str) -> str:
+    d = json.loads(text)
+    s = d["seconds"]
+    return (f"{d['tokens']}-token prompt, 2 stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in s.items())
+            + f": pipelined x{d['speedup']:.2f}")
+
+
 def sum_roofline(text: str) -> str:
     return " ".join(line.strip() for line in text.strip().splitlines()[-3:])
 
@@ -167,6 +174,8 @@ BENCHES = [
                                                     "--repeats", "2", "--warmup", "0", "--no-raw-defaults",
                                                     "--json"],
           "32 tokens, 2 rounds", sum_chat, 300, "chat_overhead.py"),
+    Bench("torch pipelined prefill", [str(HERE / "torch_pipelined_prefill.py"), "--repeats", "2", "--json"],
+          "480 tokens, 2 rounds", sum_prefill, 180, "torch_pipelined_prefill.py"),
     Bench("torch GGUF-block expansion traffic", [str(HERE / "dequant_traffic.py"), "--rows", "256", "--json"],
           "256 x 4096", sum_dequant, 120, "dequant_traffic.py"),
     Bench("torch backend vs GPU roofline", [str(HERE / "torch_gpu_roofline.py"), "--tokens", "64", "--repeats", "2"],

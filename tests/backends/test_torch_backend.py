@@ -226,9 +226,10 @@ LAYOUTS = {
 }
 
 
-def _run(model: str, layout: Layout | None, toks: list[int], weights: str | None = None, dtype: str | None = None
-         ) -> tuple[np.ndarray, list[int], dict, dict]:
-    eng = TorchEngine(model, n_ctx=128, layout=layout, simulate=True, weights=weights, dtype=dtype)
+def _run(model: str, layout: Layout | None, toks: list[int], weights: str | None = None, dtype: str | None = None,
+         prefill_chunk: int | None = None) -> tuple[np.ndarray, list[int], dict, dict]:
+    eng = TorchEngine(model, n_ctx=128, layout=layout, simulate=True, weights=weights, dtype=dtype,
+                      prefill_chunk=prefill_chunk)
     try:
         logits = eng.logits(toks)
         tele_prompt = eng.sync_telemetry()
@@ -260,6 +261,23 @@ def test_parallel_layouts_equal_tp1(smollm2: str) -> None:
             for r in range(3):
                 assert ready[r]["rss_anon_load_bytes"] <= 0.45 * one, (r, ready[r], one)
                 assert ready[r]["weight_bytes"] <= 0.36 * base_ready[0]["weight_bytes"]
+
+
+def test_pipelined_prefill_in_chunks_equals_one_pass(smollm2: str) -> None:
+    """With several stages a prompt goes through in chunks (stage k on chunk i while stage k+1 is on chunk i-1):
+    chunks of 3 over 7 tokens (3 + 3 + 1) in the 3-stage pipeline and the hybrid give TP=1's logits for every
+    position and the same greedy tokens, and every token's hidden state still reaches each next stage."""
+    toks = [504, 3575, 282, 4649, 314, 7042, 30]
+    base_logits, base_tokens, _t, _r = _run(smollm2, None, toks)
+    for name in ("pipeline3", "hybrid"):
+        layout = LAYOUTS[name]
+        logits, tokens, tele, _r = _run(smollm2, layout, toks, prefill_chunk=3)
+        assert logits.shape == base_logits.shape
+        assert _rel(logits, base_logits) < 1e-4, name
+        assert tokens == base_tokens, name
+        for i in range(len(layout.stages) - 1):
+            sender = layout.first_rank(i)
+            assert tele[sender]["sent_bytes"] == len(layout.ranks(i + 1)) * len(toks) * 576 * 4, (name, i)
 
 
 def test_gguf_blocks_kept_on_the_device_equal_dense_weights(smollm2: str) -> None:

@@ -49,7 +49,7 @@ class TorchEngine:
                  plan: Any = None, simulate: bool = False, profile: Any = None, layout: Any = None,
                  dtype: str | None = None, debug: bool = False, fail_rank: int | None = None,
                  progress: Any = None, advertise_address: str | None = None, weights: str | None = None,
-                 cuda_graphs: bool = True, **_ignored: Any) -> None:
+                 cuda_graphs: bool = True, prefill_chunk: int | None = None, **_ignored: Any) -> None:
         import llama_cpp
 
         self._sampler: DeviceSampler | None = None
@@ -81,7 +81,8 @@ class TorchEngine:
         threads = n_threads or max(1, cores // len(self.slots))
         job = {"model": os.path.abspath(model), "layout": layout.to_json(), "devices": [s.torch_device for s in self.slots],
                "n_ctx": n_ctx, "threads": threads, "dtype": dtype, "timeout_s": 300, "fail_rank": fail_rank,
-               "weights": weights, "cuda_graphs": cuda_graphs}
+               "weights": weights, "cuda_graphs": cuda_graphs,
+               "prefill_chunk": prefill_chunk}
         from llama_cpp._utils import suppress_stdout_stderr
 
         with suppress_stdout_stderr(disable=False):  # llama.cpp warns about the vocab-only context's size
@@ -224,6 +225,12 @@ class TorchEngine:
         """Logits of every position of ``tokens`` fed at ``pos`` (float32, (T, vocab)): for the proofs."""
         import numpy as np
 
+        from mixrun.backends.torch.control import MAX_LINE
+
+        reply = len(tokens) * self.vocab.llm.n_vocab() * 4 * 4 // 3  # base64 of float32
+        if reply > MAX_LINE:
+            raise MixrunError(f"logits of {len(tokens)} positions ({reply >> 20} MiB) exceed the control channel's "
+                              f"{MAX_LINE >> 20} MiB: ask for fewer positions")
         self.cluster.send_driver({"op": "logits", "tokens": tokens, "pos": pos})
         while True:
             ev = self.cluster.next_event(1.0)

@@ -24,6 +24,7 @@ from typing import Any
 
 OP_SHUTDOWN, OP_STEP, OP_END = 0, 1, 2
 TELEMETRY_EVERY_S = 0.5
+PREFILL_CHUNK = 512  # tokens per pipelined prefill chunk (llama.cpp's default ubatch)
 
 
 def rss_anon_bytes() -> int | None:
@@ -95,6 +96,7 @@ class Rank:
         model.setup_cache(self.dtype, self.device)
         model.eval()
         self.model = model
+        self.prefill_chunk = max(1, int(job.get("prefill_chunk") or PREFILL_CHUNK))
         self.graphed = None
         self.graph_note = None
         if self.device.type == "cuda" and self.stage.tp == 1 and job.get("cuda_graphs", True):
@@ -131,33 +133,55 @@ class Rank:
         return t
 
     def step(self, ids: Any, pos: int, all_logits: bool) -> Any:
+        """Run tokens ``ids`` at positions ``[pos, pos + T)``; the last stage returns the gathered logits (every
+        row with ``all_logits``, else the last). With several stages a long prompt goes through in chunks of
+        ``prefill_chunk`` tokens, so stage k works on chunk i while stage k+1 works on chunk i-1 (the planner's
+        pipelined prefill); the embeddings go to the first stage in one message first, so no two stages ever wait
+        on each other's sends."""
         torch, dist, lay = self.torch, self.dist, self.layout
-        n_stages = len(lay.stages)
-        h = None
+        n_stages, T = len(lay.stages), ids.numel()
+        first, last = self.stage_idx == 0, self.stage_idx == self.last
+        size = self.prefill_chunk if n_stages > 1 else T
+        chunks = [(o, min(size, T - o)) for o in range(0, T, size)]
+        emb = None
+        parts = []
+        compute_s = 0.0
         with torch.inference_mode():
-            if self.stage_idx == self.last:
-                h = self.comm.all_reduce(self.model.embed_tokens(ids.to(self.device)).to(self.dtype), layer=False)
+            if last:
+                emb = self.comm.all_reduce(self.model.embed_tokens(ids.to(self.device)).to(self.dtype), layer=False)
                 if n_stages > 1 and self.member == 0:
-                    self._send(h, lay.ranks(0))
-            if n_stages > 1:
-                src = lay.driver if self.stage_idx == 0 else lay.first_rank(self.stage_idx - 1)
-                h = torch.empty(ids.numel(), self.cfg.dim, dtype=self.dtype, device=self.device)
-                dist.recv(h, src=src)
-            t0 = time.perf_counter()
-            graphed = self.graphed is not None and ids.numel() == 1
-            h = self.graphed(h, pos) if graphed else self.model(h, pos)  # the last stage's graph ends in logits
-            if self.stage_idx != self.last:
+                    self._send(emb, lay.ranks(0))
+            if first and n_stages > 1:
+                emb = torch.empty(T, self.cfg.dim, dtype=self.dtype, device=self.device)
+                dist.recv(emb, src=lay.driver)
+            for i, (off, n) in enumerate(chunks):
+                if first or n_stages == 1:
+                    h = emb.narrow(0, off, n)
+                else:
+                    h = torch.empty(n, self.cfg.dim, dtype=self.dtype, device=self.device)
+                    dist.recv(h, src=lay.first_rank(self.stage_idx - 1))
+                t0 = time.perf_counter()
+                graphed = self.graphed is not None and T == 1
+                h = self.graphed(h, pos) if graphed else self.model(h, pos + off)  # a last stage's graph: logits
+                if not last:
+                    self._sync()
+                    compute_s += time.perf_counter() - t0
+                    if self.member == 0:
+                        self._send(h, lay.ranks(self.stage_idx + 1))
+                    continue
+                if graphed:
+                    parts.append(h.clone())
+                elif all_logits:
+                    parts.append(self.model.logits(h))
+                elif i == len(chunks) - 1:
+                    parts.append(self.model.logits(h[-1:]))
                 self._sync()
-                self.last_step_s = time.perf_counter() - t0
-                if self.member == 0:
-                    self._send(h, lay.ranks(self.stage_idx + 1))
-                out = None
-            else:
-                local = h.clone() if graphed else self.model.logits(h if all_logits else h[-1:])
-                out = self.comm.gather_vocab(local, self.vocab)
-                self._sync()
-                self.last_step_s = time.perf_counter() - t0
-        self.compute_s += self.last_step_s
+                compute_s += time.perf_counter() - t0
+            out = None
+            if last:
+                out = self.comm.gather_vocab(parts[0] if len(parts) == 1 else torch.cat(parts), self.vocab)
+        self.last_step_s = compute_s
+        self.compute_s += compute_s
         self.steps += 1
         if time.monotonic() - self._tele_at > TELEMETRY_EVERY_S:
             self.telemetry()
