@@ -1,8 +1,11 @@
-"""GGUF tensors -> a (sharded) model's parameters, dequantized with ``gguf.quants`` to the run dtype.
+"""GGUF tensors -> a (sharded) model's parameters: dequantized with ``gguf.quants`` to the run dtype, or, on GPU
+ranks, quantized matrices kept as their raw GGUF blocks (expanded before each product by :mod:`quant`).
 
 Each rank reads only its own slices from the memory-mapped file: rows of a quantized tensor are whole blocks, so a
 row slice is a slice of the bytes; a column slice on block boundaries is one too, and any other column slice is
-dequantized a band of rows at a time. A rank's peak memory is its shard plus one band.
+dequantized a band of rows at a time. A rank's peak memory is its shard plus one band. Parameters with several
+GGUF tensors (fused Q/K/V, gate/up) are filled part by part, by rows; NEOX models' Q/K rows are reordered into the
+RoPE pair order on the way. On the CPU all parameters live in one huge-page-advised map (:func:`materialize`).
 """
 
 from __future__ import annotations
