@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
@@ -219,6 +219,13 @@ def tally_bytes(tensors: Sequence[TensorSpec], n_layers: int) -> tuple[tuple[int
         else:
             layer_bytes[t.layer] += t.n_bytes
     return tuple(layer_bytes), other
+
+
+def with_tensors(spec: ModelSpec, tensors: Sequence[TensorSpec]) -> ModelSpec:
+    """The same model with these tensors (another quant of it, say): byte tallies recomputed."""
+    layer_bytes, other = tally_bytes(tensors, spec.n_layers)
+    return replace(spec, tensors=tuple(tensors), layer_bytes=layer_bytes, other_bytes=other,
+                               total_bytes=sum(t.n_bytes for t in tensors))
 
 
 def build_spec(*, source: str, files: tuple[str, ...], file_bytes: int, fields: dict[str, Any],

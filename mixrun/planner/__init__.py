@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import PurePath
 
 from mixrun.errors import MixrunError
-from mixrun.model_spec import ModelSpec, tally_bytes
+from mixrun.model_spec import ModelSpec, with_tensors
 from mixrun.planner import candidates as cands
 from mixrun.planner.evaluate import Context
 from mixrun.planner.memory import ModelFacts
@@ -158,11 +158,8 @@ def _suggestions(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> list
 
 def scaled_spec(spec: ModelSpec, factor: float) -> ModelSpec:
     """The same model with its 2-D tensors ``factor`` times as large: a smaller or larger quant of it."""
-    tensors = tuple(dataclasses.replace(t, n_bytes=int(t.n_bytes * factor)) if len(t.shape) >= 2 else t
-                    for t in spec.tensors)
-    layer_bytes, other = tally_bytes(tensors, spec.n_layers)
-    return dataclasses.replace(spec, tensors=tensors, layer_bytes=layer_bytes, other_bytes=other,
-                               total_bytes=sum(t.n_bytes for t in tensors))
+    return with_tensors(spec, [dataclasses.replace(t, n_bytes=int(t.n_bytes * factor)) if len(t.shape) >= 2 else t
+                               for t in spec.tensors])
 
 
 def spec_at_bpw(spec: ModelSpec, bpw: float) -> ModelSpec:

@@ -9,7 +9,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 
-from mixrun.model_spec import ModelSpec, tally_bytes
+from mixrun.model_spec import ModelSpec, with_tensors
 from mixrun.planner.cost import allreduce_s, costs, dequant_bytes, read_time_s, transfer_s
 from mixrun.planner.evaluate import Context, Evaluation, evaluate_pipeline, evaluate_row, planned_capacity
 from mixrun.planner.memory import F32, GPU_OVERHEAD_BYTES, ModelFacts, compute_bytes
@@ -254,10 +254,7 @@ def _tensor_shares(ctx: Context, gpus: list[Device]) -> tuple[float, ...] | None
 
 def float32_spec(spec: ModelSpec) -> ModelSpec:
     """The model as CPU ranks of the torch backend hold it: every tensor in float32."""
-    tensors = tuple(dataclasses.replace(t, qtype="F32", n_bytes=F32 * t.n_elements) for t in spec.tensors)
-    layer_bytes, other = tally_bytes(tensors, spec.n_layers)
-    return dataclasses.replace(spec, tensors=tensors, layer_bytes=layer_bytes, other_bytes=other,
-                               total_bytes=sum(t.n_bytes for t in tensors))
+    return with_tensors(spec, [dataclasses.replace(t, qtype="F32", n_bytes=F32 * t.n_elements) for t in spec.tensors])
 
 
 def torch_units(ctx: Context) -> list[Unit]:
