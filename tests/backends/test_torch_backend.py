@@ -24,7 +24,7 @@ from mixrun.backends.base import Sampling
 from mixrun.backends.torch import weights
 from mixrun.backends.torch.engine import TorchEngine
 from mixrun.backends.torch.model import ModelConfig, Norm, RMSNorm, Rope, Transformer, Weight, cpu_chunks, pair_order
-from mixrun.backends.torch.parallel import Comm, Layout, Stage, apply_tp, split_sizes
+from mixrun.backends.torch.parallel import Comm, Layout, Stage, split_sizes
 from mixrun.backends.torch.weights import materialize
 from mixrun.errors import MixrunError, RuntimeFailure
 from mixrun.gguf_spec import TensorFile
@@ -148,16 +148,12 @@ def test_layouts_from_plans_and_checks() -> None:
 
 
 def _in_process(path: str | Path, max_pos: int) -> Transformer:
-    """A whole model in this process (TP=1), as a rank builds it."""
+    """A whole model in this process (TP=1), built as a rank builds its part."""
     tf = TensorFile(str(path))
     cfg = ModelConfig.from_gguf(tf.spec, tf.fields)
     stage = Stage(("cpu",), (0, cfg.n_layers), (cfg.n_head_kv,))
-    with torch.device("meta"):
-        model = Transformer(cfg, stage.layers, head=True, max_pos=max_pos)
-    shards = apply_tp(model, stage, 0, Comm(None, 1))
-    weights.load(model, tf, shards, first_layer=0, tied=cfg.tied, dtype=torch.float32, device=torch.device("cpu"),
-                 order=pair_order(cfg))
-    model.setup_cache(torch.float32, torch.device("cpu"))
+    model, _held = weights.build_part(tf, cfg, stage, 0, Comm(None, 1), head=True, max_pos=max_pos,
+                                      dtype=torch.float32, device=torch.device("cpu"))
     return model
 
 

@@ -231,12 +231,15 @@ class LayerTensors:
     scale: torch.Tensor  # 1/sqrt(head_dim), a tensor (see Norm)
 
 
-def weight(lin: nn.Linear, device: torch.device, threads: int) -> Weight | BlockWeight:
-    """How a step computes ``lin``: from GGUF blocks when the loader kept them, else dense."""
-    blocks = getattr(lin, "blocks", None)
+def weight(m: nn.Module, device: torch.device, threads: int) -> Weight | BlockWeight:
+    """How a step computes with ``m``'s weight (a linear, or the embedding table as a tied output): from GGUF
+    blocks when the loader kept them, else dense."""
+    bias = getattr(m, "bias", None)
+    blocks = getattr(m, "blocks", None)
     if blocks:
-        return BlockWeight(blocks, lin.block_cols, lin.block_dtype, lin.bias)
-    return Weight(lin.weight, lin.bias, cpu_chunks(lin.out_features, threads) if device.type == "cpu" else 1)
+        return BlockWeight(blocks, m.block_cols, m.block_dtype, bias)
+    w = m.weight
+    return Weight(w, bias, cpu_chunks(w.shape[0], threads) if device.type == "cpu" else 1)
 
 
 class Block(nn.Module):
@@ -292,7 +295,7 @@ def attention(x: torch.Tensor, pos: int | torch.Tensor, t: LayerTensors, rope: R
         qkv.narrow(d, 0, nh).copy_(t.q_norm(qkv.narrow(d, 0, nh)))
         qkv.narrow(d, nh, nkv).copy_(t.k_norm(qkv.narrow(d, nh, nkv)))
     rope.rotate_(qkv.narrow(d, 0, nh + nkv), pos)
-    if isinstance(pos, torch.Tensor):
+    if fixed:
         t.kv_cache.index_copy_(2, pos, qkv.narrow(0, nh, 2 * nkv).view(2, nkv, 1, hd))
         q, keys, vals = qkv.narrow(0, 0, nh).view(nkv, group, hd), t.k_cache, t.v_cache
     elif T == 1:
@@ -364,7 +367,6 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if head else None
         # a tied output is the embedding table itself (one copy; the planner counts one)
         self.output = nn.Linear(cfg.dim, cfg.vocab, bias=False) if head and not cfg.tied else None
-        self._blocks: list[Block] = []
         self._output: Weight | BlockWeight | None = None
         self._norm: Norm | None = None
 
@@ -375,15 +377,11 @@ class Transformer(nn.Module):
         self.rope.build(device)
         for blk in self.layers:
             blk.setup_cache(self.max_pos, dtype, device, threads)
-        if self.output is not None:
-            self._output = weight(self.output, device, threads)
-        elif self.embed is not None:  # tied
-            e = self.embed
-            self._output = (BlockWeight(e.blocks, e.block_cols, e.block_dtype, None) if e.blocks else
-                            Weight(e.weight, None, cpu_chunks(e.rows, threads) if device.type == "cpu" else 1))
+        head = self.output if self.output is not None else self.embed  # a tied output is the embedding table
+        if head is not None:
+            self._output = weight(head, device, threads)
         if self.norm is not None:
             self._norm = Norm(self.norm)
-        self._blocks = list(self.layers)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         assert self.embed is not None
@@ -393,7 +391,7 @@ class Transformer(nn.Module):
         """Run this part's layers on hidden states ``x`` of positions ``[pos, pos + T)`` (a one-element tensor
         ``pos``: one decode step of fixed shapes, see :func:`attention`)."""
         rope = self.rope
-        for blk in self._blocks:
+        for blk in self.layers:
             x = blk(x, pos, rope)
         return x
 

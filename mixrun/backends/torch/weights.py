@@ -180,7 +180,7 @@ def load(model: torch.nn.Module, tf: Any, shards: dict[str, tuple[Shard, ...]], 
     model.weight_map = materialize(model, device)
     params = dict(model.named_parameters())
     dense_total = sum(p.numel() * p.element_size() for p in params.values())
-    block_total = sum(int(np.prod(read_blocks(tf, n, sh).shape)) for parts in kept.values() for n, _, sh in parts)
+    block_total = sum(read_blocks(tf, n, sh).size for parts in kept.values() for n, _, sh in parts)
     total = dense_total + block_total
     done = 0
     for pname, param in params.items():
@@ -231,3 +231,20 @@ def load(model: torch.nn.Module, tf: Any, shards: dict[str, tuple[Shard, ...]], 
         if progress is not None:
             progress(done, total)
     return done
+
+
+def build_part(tf: Any, cfg: Any, stage: Any, member: int, comm: Any, *, head: bool, max_pos: int,
+               dtype: torch.dtype, device: torch.device, blocks: bool = False,
+               progress: Callable[[int, int], None] | None = None) -> tuple[Any, int]:
+    """A rank's model part, ready to run: built on the meta device, shrunk to this member's TP shard, loaded from
+    the GGUF and given its caches. Returns the part and the bytes of weights it holds."""
+    from mixrun.backends.torch.model import Transformer, pair_order
+    from mixrun.backends.torch.parallel import apply_tp
+
+    with torch.device("meta"):
+        model = Transformer(cfg, stage.layers, head=head, max_pos=max_pos).to(dtype)
+    shards = apply_tp(model, stage, member, comm)
+    held = load(model, tf, shards, first_layer=stage.layers[0], tied=cfg.tied, dtype=dtype, device=device,
+                order=pair_order(cfg), blocks=blocks, progress=progress)
+    model.setup_cache(dtype, device)
+    return model.eval(), held

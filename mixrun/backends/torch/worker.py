@@ -48,8 +48,8 @@ class Rank:
         import torch.distributed as dist
 
         from mixrun.backends.torch import weights
-        from mixrun.backends.torch.model import ModelConfig, Transformer, pair_order
-        from mixrun.backends.torch.parallel import Comm, Layout, apply_tp, vocab_sizes
+        from mixrun.backends.torch.model import ModelConfig
+        from mixrun.backends.torch.parallel import Comm, Layout, vocab_sizes
         from mixrun.gguf_spec import TensorFile
 
         self.torch, self.dist, self.link, self.rank, self.world = torch, dist, link, rank, world
@@ -75,11 +75,6 @@ class Rank:
         tf = TensorFile(job["model"])
         self.cfg = cfg = ModelConfig.from_gguf(tf.spec, tf.fields)
         self.layout.check(cfg)
-        head = self.stage_idx == self.last
-        with torch.device("meta"):
-            model = Transformer(cfg, self.stage.layers, head=head, max_pos=int(job["n_ctx"]))
-        model = model.to(self.dtype)
-        shards = apply_tp(model, self.stage, self.member, self.comm)
         t0, last_sent = time.monotonic(), 0.0
 
         def progress(done: int, total: int) -> None:
@@ -89,12 +84,10 @@ class Rank:
                 last_sent = now
                 link.send({"progress": done / total if total else 1.0, "rank": rank})
 
-        self.weight_bytes = weights.load(model, tf, shards, first_layer=self.stage.layers[0], tied=cfg.tied,
-                                         dtype=self.dtype, device=self.device, order=pair_order(cfg),
-                                         blocks=self.blocks, progress=progress)
+        model, self.weight_bytes = weights.build_part(
+            tf, cfg, self.stage, self.member, self.comm, head=self.stage_idx == self.last, max_pos=int(job["n_ctx"]),
+            dtype=self.dtype, device=self.device, blocks=self.blocks, progress=progress)
         del tf
-        model.setup_cache(self.dtype, self.device)
-        model.eval()
         self.model = model
         self.prefill_chunk = max(1, int(job.get("prefill_chunk") or PREFILL_CHUNK))
         self.graphed = None
@@ -106,7 +99,7 @@ class Rank:
                 self.graphed = GraphedStep(model, self.dtype, self.device, logits=self.stage_idx == self.last)
             except Exception as e:  # eager steps still work; say why
                 self.graph_note = f"CUDA graph capture failed on rank {rank}, decoding eagerly: {e}"
-        self.vocab = vocab_sizes(cfg, self.stage) if head else []
+        self.vocab = vocab_sizes(cfg, self.stage) if self.stage_idx == self.last else []
         self.load_s = time.monotonic() - t0
         self.rss_anon_load_bytes = rss_anon_bytes() - rss0 if rss0 is not None else None
         self.sent_bytes = 0
