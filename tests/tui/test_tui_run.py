@@ -21,11 +21,11 @@ def _app(model: str, starter: Any, profile: str = "dual-3090-nvlink-plus-3060", 
                     sampling=Sampling(temperature=0, max_tokens=max_tokens))
 
 
-async def _start(pilot: Any, app: Any) -> RunScreen:
+async def _start(pilot: Any, app: Any, load_s: float = 20.0) -> RunScreen:
     await pilot.press("r")
     await wait_for(pilot, lambda: isinstance(app.screen, RunScreen), "the Run screen")
     screen = app.screen
-    await wait_for(pilot, lambda: screen.engine_state == "ready", "the engine to load")
+    await wait_for(pilot, lambda: screen.engine_state == "ready", "the engine to load", timeout=load_s)
     return screen
 
 
@@ -177,10 +177,7 @@ async def test_real_generation_on_the_torch_hybrid_simulated(smollm2: str) -> No
                    sampling=Sampling(temperature=0, max_tokens=8))
     assert app.state.report.best.split.value == "hybrid"
     async with app.run_test(size=(120, 40)) as pilot:
-        await pilot.press("r")
-        await wait_for(pilot, lambda: isinstance(app.screen, RunScreen), "the Run screen")
-        screen = app.screen
-        await wait_for(pilot, lambda: screen.engine_state == "ready", "the ranks to load", timeout=90)
+        screen = await _start(pilot, app, load_s=90)
         panel = screen.query_one(TelemetryPanel)
         await _ask(pilot, screen, "What is the capital of France?")
         await wait_for(pilot, lambda: screen.answers == 1, "the answer", timeout=90)
