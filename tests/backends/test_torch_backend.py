@@ -176,6 +176,33 @@ def test_fixed_shape_decode_steps_equal_the_usual_ones(smollm2: str, tmp_path: P
                 assert _rel(b.numpy(), a.numpy()) < 1e-5, (path, pos)
 
 
+def test_buffered_cpu_decode_step_equals_the_eager_one(smollm2: str, tmp_path: Path) -> None:
+    """The CPU decode step over preallocated buffers (``step.DecodeStep``) gives the eager step's logits: llama
+    (SmolLM2, row blocks), qwen2 (QKV bias), qwen3 (QK norm, explicit head dim) and a llama with RoPE on half of
+    each head."""
+    qwen2 = gguf_factory.write_model(tmp_path / "qwen2.gguf", "qwen2", n_layers=2, n_embd=96, n_head=6,
+                                     n_head_kv=2, n_ff=160, n_vocab=64, tied=False, seed=3)
+    qwen3 = gguf_factory.write_model(tmp_path / "qwen3.gguf", "qwen3", n_layers=2, n_embd=128, n_head=4,
+                                     n_head_kv=2, head_dim=48, n_ff=256, n_vocab=64, tied=False, seed=5)
+    half = gguf_factory.write_model(tmp_path / "half.gguf", "llama", n_layers=2, n_embd=64, n_head=4, n_head_kv=2,
+                                    n_vocab=64, extra_kv={"llama.rope.dimension_count": 8}, seed=7)
+    for path, prompt in ((smollm2, [504, 3575, 282, 4649, 314]), (qwen2, [1, 2, 3]), (qwen3, [1, 5, 9, 3]),
+                         (half, [4, 8, 15])):
+        buffered, eager = _in_process(path, 48), _in_process(path, 48)
+        assert buffered.step is not None
+        eager.step = None
+        with torch.inference_mode():
+            ids = torch.tensor(prompt)
+            a = buffered.logits(buffered(buffered.embed_tokens(ids), 0)[-1:])
+            b = eager.logits(eager(eager.embed_tokens(ids), 0)[-1:])
+            for pos in range(len(prompt), len(prompt) + 8):
+                tok = torch.argmax(a[-1]).view(1)
+                assert torch.equal(tok, torch.argmax(b[-1]).view(1))
+                a = buffered.logits(buffered(buffered.embed_tokens(tok), pos))
+                b = eager.logits(eager(eager.embed_tokens(tok), pos))
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item()), (path, pos)
+
+
 # ---- against llama.cpp -------------------------------------------------------------------------------------------
 
 

@@ -369,6 +369,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab, bias=False) if head and not cfg.tied else None
         self._output: Weight | BlockWeight | None = None
         self._norm: Norm | None = None
+        self.step: Callable[[torch.Tensor, int], torch.Tensor] | None = None  # one-token steps, when faster
 
     def setup_cache(self, dtype: torch.dtype, device: torch.device, threads: int | None = None) -> None:
         """KV caches and RoPE table on ``device``, once the weights are loaded; on the CPU, the one-row products'
@@ -382,6 +383,9 @@ class Transformer(nn.Module):
             self._output = weight(head, device, threads)
         if self.norm is not None:
             self._norm = Norm(self.norm)
+        from mixrun.backends.torch import step
+
+        self.step = step.DecodeStep(self, self.layers[0].reduce) if step.usable(self, dtype, device) else None
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         assert self.embed is not None
@@ -390,6 +394,8 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
         """Run this part's layers on hidden states ``x`` of positions ``[pos, pos + T)`` (a one-element tensor
         ``pos``: one decode step of fixed shapes, see :func:`attention`)."""
+        if self.step is not None and x.shape[0] == 1 and isinstance(pos, int):
+            return self.step(x, pos)
         rope = self.rope
         for blk in self.layers:
             x = blk(x, pos, rope)
