@@ -1,9 +1,9 @@
 """Bytes the torch backend's GGUF-block expansion allocates per weight, by quant type.
 
-GPU ranks keep quantized matrices in their GGUF blocks and expand each with torch operations right before its
-product (``mixrun/backends/torch/quant.py``). Every intermediate is written once and read back, so the traffic of
-an expansion is about twice what it allocates; the planner's ``DEQUANT_BYTES_PER_WEIGHT`` (``planner/cost.py``)
-is set from these figures. Measured with the torch profiler's memory accounting on a CPU, which allocates the
+GPU ranks keep quantized matrices in their GGUF blocks. Prompts, and decode steps on a rank without triton (no fused
+kernels), expand each matrix with torch operations right before its product (``mixrun/backends/torch/quant.py``).
+Every intermediate is written once and read back, so the traffic of an expansion is about twice what it allocates:
+the cost the fused kernels (``kernels.py``) avoid. Measured with the torch profiler's memory accounting on a CPU, which allocates the
 same intermediates a GPU would.
 
     python benchmarks/dequant_traffic.py [--rows 1024] [--cols 4096] [--json]

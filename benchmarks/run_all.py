@@ -144,6 +144,10 @@ def sum_roofline(text: str) -> str:
     return " ".join(line.strip() for line in text.strip().splitlines()[-3:])
 
 
+def sum_last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
 def sum_bench(text: str) -> str:
     d = json.loads(text)
     by = {c["backend"]: c for c in d["candidates"] if c["decode_tok_s"]}
@@ -180,6 +184,8 @@ BENCHES = [
           "256 x 4096", sum_dequant, 120, "dequant_traffic.py"),
     Bench("torch backend vs GPU roofline", [str(HERE / "torch_gpu_roofline.py"), "--tokens", "64", "--repeats", "2"],
           "64 tokens, 2 runs", sum_roofline, 300, "torch_gpu_roofline.py", skip_when="no CUDA device here"),
+    Bench("torch fused GGUF kernels vs copy bandwidth", [str(HERE / "torch_gpu_kernels.py"), "--iters", "20"],
+          "20 calls each", sum_last_line, 300, "torch_gpu_kernels.py", skip_when="no CUDA device here"),
 ]
 
 

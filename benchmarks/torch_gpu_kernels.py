@@ -17,24 +17,20 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from pathlib import Path
 
 TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 SHAPES = ((4096, 4096), (14336, 4096))
-# byte offsets of the fp16 scale fields in a block: random bytes there would be NaN/inf or absurd scales
-SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-                 "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def random_blocks(torch, qtype, name: str, rows: int, cols: int):
-    """uint8 (rows, row bytes) of random blocks on the GPU with fp16 scales in [-0.05, 0.05)."""
-    from gguf import GGML_QUANT_SIZES
+def random_blocks(torch, qtype, rows: int, cols: int):
+    """uint8 (rows, row bytes) of random blocks on the GPU with fp16 scales in [-0.05, 0.05]."""
+    import numpy as np
 
-    block, type_size = GGML_QUANT_SIZES[qtype]
-    raw = torch.randint(0, 256, (rows, cols // block, type_size), dtype=torch.uint8, device="cuda")
-    for off in SCALE_OFFSETS[name]:
-        scale = (torch.rand(rows, cols // block, 1, device="cuda") * 0.1 - 0.05).half()
-        raw[..., off:off + 2] = scale.view(torch.uint8)
-    return raw.reshape(rows, -1)
+    from gguf_factory import random_blocks as blocks
+
+    return torch.from_numpy(blocks(qtype, rows, cols, np.random.default_rng(0))).cuda()
 
 
 def time_us(torch, fn, n_copies: int, iters: int) -> float:
@@ -101,7 +97,7 @@ def main() -> int:
     for name in TYPES:
         qtype = GGMLQuantizationType[name]
         for n, k in SHAPES:
-            raw = random_blocks(torch, qtype, name, n, k)
+            raw = random_blocks(torch, qtype, n, k)
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
             cases.append((name, qtype, raw, x))
     failed = [line for name, qtype, raw, x in cases for line in check(torch, F, kernels, quant, x, raw, qtype, name)]

@@ -72,6 +72,27 @@ def tensor_type(name: str, shape: tuple[int, ...], qtype: str, n_layers: int) ->
     return GGMLQuantizationType.Q4_K
 
 
+# byte offsets of the fp16 scale fields in a block: random bytes there would be NaN/inf or absurd scales
+SCALE_OFFSETS = {
+    GGMLQuantizationType.Q4_0: (0,), GGMLQuantizationType.Q4_1: (0, 2), GGMLQuantizationType.Q5_0: (0,),
+    GGMLQuantizationType.Q5_1: (0, 2), GGMLQuantizationType.Q8_0: (0,), GGMLQuantizationType.Q2_K: (80, 82),
+    GGMLQuantizationType.Q3_K: (108,), GGMLQuantizationType.Q4_K: (0, 2), GGMLQuantizationType.Q5_K: (0, 2),
+    GGMLQuantizationType.Q6_K: (208,),
+}
+
+
+def random_blocks(qtype: GGMLQuantizationType, rows: int, cols: int, rng: np.random.Generator,
+                  scale: float = 0.05) -> np.ndarray:
+    """Random blocks (rows, bytes per row) of ``qtype``, so every code and sub-scale value occurs; only the fp16
+    fields get finite values, uniform in [-scale, scale]. For the types gguf-py cannot quantize to (K-quants)."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows, cols // block_size, type_size), dtype=np.uint8)
+    for off in SCALE_OFFSETS[qtype]:
+        d = rng.uniform(-scale, scale, size=(rows, cols // block_size, 1)).astype(np.float16)
+        raw[..., off:off + 2] = d.view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
 def write_model(path: str | os.PathLike[str], arch: str = "llama", *, n_layers: int = 2, n_embd: int = 64,
                 n_head: int = 4, n_head_kv: int = 2, head_dim: int | None = None, n_ff: int = 128, n_vocab: int = 64,
                 n_ctx: int = 2048, tied: bool = True, qtype: str = "F32", sparse: bool = False,
@@ -130,6 +151,8 @@ def write_model(path: str | os.PathLike[str], arch: str = "llama", *, n_layers: 
             data = 1.0 + data
         if t == GGMLQuantizationType.F32:
             w.add_tensor(name, data)
+        elif t in SCALE_OFFSETS and t.name.endswith("_K"):  # gguf-py quantizes to the legacy types only
+            w.add_tensor(name, random_blocks(t, shape[0], shape[1], rng, scale=1e-3), raw_dtype=t)
         else:
             w.add_tensor(name, gguf.quants.quantize(data, t), raw_dtype=t)
     if sparse:

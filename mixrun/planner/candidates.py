@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from mixrun.model_spec import ModelSpec, with_tensors
-from mixrun.planner.cost import allreduce_s, costs, dequant_bytes, read_time_s, transfer_s
+from mixrun.planner.cost import QUANT_KERNEL_EFF, allreduce_s, costs, quant_kernel_bytes, read_time_s, transfer_s
 from mixrun.planner.evaluate import Context, Evaluation, evaluate_pipeline, evaluate_row, planned_capacity
 from mixrun.planner.memory import F32, GPU_OVERHEAD_BYTES, ModelFacts, compute_bytes
 from mixrun.planner.search import StageCosts, Unit, allocate, best_layout, exact_boundaries, head_shares, tp_cliques
@@ -94,8 +94,9 @@ def _why(ctx: Context, groups: list[Group], ev: Evaluation, split: Split, backen
     if t.tp_comm_s + t.handoff_s > 0.15 * t.total_s:
         text += f"; communication {(t.tp_comm_s + t.handoff_s) / t.total_s:.0%}"
     gpus = any(ctx.profile.device(d).backend != "cpu" for g in groups for d in g.devices)
-    if backend == BackendName.TORCH and gpus and any(ctx.facts.layer_quant_elements):
-        text += "; quantized matrices are expanded by torch operations for every product (no fused kernels yet)"
+    if backend == BackendName.TORCH and gpus and any(ctx.facts.layer_quant_bytes):
+        text += (f"; quantized matrices stream through fused Triton kernels, assumed at {QUANT_KERNEL_EFF:.0%} of the "
+                 f"dense rate until measured on a GPU")
     if not ev.fits:
         short = [f"{d.id} short by {d.shortfall_bytes / 2**30:.2f} GiB" for d in ev.devices if not d.fits]
         text += "; does not fit: " + ", ".join(short)
@@ -337,7 +338,7 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
     if len(units) > MAX_UNITS:  # keep the fastest units (the search stays exact among them)
         units = sorted(units, key=lambda u: -sum(p.device(d).mem_bandwidth_gbs for d in u.devices))[:MAX_UNITS]
     mat = sum(facts.layer_matrix_bytes) / L
-    quant = sum(facts.layer_quant_elements) / L
+    quant = sum(facts.layer_quant_bytes) / L
     oth = sum(facts.layer_other_bytes) / L
     kv = facts.kv_bytes(req.ctx, req.ubatch, 0, L) / L
     mean_layer = (mat, oth, kv)
@@ -367,10 +368,11 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
             per_layer = lm * s + lo + lk * s
             room = planned_capacity(dev, util) - fixed_bytes(dev, s, last)
             cap = min(cap, int(room // per_layer) if room > 0 else 0)
-            layer_s = max(layer_s, read_time_s(mat * s + oth + dequant_bytes(quant * s, dev, backend), dev, backend))
+            layer_read = mat * s + oth + quant_kernel_bytes(quant * s, dev, backend)
+            layer_s = max(layer_s, read_time_s(layer_read, dev, backend))
             if last:
-                out = facts.output_bytes * (s if torch else 1.0) + dequant_bytes(facts.output_quant_elements * s, dev,
-                                                                                   backend)
+                out = facts.output_bytes * (s if torch else 1.0)
+                out += quant_kernel_bytes(facts.output_quant_bytes * s, dev, backend)
                 fixed_s = max(fixed_s, read_time_s(out, dev, backend))
         dev0 = p.device(u.devices[0])
         layer_s += costs(backend, dev0).layer_overhead_s

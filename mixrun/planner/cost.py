@@ -89,16 +89,19 @@ def costs(backend: str, device: Device) -> BackendCosts:
     return COSTS[(backend, device_class(device))]
 
 
-# The torch backend keeps quantized matrices in their GGUF blocks on a GPU and expands each with torch operations
-# right before its product, which write and re-read float32 intermediates: 19-39 bytes allocated per weight by quant
-# type (docs/benchmarks.md), so about 50 bytes of memory traffic per weight on top of the blocks themselves.
-DEQUANT_BYTES_PER_WEIGHT = 50
+# On a GPU the torch backend keeps quantized matrices in their GGUF blocks and multiplies them with its fused Triton
+# kernels (backends/torch/kernels.py), which read each block once but gather it byte by byte, untuned. Not measured
+# on a GPU yet: they are assumed to stream blocks at QUANT_KERNEL_EFF of the rate dense products reach (the rate
+# bw_eff sets); benchmarks/torch_gpu_kernels.py measures it. Without triton (e.g. torch on Windows) the runtime
+# expands each matrix with torch operations instead, about 50 bytes of traffic per weight (benchmarks/
+# dequant_traffic.py), and says so when it starts.
+QUANT_KERNEL_EFF = 0.6
 
 
-def dequant_bytes(elements: float, device: Device, backend: str) -> float:
-    """Memory traffic of expanding ``elements`` quantized weights for one product (torch on a GPU; CPU ranks keep
-    float32 copies)."""
-    return DEQUANT_BYTES_PER_WEIGHT * elements if backend == "torch" and device.backend != "cpu" else 0.0
+def quant_kernel_bytes(n_bytes: float, device: Device, backend: str) -> float:
+    """What streaming ``n_bytes`` of quantized blocks through the fused kernels costs beyond reading them at the
+    dense rate, in bytes at that rate (torch on a GPU; CPU ranks hold float32 copies and pay nothing)."""
+    return n_bytes * (1 / QUANT_KERNEL_EFF - 1) if backend == "torch" and device.backend != "cpu" else 0.0
 
 
 def read_time_s(n_bytes: float, device: Device, backend: str) -> float:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from mixrun.model_spec import ModelSpec
-from mixrun.planner.cost import allreduce_s, costs, dequant_bytes, flop_time_s, read_time_s, transfer_s
+from mixrun.planner.cost import allreduce_s, costs, flop_time_s, quant_kernel_bytes, read_time_s, transfer_s
 from mixrun.planner.memory import GPU_OVERHEAD_BYTES, ModelFacts, compute_bytes, output_buffer_bytes
 from mixrun.planner.types import DeviceUse, Group, PlanRequest, Timing
 from mixrun.profile import Device, RigProfile
@@ -118,14 +118,14 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
         dev_s, dev_pre = [], []
         for dev, s in zip(devs, g.shares, strict=True):
             w = facts.weights(a, b, s)
-            read = w + dequant_bytes(facts.quant_elements(a, b, s), dev, backend)
+            read = w + quant_kernel_bytes(facts.quant_bytes(a, b, s), dev, backend)
             on_this = dev.id == cpu.id if out_on_host else last
             if on_this:
                 out = int(facts.output_bytes * (s if (torch or split_output) else 1.0))
                 if cpu is not None and dev.id == cpu.id and spec.tied_output:
                     out -= facts.embd_bytes  # a tied output on the host is the embedding table itself
                 w += out + facts.misc_bytes
-                read += out + dequant_bytes(facts.output_quant_elements * s, dev, backend)
+                read += out + quant_kernel_bytes(facts.output_quant_bytes * s, dev, backend)
                 if torch and last and not spec.tied_output:  # vocab-parallel embedding, with the output (shared if tied)
                     w += int(facts.embd_bytes * s)
             kv = int(facts.kv_bytes(req.ctx, req.ubatch, a, b) * s)

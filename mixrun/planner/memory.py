@@ -60,23 +60,23 @@ class ModelFacts:
         return self.spec.other_bytes.get("token_embd.weight", 0)
 
     @cached_property
-    def layer_quant_elements(self) -> tuple[int, ...]:
-        """Weights per layer in quantized (block) matrices: what the torch backend dequantizes for every product."""
+    def layer_quant_bytes(self) -> tuple[int, ...]:
+        """Bytes per layer of quantized (block) matrices: what the torch backend's fused kernels stream on a GPU."""
         out = [0] * self.spec.n_layers
         for t in self.spec.tensors:
             if t.layer is not None and len(t.shape) >= 2 and t.qtype not in PLAIN_TYPES:
-                out[t.layer] += t.n_elements
+                out[t.layer] += t.n_bytes
         return tuple(out)
 
     @cached_property
-    def output_quant_elements(self) -> int:
-        """Weights of the output projection (the embedding when tied) when quantized, else 0."""
+    def output_quant_bytes(self) -> int:
+        """Bytes of the output projection (the embedding when tied) when quantized, else 0."""
         name = "output.weight" if not self.spec.tied_output else "token_embd.weight"
         t = next((t for t in self.spec.tensors if t.name == name), None)
-        return t.n_elements if t is not None and t.qtype not in PLAIN_TYPES else 0
+        return t.n_bytes if t is not None and t.qtype not in PLAIN_TYPES else 0
 
-    def quant_elements(self, start: int, end: int, share: float = 1.0) -> float:
-        return sum(self.layer_quant_elements[start:end]) * share
+    def quant_bytes(self, start: int, end: int, share: float = 1.0) -> float:
+        return sum(self.layer_quant_bytes[start:end]) * share
 
     @cached_property
     def output_bytes(self) -> int:

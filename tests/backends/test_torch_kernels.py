@@ -22,13 +22,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
 
+import gguf_factory  # noqa: E402
 from mixrun.backends.torch import kernels, quant  # noqa: E402
 
 Q = GGMLQuantizationType
 TYPES = sorted(kernels.SUPPORTED, key=lambda t: t.name)
-# byte offsets of the fp16 scale fields in a block: random bytes there would be NaN/inf or absurd scales
-SCALE_OFFSETS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,),
-                 Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
 # types gguf-py can quantize to, so realistic blocks come from quantizing random floats
 QUANTIZABLE = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0}
 ROWS = 37  # not a multiple of BLOCK_N: the last program has masked-off rows
@@ -40,13 +38,7 @@ def _cols(qtype: GGMLQuantizationType) -> int:
 
 
 def _random_blocks(qtype: GGMLQuantizationType, rows: int, cols: int, rng: np.random.Generator) -> torch.Tensor:
-    """Random bytes, so every code and scale value occurs; only the fp16 fields get small finite values."""
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, size=(rows, cols // block_size, type_size), dtype=np.uint8)
-    for off in SCALE_OFFSETS[qtype]:
-        scale = rng.uniform(-0.05, 0.05, size=(rows, cols // block_size, 1)).astype(np.float16)
-        raw[..., off:off + 2] = scale.view(np.uint8)
-    return torch.from_numpy(raw.reshape(rows, -1))
+    return torch.from_numpy(gguf_factory.random_blocks(qtype, rows, cols, rng))
 
 
 def _quantized(qtype: GGMLQuantizationType, rows: int, cols: int, rng: np.random.Generator) -> torch.Tensor:
@@ -124,3 +116,53 @@ def test_bad_inputs_are_value_errors():
         kernels.matvec(torch.zeros(1, 256), torch.zeros(4, 66, dtype=torch.uint8), Q.IQ2_XXS, 256)
     with pytest.raises(ValueError, match="no fused kernel for GGUF quant type F16"):
         kernels.matvec(torch.zeros(1, 96), torch.zeros(4, 192, dtype=torch.uint8), Q.F16, 96)
+
+
+def _part(path, blocks: bool):
+    """A whole model in this process (TP=1, float32 on the CPU), built as a rank builds its part."""
+    from mixrun.backends.torch import weights
+    from mixrun.backends.torch.model import ModelConfig
+    from mixrun.backends.torch.parallel import Comm, Stage
+    from mixrun.gguf_spec import TensorFile
+
+    tf = TensorFile(str(path))
+    cfg = ModelConfig.from_gguf(tf.spec, tf.fields)
+    stage = Stage(("cpu",), (0, cfg.n_layers), (cfg.n_head_kv,))
+    part, _held = weights.build_part(tf, cfg, stage, 0, Comm(None, 1), head=True, max_pos=32, blocks=blocks,
+                                     dtype=torch.float32, device=torch.device("cpu"))
+    return part
+
+
+def test_a_model_in_blocks_decodes_through_the_kernels(tmp_path, monkeypatch):
+    """A Q4_K_M model kept in its blocks, with the kernels switched on as on a GPU: the prompt (more than MAX_ROWS
+    tokens) expands its matrices, the decode steps go through ``matvec`` for every matrix of both types and the
+    tied output, and the logits are the dense float32 model's (the K-quant blocks are random bytes: gguf-py cannot
+    write K-quants)."""
+    from mixrun.backends.torch import model as model_mod
+
+    path = gguf_factory.write_model(tmp_path / "q4km.gguf", "llama", n_layers=2, n_embd=256, n_head=4, n_head_kv=2,
+                                    n_ff=512, n_vocab=64, qtype="Q4_K_M", seed=11)
+    seen: list[tuple[GGMLQuantizationType, int]] = []
+
+    def counting(x, raw, qtype, cols):
+        seen.append((qtype, raw.shape[0]))
+        return kernels.matvec(x, raw, qtype, cols)
+
+    fake = type("Kernels", (), {"SUPPORTED": kernels.SUPPORTED, "MAX_ROWS": kernels.MAX_ROWS, "matvec": counting})
+    monkeypatch.setattr(model_mod, "fused_kernels", lambda device: fake)
+    fused = _part(path, blocks=True)
+    dense = _part(path, blocks=False)
+    prompt = torch.arange(1, kernels.MAX_ROWS + 3)
+    with torch.inference_mode():
+        a = fused.logits(fused(fused.embed_tokens(prompt), 0)[-1:])
+        b = dense.logits(dense(dense.embed_tokens(prompt), 0)[-1:])
+        assert seen == [(Q.Q4_K, 64)]  # the prompt's matrices are expanded; its last row's logits are one row
+        seen.clear()
+        for pos in range(len(prompt), len(prompt) + 4):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item()), pos
+            tok = torch.argmax(b[-1]).view(1)
+            a = fused.logits(fused(fused.embed_tokens(tok), pos))
+            b = dense.logits(dense(dense.embed_tokens(tok), pos))
+    # per step and layer: Q, K and V (V in Q6_K), wo, gate and up, w2 (one call per GGUF tensor); then the head
+    assert len(seen) == 4 * (2 * 7 + 1)
+    assert {q for q, _ in seen} == {Q.Q4_K, Q.Q6_K}

@@ -26,25 +26,25 @@ def _assert_hybrid_shape(c: Candidate) -> None:
 
 
 def test_hybrid_on_nvlink_pair_plus_3060(llama70b: ModelSpec, monkeypatch: pytest.MonkeyPatch) -> None:
-    """TP 2 on the matched NVLink pair and a layer stage on the 3060. This torch runtime expands quantized matrices
-    with torch operations for every product (about 50 bytes of traffic per weight), so for a Q4_K_M model the
-    planner picks a llama.cpp split and says why; without that cost (fused dequant-matmul kernels, the target)
-    the hybrid is the best plan."""
+    """TP 2 on the matched NVLink pair and a layer stage on the 3060. Quantized matrices go through the torch
+    backend's fused Triton kernels, which the planner assumes stream blocks at 60% of the dense rate until they are
+    measured on a GPU: at that rate llama.cpp's tensor split over all three cards is faster for a Q4_K_M model, and
+    the planner picks it and says why; with kernels at the dense rate the hybrid is the best plan."""
     assert 42.0e9 < llama70b.total_bytes < 43.0e9  # Llama-3-70B Q4_K_M is 42.5 GB
     prof = load_profile("dual-3090-nvlink-plus-3060")
     rep = plan(prof, llama70b, PlanRequest(ctx=4096))
     hybrid = next(c for c in rep.candidates if c.backend.value == "torch")
     _assert_hybrid_shape(hybrid)
-    assert "expanded by torch operations" in hybrid.why
+    assert "fused Triton kernels, assumed at 60% of the dense rate" in hybrid.why
     best = rep.best
     assert best is not None and best.fits and best.backend.value == "llama.cpp"
-    assert best.decode_tok_s > 10 * hybrid.decode_tok_s
+    assert best.decode_tok_s > 1.2 * hybrid.decode_tok_s
     labels = {c.split.value for c in rep.candidates if c.backend.value == "llama.cpp"}
     assert {"layer", "row", "tensor"} <= labels
     for c in rep.candidates:
         assert c.decode_tok_s > 0 and c.prefill_tok_s > 0 and c.why
 
-    monkeypatch.setattr(cost, "DEQUANT_BYTES_PER_WEIGHT", 0)
+    monkeypatch.setattr(cost, "QUANT_KERNEL_EFF", 1.0)
     target = plan(prof, llama70b, PlanRequest(ctx=4096)).best
     assert target is not None
     _assert_hybrid_shape(target)

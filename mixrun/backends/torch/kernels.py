@@ -153,10 +153,13 @@ def _k_quant(blk, g, j, mask, QTYPE: tl.constexpr):
 
 
 @triton.jit
-def _matvec_kernel(x_ptr, raw_ptr, out_ptr, M, N, K, stride_xm, stride_xk, stride_raw, stride_om,
+def _matvec_kernel(x_ptr, raw_ptr, out_ptr, M, N, stride_xm, stride_xk, stride_raw, stride_om, K: tl.constexpr,
                    QTYPE: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, GS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[m, n] = sum_k x[m, k] * W[n, k] for BLOCK_N rows n; BS/TS: block size in weights / bytes, GS: group."""
+    """out[m, n] = sum_k x[m, k] * W[n, k] for BLOCK_N rows n; BS/TS: block size in weights / bytes, GS: group.
+
+    K is a compile-time constant: one compilation per matrix width (a model has a handful), a loop of known trip
+    count, and triton 3.6's interpreter fails on a runtime loop bound under numpy 2.4."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     # int64 row offsets: a large matrix's bytes can pass 2**31
@@ -221,7 +224,7 @@ def matvec(x: torch.Tensor, raw: torch.Tensor, qtype: GGMLQuantizationType, cols
     m, n = x.shape[0], raw.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _matvec_kernel[(triton.cdiv(n, BLOCK_N),)](
-        x, raw, out, m, n, cols, x.stride(0), x.stride(1), raw.stride(0), out.stride(0),
+        x, raw, out, m, n, x.stride(0), x.stride(1), raw.stride(0), out.stride(0), K=cols,
         QTYPE=int(qtype), BS=block_size, TS=type_size, GS=_GROUP[qtype],
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     return out

@@ -98,22 +98,44 @@ def cpu_chunks(rows: int, threads: int) -> int:
 
 class BlockWeight:
     """A linear's weight kept in its GGUF quant blocks (one part per stacked GGUF tensor, e.g. Q, K and V, each
-    in its own type), dequantized right before the product: the device holds the GGUF bytes the planner counted,
-    plus one dequantized matrix at a time."""
+    in its own type): the device holds the GGUF bytes the planner counted. Products of up to ``max_rows``
+    activation rows (decode) go through ``matvec``, a fused kernel that reads the blocks once
+    (:mod:`mixrun.backends.torch.kernels`) when there is one; longer ones (prefill, compute-bound) expand the
+    matrix right before a dense product, one matrix at a time."""
 
-    __slots__ = ("parts", "cols", "dtype", "b")
+    __slots__ = ("parts", "cols", "dtype", "b", "matvec", "max_rows")
 
     def __init__(self, parts: list[tuple[torch.Tensor, Any]], cols: int, dtype: torch.dtype,
-                 b: torch.Tensor | None) -> None:
+                 b: torch.Tensor | None, matvec: Callable[..., torch.Tensor] | None = None,
+                 max_rows: int = 0) -> None:
         self.parts, self.cols, self.dtype, self.b = parts, cols, dtype, b
+        self.matvec, self.max_rows = matvec, max_rows
 
     def dense(self) -> torch.Tensor:
         mats = [quant.dequantize(raw, qtype, self.cols, self.dtype) for raw, qtype in self.parts]
         return mats[0] if len(mats) == 1 else torch.cat(mats)
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        y = F.linear(x, self.dense(), self.b)
+        if self.matvec is not None and x.shape[0] <= self.max_rows:
+            ys = [self.matvec(x, raw, qtype, self.cols) for raw, qtype in self.parts]
+            y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+            if self.b is not None:
+                y.add_(self.b)
+        else:
+            y = F.linear(x, self.dense(), self.b)
         return y if add is None else y + add
+
+
+def fused_kernels(device: torch.device) -> Any:
+    """:mod:`mixrun.backends.torch.kernels` where its Triton kernels can run (CUDA, with triton importable), else
+    None: quantized products then expand their matrices with torch operations."""
+    if device.type != "cuda":
+        return None
+    try:
+        from mixrun.backends.torch import kernels
+    except ImportError:
+        return None
+    return kernels
 
 
 class RMSNorm(nn.Module):
@@ -237,7 +259,10 @@ def weight(m: nn.Module, device: torch.device, threads: int) -> Weight | BlockWe
     bias = getattr(m, "bias", None)
     blocks = getattr(m, "blocks", None)
     if blocks:
-        return BlockWeight(blocks, m.block_cols, m.block_dtype, bias)
+        k = fused_kernels(device)
+        if k is None or any(qtype not in k.SUPPORTED for _raw, qtype in blocks):
+            return BlockWeight(blocks, m.block_cols, m.block_dtype, bias)
+        return BlockWeight(blocks, m.block_cols, m.block_dtype, bias, k.matvec, k.MAX_ROWS)
     w = m.weight
     return Weight(w, bias, cpu_chunks(w.shape[0], threads) if device.type == "cpu" else 1)
 

@@ -48,7 +48,7 @@ class Rank:
         import torch.distributed as dist
 
         from mixrun.backends.torch import weights
-        from mixrun.backends.torch.model import ModelConfig
+        from mixrun.backends.torch.model import ModelConfig, fused_kernels
         from mixrun.backends.torch.parallel import Comm, Layout, vocab_sizes
         from mixrun.gguf_spec import TensorFile
 
@@ -91,14 +91,18 @@ class Rank:
         self.model = model
         self.prefill_chunk = max(1, int(job.get("prefill_chunk") or PREFILL_CHUNK))
         self.graphed = None
-        self.graph_note = None
+        self.notes: list[str] = []
+        self.fused = self.blocks and fused_kernels(self.device) is not None
+        if self.blocks and self.device.type == "cuda" and not self.fused:
+            self.notes.append(f"no Triton on rank {rank}: its quantized matrices are expanded by torch operations "
+                              f"before every product (slower decode)")
         if self.device.type == "cuda" and self.stage.tp == 1 and job.get("cuda_graphs", True):
             from mixrun.backends.torch.graphs import GraphedStep
 
             try:
                 self.graphed = GraphedStep(model, self.dtype, self.device, logits=self.stage_idx == self.last)
             except Exception as e:  # eager steps still work; say why
-                self.graph_note = f"CUDA graph capture failed on rank {rank}, decoding eagerly: {e}"
+                self.notes.append(f"CUDA graph capture failed on rank {rank}, decoding eagerly: {e}")
         self.vocab = vocab_sizes(cfg, self.stage) if self.stage_idx == self.last else []
         self.load_s = time.monotonic() - t0
         self.rss_anon_load_bytes = rss_anon_bytes() - rss0 if rss0 is not None else None
@@ -313,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         dist.barrier(group=r.ctrl)
         link.send({"ready": {"rank": rank, "load_s": r.load_s, "weight_bytes": r.weight_bytes,
                              "rss_anon_load_bytes": r.rss_anon_load_bytes, "cuda_graph": r.graphed is not None,
-                             "note": r.graph_note}})
+                             "fused_kernels": r.fused, "note": "; ".join(r.notes)}})
         if rank == r.layout.driver:
             r.drive()
         else:
