@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import llama_cpp
@@ -157,6 +158,22 @@ def _in_process(path: str | Path, max_pos: int) -> Transformer:
     return model
 
 
+def _decode_side_by_side(path: str | Path, prompt: list[int], a: Transformer, b: Transformer, steps: int,
+                         b_pos: Callable[[int], int | torch.Tensor] = int) -> None:
+    """Greedy decoding with two in-process builds of one model: the same token and logits within 1e-5 (relative)
+    at every step; ``b_pos`` gives the position as ``b`` takes it."""
+    with torch.inference_mode():
+        ids = torch.tensor(prompt)
+        la = a.logits(a(a.embed_tokens(ids), 0)[-1:])
+        lb = b.logits(b(b.embed_tokens(ids), 0)[-1:])
+        for pos in range(len(prompt), len(prompt) + steps):
+            tok = torch.argmax(la[-1]).view(1)
+            assert torch.equal(tok, torch.argmax(lb[-1]).view(1))
+            la = a.logits(a(a.embed_tokens(tok), pos))
+            lb = b.logits(b(b.embed_tokens(tok), b_pos(pos)))
+            assert _rel(lb.numpy(), la.numpy()) < 1e-5, (path, pos)
+
+
 def test_fixed_shape_decode_steps_equal_the_usual_ones(smollm2: str, tmp_path: Path) -> None:
     """The decode step a CUDA graph captures (position as a tensor, attention over the whole cache, later
     positions masked) gives the usual step's logits, on llama (SmolLM2) and on qwen3 (QK norm, NEOX order)."""
@@ -164,16 +181,7 @@ def test_fixed_shape_decode_steps_equal_the_usual_ones(smollm2: str, tmp_path: P
                                      n_head_kv=2, head_dim=48, n_ff=256, n_vocab=64, tied=False, seed=5)
     for path, prompt in ((smollm2, [504, 3575, 282, 4649, 314]), (qwen3, [1, 5, 9, 3])):
         usual, fixed = _in_process(path, 48), _in_process(path, 48)
-        with torch.inference_mode():
-            ids = torch.tensor(prompt)
-            a = usual.logits(usual(usual.embed_tokens(ids), 0)[-1:])
-            b = fixed.logits(fixed(fixed.embed_tokens(ids), 0)[-1:])
-            for pos in range(len(prompt), len(prompt) + 6):
-                tok = torch.argmax(a[-1]).view(1)
-                assert torch.equal(tok, torch.argmax(b[-1]).view(1))
-                a = usual.logits(usual(usual.embed_tokens(tok), pos))
-                b = fixed.logits(fixed(fixed.embed_tokens(tok), torch.tensor([pos])))
-                assert _rel(b.numpy(), a.numpy()) < 1e-5, (path, pos)
+        _decode_side_by_side(path, prompt, usual, fixed, 6, lambda pos: torch.tensor([pos]))
 
 
 def test_buffered_cpu_decode_step_equals_the_eager_one(smollm2: str, tmp_path: Path) -> None:
@@ -191,16 +199,7 @@ def test_buffered_cpu_decode_step_equals_the_eager_one(smollm2: str, tmp_path: P
         buffered, eager = _in_process(path, 48), _in_process(path, 48)
         assert buffered.step is not None
         eager.step = None
-        with torch.inference_mode():
-            ids = torch.tensor(prompt)
-            a = buffered.logits(buffered(buffered.embed_tokens(ids), 0)[-1:])
-            b = eager.logits(eager(eager.embed_tokens(ids), 0)[-1:])
-            for pos in range(len(prompt), len(prompt) + 8):
-                tok = torch.argmax(a[-1]).view(1)
-                assert torch.equal(tok, torch.argmax(b[-1]).view(1))
-                a = buffered.logits(buffered(buffered.embed_tokens(tok), pos))
-                b = eager.logits(eager(eager.embed_tokens(tok), pos))
-                assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item()), (path, pos)
+        _decode_side_by_side(path, prompt, buffered, eager, 8)
 
 
 # ---- against llama.cpp -------------------------------------------------------------------------------------------
