@@ -61,7 +61,8 @@ COSTS: dict[tuple[str, str], BackendCosts] = {
                                            prefill_eff=0.3, stage_overhead_s=50e-6, pipelined_prefill=True),
     ("torch", "datacenter"): BackendCosts(bw_eff=0.85, layer_overhead_s=30e-6, token_overhead_s=1.0e-3,
                                           prefill_eff=0.5, stage_overhead_s=50e-6, pipelined_prefill=True),
-    ("torch", "cpu"): BackendCosts(bw_eff=0.35, layer_overhead_s=300e-6, token_overhead_s=2e-3, prefill_eff=0.5),
+    # CPU: measured against llama.cpp in one run (benchmarks/torch_vs_llamacpp.py, docs/cost-model.md)
+    ("torch", "cpu"): BackendCosts(bw_eff=0.60, layer_overhead_s=250e-6, token_overhead_s=0.5e-3, prefill_eff=0.5),
 }
 # One all-reduce: a fixed launch cost plus hops of the slowest link's latency, plus the bytes. llama.cpp's ring
 # takes 2(n-1) hops; mixrun's torch backend, like vLLM's one-shot all-reduce for small messages, takes 2.

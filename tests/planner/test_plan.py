@@ -183,5 +183,6 @@ def test_torch_on_a_cpu_counts_the_float32_copies_it_holds(smollm2: str) -> None
     llama_c = next(c for c in rep.candidates if c.backend.value == "llama.cpp")
     assert torch_c.devices[0].weights_bytes == sum(4 * t.n_elements for t in spec.tensors)
     assert llama_c.devices[0].weights_bytes == spec.total_bytes
-    assert "expanded by torch operations" not in torch_c.why
-    assert torch_c.decode_tok_s < llama_c.decode_tok_s / 2
+    assert "Triton" not in torch_c.why
+    # the same per-byte and per-layer costs (docs/cost-model.md), 5.5 times the bytes
+    assert torch_c.decode_tok_s < 0.6 * llama_c.decode_tok_s
