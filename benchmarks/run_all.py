@@ -141,7 +141,9 @@ def sum_prefill(text: str) -> str:
 
 
 def sum_roofline(text: str) -> str:
-    return " ".join(line.strip() for line in text.strip().splitlines()[-3:])
+    lines = text.strip().splitlines()
+    start = next((i for i, line in enumerate(lines) if "copy bandwidth" in line), 0)
+    return " ".join(line.strip() for line in lines[start:])
 
 
 def sum_last_line(text: str) -> str:

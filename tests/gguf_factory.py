@@ -146,13 +146,14 @@ def write_model(path: str | os.PathLike[str], arch: str = "llama", *, n_layers: 
                 byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, t)
                 w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), _tensor_bytes(shape, t), raw_dtype=t)
             continue
+        if t in SCALE_OFFSETS and t.name.endswith("_K"):  # gguf-py quantizes to the legacy types only
+            w.add_tensor(name, random_blocks(t, shape[0], shape[1], rng, scale=1e-3), raw_dtype=t)
+            continue
         data = (rng.standard_normal(shape) * 0.05).astype(np.float32)
         if name.endswith("norm.weight"):
             data = 1.0 + data
         if t == GGMLQuantizationType.F32:
             w.add_tensor(name, data)
-        elif t in SCALE_OFFSETS and t.name.endswith("_K"):  # gguf-py quantizes to the legacy types only
-            w.add_tensor(name, random_blocks(t, shape[0], shape[1], rng, scale=1e-3), raw_dtype=t)
         else:
             w.add_tensor(name, gguf.quants.quantize(data, t), raw_dtype=t)
     if sparse:
