@@ -2,11 +2,11 @@
 ptxas must fit it in registers without spilling.
 
 ``test_torch_kernels`` runs the kernels in Triton's interpreter, which executes them with numpy and so accepts
-code that the compiler rejects (a loop bound that is not a compile-time constant, a non-power-of-2 ``tl.arange``)
-or that needs more registers than a thread has. Here each variant goes through ``triton.compile`` for a
-``GPUTarget``: the frontend, the backend's passes and the ptxas triton ships, none of which needs a driver. That
-runs in child processes, this file run as a script, because the interpreter tests set TRITON_INTERPRET for the
-whole pytest process and a kernel decorated under it cannot be compiled.
+code that the compiler rejects (``tl.static_range`` over a runtime bound, say) or that needs more registers than
+a thread has. Here each variant goes through ``triton.compile`` for a ``GPUTarget``: the frontend, the backend's
+passes and the ptxas triton ships, none of which needs a driver. That runs in child processes, this file run as a
+script, because the interpreter tests set TRITON_INTERPRET for the whole pytest process and a kernel decorated
+under it cannot be compiled.
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def compile_variants(arch: int) -> list[dict]:
             args, kwargs = _launch(kernels, qtype, rows)
             options = {"num_warps": kwargs.pop("num_warps")}
             with contextlib.redirect_stdout(log):  # where triton prints ptxas's report
-                compiled = triton.compile(_source(triton, kernels._matvec_kernel, args, kwargs), target=target,
-                                          options=options)
+                triton.compile(_source(triton, kernels._matvec_kernel, args, kwargs), target=target,
+                               options=options)
         except Exception as e:  # the compiler's message (with the kernel's source line) and what it printed
             result["error"] = "".join(traceback.format_exception_only(e)) + log.getvalue()
             results.append(result)
@@ -112,7 +112,6 @@ def compile_variants(arch: int) -> list[dict]:
         else:
             result["registers"] = int(regs.group(1))
             result["spill_bytes"] = int(spills.group(1)) + int(spills.group(2))
-            result["shared_bytes"] = compiled.metadata.shared
         results.append(result)
     return results
 
