@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from mixrun.backends.torch import quant
+
 _Q = GGMLQuantizationType
 # weights per scale group (see the module docstring)
 _GROUP: dict[GGMLQuantizationType, int] = {
@@ -191,18 +193,7 @@ def _matvec_kernel(x_ptr, raw_ptr, out_ptr, M, N, stride_xm, stride_xk, stride_r
 
 def _check(x: torch.Tensor, raw: torch.Tensor, qtype: GGMLQuantizationType, cols: int) -> None:
     """ValueErrors in ``quant.dequantize``'s words for inputs ``matvec`` cannot take."""
-    if qtype not in SUPPORTED:
-        name = getattr(qtype, "name", qtype)
-        supported = ", ".join(sorted(t.name for t in SUPPORTED))
-        raise ValueError(f"no fused kernel for GGUF quant type {name} (supported: {supported})")
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    if raw.dtype != torch.uint8 or raw.dim() != 2:
-        raise ValueError(f"{qtype.name} data must be a 2-D uint8 tensor, got {raw.dtype} of shape {list(raw.shape)}")
-    if cols % block_size:
-        raise ValueError(f"{qtype.name}: {cols} columns are not whole blocks of {block_size}")
-    if raw.shape[1] != cols // block_size * type_size:
-        raise ValueError(f"{qtype.name}: {cols} columns take {cols // block_size * type_size} bytes per row, "
-                         f"got {raw.shape[1]}")
+    quant.check_blocks(raw, qtype, cols, SUPPORTED, "no fused kernel for GGUF quant type {}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() != 2 or x.shape[1] != cols:
         raise ValueError(f"activations must be a 2-D float32/float16/bfloat16 tensor with {cols} columns, "
                          f"got {x.dtype} of shape {list(x.shape)}")

@@ -166,15 +166,15 @@ def _reinterpret(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return raw.clone(memory_format=torch.contiguous_format).view(dtype)
 
 
-def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """raw: uint8 tensor (rows, cols // block_size * type_size) holding whole GGUF blocks row by row (the layout of a
-    GGUF tensor's data, a row slice of it, or a block-aligned column slice of it); returns (rows, cols) in dtype.
-
-    Runs on ``raw``'s device. For F32 data asked for as float32 the result is a view of ``raw`` (no copy)."""
-    if qtype not in SUPPORTED:
+def check_blocks(raw: torch.Tensor, qtype: GGMLQuantizationType, cols: int,
+                 supported: frozenset[GGMLQuantizationType], refusal: str) -> tuple[int, int]:
+    """(block size, type size) of ``qtype`` once ``raw`` is known to hold whole blocks of ``cols`` columns per row
+    (see :func:`dequantize`); else a ValueError naming the problem, ``refusal`` (formatted with the type's name)
+    for a type outside ``supported``."""
+    if qtype not in supported:
         name = getattr(qtype, "name", qtype)
-        supported = ", ".join(sorted(t.name for t in SUPPORTED))
-        raise ValueError(f"cannot dequantize GGUF quant type {name} with torch (supported: {supported})")
+        listed = ", ".join(sorted(t.name for t in supported))
+        raise ValueError(f"{refusal.format(name)} (supported: {listed})")
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     if raw.dtype != torch.uint8 or raw.dim() != 2:
         raise ValueError(f"{qtype.name} data must be a 2-D uint8 tensor, got {raw.dtype} of shape {list(raw.shape)}")
@@ -183,6 +183,16 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, cols: int, dtype:
     if raw.shape[1] != cols // block_size * type_size:
         raise ValueError(f"{qtype.name}: {cols} columns take {cols // block_size * type_size} bytes per row, "
                          f"got {raw.shape[1]}")
+    return block_size, type_size
+
+
+def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """raw: uint8 tensor (rows, cols // block_size * type_size) holding whole GGUF blocks row by row (the layout of a
+    GGUF tensor's data, a row slice of it, or a block-aligned column slice of it); returns (rows, cols) in dtype.
+
+    Runs on ``raw``'s device. For F32 data asked for as float32 the result is a view of ``raw`` (no copy)."""
+    block_size, type_size = check_blocks(raw, qtype, cols, SUPPORTED,
+                                         "cannot dequantize GGUF quant type {} with torch")
     if qtype in _PLAIN:
         return _reinterpret(raw, _PLAIN[qtype]).to(dtype)
     blocks = raw.unflatten(-1, (cols // block_size, type_size))  # (rows, nb, type_size), a view
