@@ -75,10 +75,8 @@ class Weight:
         """``x @ w.T + b``, plus ``add`` (a residual, folded into the product where there is no bias)."""
         blocks, b = self.blocks, self.b
         if blocks is not None and x.shape[0] == 1 and x.stride(-1) == 1:
-            c, r, k = blocks.shape
-            # x as a (c, k, 1) column with strides (0, 1, k), which MKL's batched product takes as it is (a
-            # contiguous column is 4x slower)
-            col = x.as_strided((c, k, 1), (0, 1, k))
+            c, r, _k = blocks.shape
+            col = column(x, blocks)
             if b is None:
                 y = torch.bmm(blocks, col) if add is None else torch.baddbmm(add.view(c, r, 1), blocks, col)
                 return y.view(1, c * r)
@@ -88,6 +86,13 @@ class Weight:
         else:
             y = F.linear(x, self.w, b)
         return y if add is None else y + add
+
+
+def column(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """One row ``x`` (1, cols) as the column every row block of ``blocks`` (c, rows, cols) multiplies: (c, cols, 1)
+    with strides (0, 1, cols), which MKL's batched product takes as it is (a contiguous column is 4x slower)."""
+    c, _r, k = blocks.shape
+    return x.as_strided((c, k, 1), (0, 1, k))
 
 
 def cpu_chunks(rows: int, threads: int) -> int:
@@ -259,8 +264,8 @@ def weight(m: nn.Module, device: torch.device, threads: int) -> Weight | BlockWe
     bias = getattr(m, "bias", None)
     blocks = getattr(m, "blocks", None)
     if blocks:
-        k = fused_kernels(device)
-        if k is None or any(qtype not in k.SUPPORTED for _raw, qtype in blocks):
+        k = fused_kernels(device)  # it takes every quantized type the loader keeps in blocks (tested)
+        if k is None:
             return BlockWeight(blocks, m.block_cols, m.block_dtype, bias)
         return BlockWeight(blocks, m.block_cols, m.block_dtype, bias, k.matvec, k.MAX_ROWS)
     w = m.weight

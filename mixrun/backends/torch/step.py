@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from mixrun.backends.torch.model import LayerTensors, Norm, Weight
+from mixrun.backends.torch.model import LayerTensors, Norm, Weight, column
 
 if TYPE_CHECKING:
     from mixrun.backends.torch.model import Transformer
@@ -46,12 +46,6 @@ def usable(model: Transformer, dtype: torch.dtype, device: torch.device) -> bool
 def _batched(w: Weight) -> torch.Tensor:
     """The weight as (row blocks, rows, cols): the shape one batched product takes (see :class:`Weight`)."""
     return w.blocks if w.blocks is not None else w.w.unsqueeze(0)
-
-
-def _column(buf: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """``buf`` (1, cols) as the column every row block multiplies: (blocks, cols, 1) with strides (0, 1, cols)."""
-    c, _r, k = blocks.shape
-    return buf.as_strided((c, k, 1), (0, 1, k))
 
 
 @dataclass(slots=True)
@@ -100,14 +94,14 @@ class DecodeStep:
         self.scale = 1.0 / math.sqrt(hd)
         self.zero = torch.zeros(1, 1, 1)
         self.attn_out = torch.zeros(nkv, nh // nkv, hd)
-        self.attn_col = _column(self.attn_out.view(1, nh * hd), first.wo)
-        self.qkv_col = _column(self.h, first.wqkv)
-        self.w13_col = _column(self.h, first.w13)
+        self.attn_col = column(self.attn_out.view(1, nh * hd), first.wo)
+        self.qkv_col = column(self.h, first.wqkv)
+        self.w13_col = column(self.h, first.w13)
         ffn = first.w13.shape[0] * first.w13.shape[1] // 2
         self.gu3 = torch.zeros(first.w13.shape[0], first.w13.shape[1], 1)
         gu = self.gu3.view(2, ffn)
         self.gate, self.up = gu[0], gu[1]
-        self.gate_col = _column(self.gate.view(1, ffn), first.w2)
+        self.gate_col = column(self.gate.view(1, ffn), first.w2)
         # the row-parallel products add into the residual in place, or into ``partial`` for the all-reduce
         self.partial = torch.zeros(1, dim)
         self.wo_out = (self.partial if reduce else self.x).view(first.wo.shape[0], first.wo.shape[1], 1)
