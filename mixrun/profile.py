@@ -26,6 +26,7 @@ Backend = Literal["cuda", "rocm", "vulkan", "metal", "cpu"]
 LinkKind = Literal["nvlink", "nvswitch", "pcie", "ethernet", "infiniband", "thunderbolt"]
 Split = Literal["none", "layer", "row", "tensor", "hybrid"]
 Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
+BufferType = Annotated[str, Field(pattern=r"^[A-Za-z0-9_]{1,32}$")]  # a ggml buffer type name, e.g. CPU_REPACK
 # Physical bounds: anything outside is a typo or an attack, not hardware.
 MAX_VRAM_GIB = 1024.0
 MAX_RAM_GIB = 64 * 1024.0
@@ -51,6 +52,10 @@ class Host(_Strict):
     cpu_cores: Annotated[int, Field(ge=1, le=4096)] | None = None
     pcie_gbs: Annotated[float, Field(gt=0, le=MAX_BANDWIDTH_GBS)] = DEFAULT_PCIE_GBS
     network_gbps: Annotated[float, Field(gt=0, le=100_000.0)] = DEFAULT_NETWORK_GBPS
+    # llama.cpp's CPU "extra" buffer types in use on this host, as its load report names them ("AMX", "CPU_REPACK"):
+    # weights repacked into a CPU-specific layout, held beside the mapped file. [] when they are off (they crashed a
+    # batched decode here, or the user turned them off); absent when unknown (the planner then counts none).
+    llamacpp_extra_buffers: Annotated[tuple[BufferType, ...], Field(strict=False, max_length=16)] | None = None
     source: Source | None = None
 
 
