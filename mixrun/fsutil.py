@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -66,7 +67,5 @@ def write_cache(name: str, key: str, value: Any, keep: int = 32) -> None:
     data[key] = value
     while len(data) > keep:
         data.pop(next(iter(data)))
-    try:
+    with contextlib.suppress(OSError):
         atomic_write_text(cache_dir() / name, json.dumps(data, indent=1, sort_keys=False))
-    except OSError:
-        pass

@@ -3,12 +3,18 @@ headers, data as a hole), an isolated config dir."""
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Per-machine findings (llama.cpp's CPU probe, measured kernel choices) are made once per test session, never read
+# from or written to the user's own cache.
+os.environ["MIXRUN_CACHE_DIR"] = tempfile.mkdtemp(prefix="mixrun-test-cache-")
 
 import gguf_factory  # noqa: E402
 from mixrun.gguf_spec import read_spec  # noqa: E402

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from mixrun.backends.base import EngineInfo, Sampling, Stats, register
-from mixrun.backends.loading import LoadProgress, interruptible, llama_progress
+from mixrun.backends.llamacpp_cpu import finding
+from mixrun.backends.loading import LoadProgress, interruptible, llama_params
 from mixrun.backends.text import Vocab, stream_text
 from mixrun.errors import GGUFError, MixrunError, where
 from mixrun.telemetry import DeviceSampler, Snapshot, now
@@ -43,6 +44,8 @@ class LlamaCppEngine:
     def __init__(self, model: str, n_ctx: int = 4096, n_threads: int | None = None, seed: int | None = None,
                  plan: Any = None, kwargs: dict[str, Any] | None = None, progress: LoadProgress | None = None,
                  **_ignored: Any) -> None:
+        cpu = finding()  # probes llama.cpp on this CPU in a child process, once per machine
+        cpu.require_usable()
         import llama_cpp
 
         self._llama_cpp = llama_cpp
@@ -51,7 +54,7 @@ class LlamaCppEngine:
         kwargs = {**(llama_kwargs(plan, llama_cpp) if plan is not None else {}), **(kwargs or {})}
         progress = progress or LoadProgress(os.path.basename(model))
         try:
-            with interruptible(progress), llama_progress(llama_cpp, progress):
+            with interruptible(progress), llama_params(llama_cpp, progress, extra_buffers=cpu.extra_buffers):
                 self.llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_threads=n_threads,
                                            seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
                                            verbose=False, **kwargs)
@@ -59,7 +62,7 @@ class LlamaCppEngine:
             if progress.interrupted:
                 raise KeyboardInterrupt from None
             raise GGUFError(where(model, f"llama.cpp could not load it ({e})")) from None
-        notes = []
+        notes = [cpu.note] if cpu.note else []
         if not llama_cpp.llama_supports_gpu_offload():
             notes.append("llama.cpp was built without GPU support: running on the CPU")
         self.info = EngineInfo(backend="llama.cpp", model=model, n_ctx=self.llm.n_ctx(), notes=notes, plan=plan)

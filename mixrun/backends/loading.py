@@ -149,22 +149,32 @@ def interruptible(progress: LoadProgress) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def llama_progress(llama_cpp: Any, progress: LoadProgress) -> Iterator[None]:
-    """Make the next ``llama_cpp.Llama(...)`` report load progress to ``progress``.
+def llama_params(llama_cpp: Any, progress: LoadProgress | None = None, *, extra_buffers: bool = True) -> Iterator[None]:
+    """Make the next ``llama_cpp.Llama(...)`` report load progress to ``progress`` and use llama.cpp's CPU extra
+    buffer types (repacked weights) or not.
 
-    llama-cpp-python builds its model parameters from ``llama_model_default_params()`` and exposes no progress
-    argument, so the defaults are wrapped for the duration of the call.
+    llama-cpp-python builds its model parameters from ``llama_model_default_params()`` and exposes neither knob, so
+    the defaults are wrapped for the duration of the call.
     """
+    from mixrun.backends.llamacpp_cpu import LlamaCppCpuError
+
     low = llama_cpp.llama_cpp
     original = low.llama_model_default_params
-    callback = low.llama_progress_callback(progress)
+    names = {name for name, _ in low.llama_model_params._fields_}
+    if not extra_buffers and "use_extra_bufts" not in names:
+        raise LlamaCppCpuError(f"llama.cpp: llama-cpp-python {llama_cpp.__version__} cannot turn off the repacked CPU "
+                               "weights that crash on this CPU: pip install -U llama-cpp-python")
+    callback = low.llama_progress_callback(progress) if progress is not None else None
 
-    def with_progress() -> Any:
+    def with_params() -> Any:
         params = original()
-        params.progress_callback = callback
+        if callback is not None:
+            params.progress_callback = callback
+        if "use_extra_bufts" in names:
+            params.use_extra_bufts = extra_buffers
         return params
 
-    low.llama_model_default_params = with_progress
+    low.llama_model_default_params = with_params
     try:
         yield
     finally:
