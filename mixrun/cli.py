@@ -104,13 +104,23 @@ def cmd_profile_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_profile_detect(args: argparse.Namespace) -> int:
+def _detect_here(**kwargs: Any) -> tuple[Any, list[str]]:
+    """This machine's profile, with what llama.cpp's CPU probe found (run once per machine, then cached)."""
+    from mixrun.backends.llamacpp_cpu import finding
     from mixrun.discover import detect
+
+    cpu = finding()
+    prof, notes = detect(llamacpp_extra_buffers=cpu.buffer_types if cpu.extra_buffers else (), **kwargs)
+    return prof, notes + cpu.notes()
+
+
+def cmd_profile_detect(args: argparse.Namespace) -> int:
     from mixrun.profile import dump_profile, save_profile
     from mixrun.render import progress_status
 
     with progress_status() as progress:
-        prof, notes = detect(measure=not args.no_measure, progress=progress, name=args.name)
+        progress("probing llama.cpp on this CPU")
+        prof, notes = _detect_here(measure=not args.no_measure, progress=progress, name=args.name)
     for note in notes:
         print(f"mixrun: note: {note}", file=sys.stderr)
     if args.output:
@@ -152,9 +162,7 @@ def _plan_for_chat(args: argparse.Namespace, model: str, backend: str) -> tuple[
     if args.profile:
         profile = load_profile(args.profile)
     else:
-        from mixrun.discover import detect
-
-        profile, _notes = detect(measure=False)
+        profile, _notes = _detect_here(measure=False)
     report = plan(profile, read_spec(model), PlanRequest(ctx=args.ctx, split=args.split, backend=backend))
     best = report.best
     warn = lambda m: print(f"mixrun: warning: {m}", file=sys.stderr)  # noqa: E731

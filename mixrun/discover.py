@@ -149,15 +149,26 @@ def gpu_links(gpus: list[GPUInfo], ids: dict[str, str]) -> list[Link]:
 # ---- the CPU host ------------------------------------------------------------------------------------------------
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "CPU"
+def cpu_info(text: str | None = None) -> tuple[str, frozenset[str]]:
+    """(model name, instruction-set flags) of this CPU from ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``);
+    the name from ``platform`` and no flags where that file does not exist."""
+    if text is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                text = f.read(1 << 20)
+        except OSError:
+            text = ""
+    name, flags = "", frozenset[str]()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "cpu model", "hardware") and not name:
+            name = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = frozenset(value.split())
+        elif not key and name and flags:
+            break  # the first processor's block is enough
+    return name or platform.processor() or platform.machine() or "CPU", flags
 
 
 def measure_host_bandwidth_gbs(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -261,9 +272,10 @@ def _cuda_time(fn: Callable[[], Any], *devices: Any, repeats: int = 10) -> float
 
 
 def detect(*, nvml: Any = None, measure: bool = True, progress: Progress | None = None,
-           name: str | None = None) -> tuple[RigProfile, list[str]]:
+           name: str | None = None, llamacpp_extra_buffers: tuple[str, ...] | None = None) -> tuple[RigProfile, list[str]]:
     """Profile this machine. ``nvml`` is an NVML module to use instead of importing ``pynvml`` (tests pass a
-    double). Returns the profile and notes saying what could not be found or measured."""
+    double); ``llamacpp_extra_buffers`` is what llama.cpp's CPU probe found for this host (the caller runs it:
+    discovery does not load llama.cpp). Returns the profile and notes saying what could not be found or measured."""
     progress = progress or (lambda _msg: None)
     notes: list[str] = []
     gpus: list[GPUInfo] = []
@@ -310,7 +322,7 @@ def detect(*, nvml: Any = None, measure: bool = True, progress: Progress | None 
             mem_bandwidth_gbs=m.get("mem_bandwidth_gbs") or g.mem_bandwidth_gbs or 300.0,
             fp16_tflops=m.get("fp16_tflops") or g.fp16_tflops or 10.0, pci_bus_id=g.bus_id,
             source="measured" if m else "datasheet"))
-    devices.append(Device(id="cpu", backend="cpu", name=cpu_name(), vram_gib=round(ram / GIB, 2),
+    devices.append(Device(id="cpu", backend="cpu", name=cpu_info()[0], vram_gib=round(ram / GIB, 2),
                           reserved_gib=round(min(4.0, ram / GIB / 4), 2), mem_bandwidth_gbs=cpu_bw,
                           fp16_tflops=cpu_tflops, source=cpu_source))
     links = gpu_links(gpus, ids)
@@ -328,7 +340,8 @@ def detect(*, nvml: Any = None, measure: bool = True, progress: Progress | None 
         format=FORMAT, name=name or host_id, description=f"Detected by mixrun {__version__} on {host}",
         source="measured" if measure else "datasheet",
         hosts=(Host(id=host_id, ram_gib=round(ram / GIB, 2), cpu_cores=cores,
-                    pcie_gbs=round(min(pcie_rates), 2) if pcie_rates else 25.0),),
+                    pcie_gbs=round(min(pcie_rates), 2) if pcie_rates else 25.0,
+                    llamacpp_extra_buffers=llamacpp_extra_buffers),),
         devices=tuple(Device(**{**d.model_dump(), "host": host_id}) for d in devices),
         links=tuple(links), extra={"notes": notes} if notes else {},
     )

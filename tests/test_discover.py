@@ -106,3 +106,25 @@ def test_detect_here_writes_a_valid_profile(tmp_path: Path, capsys: pytest.Captu
     assert "no NVIDIA GPU" in err or "GPU" in err  # says why no GPU was found
     assert main(["profile", "show", str(out)]) == 0
     assert "cpu" in capsys.readouterr().out
+
+
+def test_detect_records_llama_cpp_cpu_probe_for_the_host(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mixrun.backends import llamacpp_cpu
+
+    out = tmp_path / "here.toml"
+    # the real probe on this host: the extra buffer types its llama.cpp build offers, in use
+    assert main(["profile", "detect", "--no-measure", "-o", str(out)]) == 0
+    here = load_profile_file(out).hosts[0].llamacpp_extra_buffers
+    assert here is not None and all(b and b.isidentifier() for b in here)
+    # a host where they crash: recorded as off, and said
+    crashed = llamacpp_cpu.CpuFinding(extra_buffers=False, outcome="crashed", note="extra buffer types died")
+    monkeypatch.setattr(llamacpp_cpu, "finding", lambda: crashed)
+    capsys.readouterr()
+    assert main(["profile", "detect", "--no-measure", "-o", str(out)]) == 0
+    assert load_profile_file(out).hosts[0].llamacpp_extra_buffers == ()
+    assert "extra buffer types died" in capsys.readouterr().err
+    monkeypatch.setattr(llamacpp_cpu, "finding",
+                        lambda: llamacpp_cpu.CpuFinding(extra_buffers=True, buffer_types=("AMX", "CPU_REPACK")))
+    assert main(["profile", "detect", "--no-measure", "-o", str(out)]) == 0
+    assert load_profile_file(out).hosts[0].llamacpp_extra_buffers == ("AMX", "CPU_REPACK")

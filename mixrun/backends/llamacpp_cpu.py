@@ -37,11 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mixrun.discover import cpu_info
 from mixrun.errors import MixrunError
 
 ENV = "MIXRUN_LLAMA_REPACK"
 CACHE_FILE = "llamacpp-cpu.json"
 PROBE_TIMEOUT_S = 90.0
+PROBE_VERSION = 2  # part of the cache key: a finding made by an older probe is made again
 MAX_PROBE_OUTPUT = 1 << 20
 # llama.cpp's feature names -> the CPU flags Linux reports for them (x86 "flags", Arm "Features" in /proc/cpuinfo).
 # Features not named here (LLAMAFILE, OPENMP, REPACK, SVE_CNT, ...) are build options, not instructions.
@@ -90,38 +92,25 @@ class CpuFinding:
             return None
         return f
 
+    def problem(self) -> str | None:
+        """Why llama.cpp cannot run here at all, in one line, or None."""
+        if self.missing:
+            return (f"llama.cpp: this build uses {', '.join(self.missing)}, which this CPU lacks; it would die with an "
+                    "illegal instruction. Rebuild it here: pip install --force-reinstall --no-cache-dir "
+                    "llama-cpp-python")
+        return f"llama.cpp: {self.unusable}" if self.unusable else None
+
     def require_usable(self) -> None:
         """Refuse, in one line, a build that cannot run here."""
-        if self.missing:
-            raise LlamaCppCpuError(
-                f"llama.cpp: this build uses {', '.join(self.missing)}, which this CPU lacks; it would die with an "
-                "illegal instruction. Rebuild it here: pip install --force-reinstall --no-cache-dir llama-cpp-python")
-        if self.unusable:
-            raise LlamaCppCpuError(f"llama.cpp: {self.unusable}")
+        if (problem := self.problem()) is not None:
+            raise LlamaCppCpuError(problem)
+
+    def notes(self) -> list[str]:
+        """What a profile or a chat should tell the user about llama.cpp on this CPU."""
+        return [n for n in (self.note, self.problem()) if n]
 
 
 # ---- what identifies a machine and a build -----------------------------------------------------------------------
-
-
-def cpu_info(text: str | None = None) -> tuple[str, frozenset[str]]:
-    """(model name, flags) of this CPU from ``/proc/cpuinfo`` (empty on systems without it)."""
-    if text is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-                text = f.read(1 << 20)
-        except OSError:
-            text = ""
-    name, flags = platform.processor() or platform.machine(), frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "cpu model", "hardware") and name in ("", platform.processor(), platform.machine()):
-            name = value.strip()
-        elif key in ("flags", "features") and not flags:
-            flags = frozenset(value.split())
-        if key == "" and flags and name:
-            break  # the first processor's block is enough
-    return name, flags
 
 
 def build_files() -> list[tuple[str, int, int]]:
@@ -147,7 +136,7 @@ def cache_key(cpu: tuple[str, frozenset[str]] | None = None, build: list[Any] | 
         version = metadata.version("llama-cpp-python")
     except metadata.PackageNotFoundError:
         version = "?"
-    ident = {"cpu": name, "flags": sorted(flags), "kernel": platform.release(), "machine": platform.machine(),
+    ident = {"probe": PROBE_VERSION, "cpu": name, "flags": sorted(flags), "kernel": platform.release(), "machine": platform.machine(),
              "llama_cpp_python": version, "libs": build if build is not None else build_files()}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -210,14 +199,17 @@ def default_runner(model: str | None = None, timeout_s: float = PROBE_TIMEOUT_S)
     return run
 
 
-def _system_info(stdout: str) -> str:
-    for line in stdout.splitlines():
+def _printed(stdout: str, key: str) -> Any:
+    """A value the probe printed as a one-key JSON line, or None."""
+    for line in stdout.splitlines()[:16]:
         if line.startswith("{"):
             try:
-                return str(json.loads(line).get("system_info", ""))
-            except (ValueError, AttributeError):
-                return ""
-    return ""
+                data = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(data, dict) and key in data:
+                return data[key]
+    return None
 
 
 def _how(run: ProbeRun) -> str:
@@ -235,13 +227,16 @@ def _how(run: ProbeRun) -> str:
 def probe(runner: ProbeRunner, flags: frozenset[str]) -> CpuFinding:
     """Run the probe with extra buffers on; if it dies or hangs, once more with them off. Pure given ``runner``."""
     first = runner(True)
-    missing = missing_features(_system_info(first.stdout), flags)
+    missing = missing_features(str(_printed(first.stdout, "system_info") or ""), flags)
     if first.returncode == -signal.SIGILL and not missing:
         missing = ("instructions this CPU lacks (the build's list was not printed)",)
     if missing:
         return CpuFinding(extra_buffers=False, outcome="crashed" if first.returncode else "ok", missing=missing)
     if first.returncode == 0 and not first.timed_out:
-        types = tuple(dict.fromkeys(b for b in _BUFFER_LINE.findall(first.stderr) if b not in _PLAIN_BUFFERS))
+        listed = _printed(first.stdout, "extra_buffer_types")
+        if not isinstance(listed, list):  # a build without the registry: the types that took the probe's weights
+            listed = [b for b in _BUFFER_LINE.findall(first.stderr) if b not in _PLAIN_BUFFERS]
+        types = tuple(dict.fromkeys(str(b)[:32] for b in listed[:16]))
         return CpuFinding(extra_buffers=True, buffer_types=types)
     if first.returncode > 0 and not first.timed_out:
         # the probe itself could not run (no bundled model, a broken install): no evidence either way

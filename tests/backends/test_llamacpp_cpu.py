@@ -19,6 +19,7 @@ import pytest
 import gguf_factory
 from mixrun.backends import llamacpp_cpu as guard
 from mixrun.backends.llamacpp_cpu import CpuFinding, LlamaCppCpuError, ProbeRun, probe, run_child
+from mixrun.discover import cpu_info
 
 X86 = frozenset({"pni", "ssse3", "avx", "avx2", "f16c", "fma", "bmi2", "avx512f", "avx512_vnni"})
 INFO = json.dumps({"system_info": "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | FMA = 1 | LLAMAFILE = 1 | REPACK = 1 | "})
@@ -90,7 +91,7 @@ def test_build_features_against_cpu_flags() -> None:
     info = "CPU : SSE3 = 1 | AVX512 = 1 | AVX512_BF16 = 1 | LLAMAFILE = 1 | REPACK = 1 | NEON = 0 | "
     assert guard.missing_features(info, frozenset({"pni", "avx512f"})) == ("AVX512_BF16",)
     assert guard.missing_features(info, frozenset()) == ()  # flags unknown: nothing to say
-    name, flags = guard.cpu_info("processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu avx2 amx_int8\n\n"
+    name, flags = cpu_info("processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu avx2 amx_int8\n\n"
                                  "processor\t: 1\nmodel name\t: Other\n")
     assert name == "Test CPU" and {"avx2", "amx_int8"} <= flags
 
@@ -188,3 +189,20 @@ def test_llama_cpp_itself_drops_the_repacked_copy(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr[-2000:]
         reports[mode] = {b for b in guard._BUFFER_LINE.findall(out.stderr) if b not in guard._PLAIN_BUFFERS}
     assert reports["on"] and reports["off"] == set()
+
+
+def test_the_probe_names_the_buffer_types_ggml_lists() -> None:
+    listed = ProbeRun(0, INFO + "\n" + json.dumps({"extra_buffer_types": ["AMX", "CPU_REPACK"]}) + "\nok\n", "")
+    assert probe(runner(listed)[0], X86).buffer_types == ("AMX", "CPU_REPACK")
+
+
+def test_ggml_lists_this_builds_cpu_extra_buffer_types() -> None:
+    import llama_cpp
+
+    from mixrun.backends.ggml import cpu_extra_buffer_types
+
+    names = cpu_extra_buffer_types(llama_cpp)
+    # x86 builds with REPACK (every CPU dev and CI hosts have) list CPU_REPACK; AMX hosts list AMX too
+    assert names is not None and all(n.isidentifier() for n in names)
+    if "REPACK = 1" in llama_cpp.llama_print_system_info().decode():
+        assert "CPU_REPACK" in names
