@@ -87,8 +87,12 @@ def _raw_child(cfg_json: str) -> None:
     """Runs in the subprocess: load, render and tokenize, stream N tokens greedily, print the figures as JSON."""
     import llama_cpp
 
+    from mixrun.backends.llamacpp_cpu import finding
+    from mixrun.backends.loading import llama_params
+
     cfg = json.loads(cfg_json)
-    llm = llama_cpp.Llama(model_path=cfg["model"], **cfg["llama_kwargs"])
+    with llama_params(llama_cpp, extra_buffers=finding().extra_buffers):  # what mixrun chat loads with on this CPU
+        llm = llama_cpp.Llama(model_path=cfg["model"], **cfg["llama_kwargs"])
     from mixrun.chat import ChatTemplate
 
     def piece(tok: int) -> str:
