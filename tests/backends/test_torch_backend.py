@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 import gguf_factory
 from mixrun.backends.base import Sampling
+from mixrun.backends.llamacpp_cpu import finding
+from mixrun.backends.loading import llama_params
 from mixrun.backends.torch import weights
 from mixrun.backends.torch.engine import TorchEngine
 from mixrun.backends.torch.model import ModelConfig, Norm, RMSNorm, Rope, Transformer, Weight, cpu_chunks, pair_order
@@ -34,9 +36,10 @@ GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=64)
 
 
 def _llama(path: str | Path, n_ctx: int = 256) -> llama_cpp.Llama:
-    # an F32 KV cache, so the reference stores what the torch backend stores
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
-                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    # an F32 KV cache, so the reference stores what the torch backend stores; repacked weights as mixrun loads them
+    with llama_params(llama_cpp, extra_buffers=finding().extra_buffers):
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
+                               type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
 
 def _reference(path: str | Path, toks: list[int], n_tokens: int, n_ctx: int) -> tuple[np.ndarray, list[int]]:
