@@ -50,6 +50,10 @@ class TorchEngine:
                  dtype: str | None = None, debug: bool = False, fail_rank: int | None = None,
                  progress: Any = None, advertise_address: str | None = None, weights: str | None = None,
                  cuda_graphs: bool = True, prefill_chunk: int | None = None, **_ignored: Any) -> None:
+        from mixrun.backends.llamacpp_cpu import finding
+
+        if finding().missing:  # llama.cpp tokenizes for this backend too: a build for another CPU dies on import
+            finding().require_usable()
         import llama_cpp
 
         self._sampler: DeviceSampler | None = None
