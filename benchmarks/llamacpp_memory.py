@@ -1,7 +1,7 @@
 """Ground-truth buffer sizes from llama.cpp itself (CPU only), to check the planner's memory predictions against.
 
 Usage: python benchmarks/llamacpp_memory.py [--json] [--out FILE] [--exact] [--check-no-alloc] [--shapes]
-           [--no-alloc] [--models NAME ...] [--n-ctx N ...] [--n-ubatch N ...] [--quick]
+           [--no-alloc] [--extra-bufts on|off|both] [--models NAME ...] [--n-ctx N ...] [--n-ubatch N ...] [--quick]
 benchmarks/llamacpp_memory_results.json was written with ``--exact --check-no-alloc --shapes --json --out``.
 
 ``llamacpp_buffers()`` loads a GGUF with ``llama_cpp.Llama(..., n_gpu_layers=0, verbose=True)`` in a child
@@ -24,6 +24,10 @@ has 4 decimals (+-53 bytes).
 the function ``llama-server --fit`` uses. It is C++ (``src/llama-ext.h``, a staging header, not in ``llama.h``), so
 this compiles a small C++ shim with an ``extern "C"`` entry against the wheel's headers (``g++``); the keys are ``exact_model``,
 ``exact_context`` (the KV cache, not the output buffer) and ``exact_compute``.
+
+``extra_buffers=False`` loads with ``llama_model_params.use_extra_bufts = false`` (llama.cpp's ``--no-repack``): no
+``CPU_REPACK``/``AMX`` buffer, every weight in ``CPU_Mapped``. With them on (llama.cpp's default) the report has one
+line per extra buffer type beside the mapped one, e.g. ``CPU_REPACK model buffer size = 2.79 MiB``.
 
 ``no_alloc=True`` projects instead of allocating: the model is opened with ``llama_model_params.no_alloc`` (with
 ``load_mode`` NONE, as ``--fit`` does; mmap asserts) so no weight, KV or compute memory is taken, and the
@@ -231,11 +235,13 @@ def _child(cfg_json: str) -> None:
     fa_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if fa is None else
                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if fa else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
     llm = None
+    extra = cfg.get("extra_buffers", True)
     if cfg["no_alloc"]:
         # Llama() has no no_alloc knob: build the model and context with the C API as `llama-server --fit` does.
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers, mp.no_alloc, mp.load_mode = 0, True, llama_cpp.LLAMA_LOAD_MODE_NONE
+        mp.use_extra_bufts = extra
         model = llama_cpp.llama_model_load_from_file(cfg["model_path"].encode(), mp)
         if not model:
             sys.exit(2)
@@ -251,8 +257,21 @@ def _child(cfg_json: str) -> None:
         if fa is None:  # Llama() only knows on/off
             raise SystemExit("flash_attn=None (auto) needs no_alloc=True")
         kw: dict[str, Any] = {} if cfg["swa_full"] is None else {"swa_full": cfg["swa_full"]}
-        llm = llama_cpp.Llama(cfg["model_path"], n_ctx=cfg["n_ctx"], n_batch=cfg["n_batch"], n_ubatch=cfg["n_ubatch"],
-                              type_k=type_k, type_v=type_v, flash_attn=bool(fa), n_gpu_layers=0, verbose=True, **kw)
+        low = llama_cpp.llama_cpp
+        defaults = low.llama_model_default_params
+
+        def with_extra() -> Any:  # Llama() has no use_extra_bufts knob: it builds its params from these defaults
+            mp = defaults()
+            mp.use_extra_bufts = extra
+            return mp
+
+        low.llama_model_default_params = with_extra
+        try:
+            llm = llama_cpp.Llama(cfg["model_path"], n_ctx=cfg["n_ctx"], n_batch=cfg["n_batch"],
+                                  n_ubatch=cfg["n_ubatch"], type_k=type_k, type_v=type_v, flash_attn=bool(fa),
+                                  n_gpu_layers=0, verbose=True, **kw)
+        finally:
+            low.llama_model_default_params = defaults
         model, ctx = llm._model.model, llm._ctx.ctx
     res = {"model_size": int(llama_cpp.llama_model_size(model)), "n_params": int(llama_cpp.llama_model_n_params(model))}
     if cfg["shim"]:
@@ -277,7 +296,8 @@ def _child(cfg_json: str) -> None:
 
 def llamacpp_buffers(model_path: str, n_ctx: int, n_batch: int = 512, n_ubatch: int = 512, type_k: str = "f16",
                      type_v: str = "f16", flash_attn: bool | None = False, *, swa_full: bool | None = None,
-                     no_alloc: bool = False, exact: bool | str = False, timeout: float = 600) -> dict[str, int]:
+                     no_alloc: bool = False, exact: bool | str = False, extra_buffers: bool = True,
+                     timeout: float = 600) -> dict[str, int]:
     """Load ``model_path`` on the CPU in a subprocess and return llama.cpp's own buffer sizes, in bytes.
 
     Keys as in :func:`parse_log`, plus ``model_size`` and ``n_params`` (exact, from ``llama_model_size`` /
@@ -285,6 +305,7 @@ def llamacpp_buffers(model_path: str, n_ctx: int, n_batch: int = 512, n_ubatch: 
     ``exact_<part>_<buffer type>``). ``exact`` may be a prebuilt shim path (see :func:`build_breakdown_shim`).
     A quantized V cache needs ``flash_attn=True``. ``swa_full=None`` keeps llama.cpp's default for the context
     (full-size SWA cache in llama_context_default_params; llama-server's default is the small one).
+    ``extra_buffers=False`` turns llama.cpp's CPU extra buffer types (repacked weights) off.
     Raises :class:`LlamaCppLoadError` when llama.cpp refuses the model or the context.
     """
     shim = build_breakdown_shim() if exact is True else (exact or None)
@@ -292,7 +313,7 @@ def llamacpp_buffers(model_path: str, n_ctx: int, n_batch: int = 512, n_ubatch: 
         raise RuntimeError("exact=True needs a C++ compiler and llama.h beside the llama_cpp wheel")
     cfg = {"model_path": str(model_path), "n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": n_ubatch,
            "type_k": type_k, "type_v": type_v, "flash_attn": flash_attn, "swa_full": swa_full,
-           "no_alloc": no_alloc, "shim": shim}
+           "no_alloc": no_alloc, "shim": shim, "extra_buffers": extra_buffers}
     ggml_type(type_k), ggml_type(type_v)  # fail early on a bad name
     code = f"import sys; sys.path.insert(0, {str(_HERE)!r}); import llamacpp_memory as m; m._child(sys.argv[1])"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -322,6 +343,17 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
     # Q4_0 weights are repacked for the CPU (AVX2): a CPU_REPACK buffer beside the mapped file
     "small-llama-q4_0": {"arch": "llama", "n_layers": 4, "n_embd": 256, "n_head": 8, "n_head_kv": 4, "n_ff": 768,
                          "n_vocab": 8000, "qtype": "Q4_0"},
+    # its own output.weight, last in the file: once repacked it is outside the mapped range (CPU_Mapped shrinks)
+    "small-llama-q4_0-untied": {"arch": "llama", "n_layers": 4, "n_embd": 256, "n_head": 8, "n_head_kv": 4,
+                                "n_ff": 768, "n_vocab": 8000, "qtype": "Q4_0", "tied": False},
+    # Q4_K is repacked with AVX2, Q6_K (attn_v, ffn_down of some layers) is not on x86
+    "small-llama-q4_k_m": {"arch": "llama", "n_layers": 4, "n_embd": 256, "n_head": 8, "n_head_kv": 4, "n_ff": 768,
+                           "n_vocab": 8000, "qtype": "Q4_K_M"},
+    # Q2_K is repacked with AVX-512 only; Q8_0 only on Arm (NEON) and by AMX
+    "small-llama-q2_k": {"arch": "llama", "n_layers": 4, "n_embd": 256, "n_head": 8, "n_head_kv": 4, "n_ff": 768,
+                         "n_vocab": 8000, "qtype": "Q2_K"},
+    "small-llama-q8_0": {"arch": "llama", "n_layers": 4, "n_embd": 256, "n_head": 8, "n_head_kv": 4, "n_ff": 768,
+                         "n_vocab": 8000, "qtype": "Q8_0"},
 }
 
 # Header-only (sparse) GGUFs shaped like real models: no tensor data, so they are only projected (no_alloc).
@@ -390,8 +422,10 @@ def kv_configs(has_swa: bool, full: bool = True) -> list[dict[str, Any]]:
 
 def run_matrix(models: dict[str, Path], n_ctxs: list[int], n_ubatches: list[int], *, n_batch: int = 512,
                specs: dict[str, dict[str, Any]] | None = None, exact: bool = False, no_alloc: bool = False,
-               check_no_alloc: bool = False, full_kv: bool = True, echo: Any = sys.stderr) -> list[dict[str, Any]]:
-    """Run every model x n_ctx x n_ubatch x kv_configs() case; prints one table row per case to ``echo``.
+               check_no_alloc: bool = False, full_kv: bool = True, extra_buffers: tuple[bool, ...] = (True,),
+               echo: Any = sys.stderr) -> list[dict[str, Any]]:
+    """Run every model x n_ctx x n_ubatch x kv_configs() x ``extra_buffers`` case; prints one table row per case to
+    ``echo``. Each row records ``extra_bufts`` (rows saved before it was recorded were loaded with them on).
 
     ``n_batch`` is raised to ``n_ubatch`` where smaller (llama.cpp would clamp the micro-batch to it).
     """
@@ -403,11 +437,13 @@ def run_matrix(models: dict[str, Path], n_ctxs: list[int], n_ubatches: list[int]
         has_swa = bool((specs or {}).get(name, {}).get("sliding_window"))
         for n_ctx in n_ctxs:
             for ub in n_ubatches:
-                for kv in kv_configs(has_swa, full_kv):
+                for kv, extra in [(kv, e) for kv in kv_configs(has_swa, full_kv) for e in extra_buffers]:
                     row: dict[str, Any] = {"model": name, "n_ctx": n_ctx, "n_batch": max(n_batch, ub),
-                                           "n_ubatch": ub, "swa_full": None, **kv, "no_alloc": no_alloc}
+                                           "n_ubatch": ub, "swa_full": None, **kv, "no_alloc": no_alloc,
+                                           "extra_bufts": extra}
                     args = {k: row[k] for k in ("n_ctx", "n_batch", "n_ubatch", "type_k", "type_v", "flash_attn",
                                                 "swa_full")}
+                    args["extra_buffers"] = extra
                     try:
                         row["result"] = llamacpp_buffers(str(path), **args, no_alloc=no_alloc, exact=shim or False)
                         if check_no_alloc and not no_alloc:
@@ -431,7 +467,7 @@ def _fmt(v: int | None) -> str:
 def _row_text(row: dict[str, Any]) -> str:
     kv = f"{row['type_k']}/{row['type_v']}"
     head = (f"{row['model']:17} {row['n_ctx']:>5} {row['n_ubatch']:>4} {kv:9} {'fa' if row['flash_attn'] else '  '}"
-            f" {'swa' if row.get('swa_full') is False else '   '}")
+            f" {'swa' if row.get('swa_full') is False else '   '} {'on ' if row.get('extra_bufts', True) else 'off'}")
     if "error" in row:
         return f"{head}  ERROR {(row['error_log'] or [row['error']])[0][:100]}"
     r = row["result"]
@@ -439,6 +475,10 @@ def _row_text(row: dict[str, Any]) -> str:
     cells = f"{r.get('kv_cells', 0)}" + (f"+{r['kv_swa_cells']}" if "kv_swa_cells" in r else "")
     text = (f"{head} {_fmt(weights):>8} {_fmt(r.get('kv')):>8} {cells:>10} {_fmt(r.get('compute')):>8}"
             f" {_fmt(r.get('output')):>6}")
+    extra = [f"{k.removeprefix('weights_')} {_fmt(v)}" for k, v in r.items()
+             if k.startswith("weights_") and k != "weights_CPU_Mapped"]
+    if extra:
+        text += f" (+ {', '.join(extra)})"
     if "exact_compute" in r:
         text += f" {r['exact_model']:>10} {r['exact_context']:>10} {r['exact_compute']:>10}"
     if row.get("no_alloc"):
@@ -450,11 +490,12 @@ def _row_text(row: dict[str, Any]) -> str:
 
 
 def _header(exact: bool) -> str:
-    h = (f"{'model':17} {'n_ctx':>5} {'ub':>4} {'K/V':9} fa swa {'weights':>8} {'kv':>8} {'kv cells':>10}"
+    h = (f"{'model':17} {'n_ctx':>5} {'ub':>4} {'K/V':9} fa swa xb  {'weights':>8} {'kv':>8} {'kv cells':>10}"
          f" {'compute':>8} {'output':>6}")
     if exact:
         h += f" {'ex.model':>10} {'ex.ctx':>10} {'ex.comp':>10}"
-    return h + "\n(MiB as logged, 2 decimals; ex.* exact bytes from llama_get_memory_breakdown)"
+    return h + ("\n(MiB as logged, 2 decimals; xb: CPU extra buffer types on/off; ex.* exact bytes from "
+                "llama_get_memory_breakdown)")
 
 
 def main() -> None:
@@ -464,6 +505,9 @@ def main() -> None:
     ap.add_argument("--exact", action="store_true", help="add llama.cpp's exact byte counts (needs g++)")
     ap.add_argument("--no-alloc", action="store_true", help="project with no_alloc instead of allocating")
     ap.add_argument("--check-no-alloc", action="store_true", help="also project each case with no_alloc, compare")
+    ap.add_argument("--extra-bufts", choices=("on", "off", "both"), default="on",
+                    help="load with llama.cpp's CPU extra buffer types (repacked weights) on (its default), off "
+                         "(--no-repack), or both")
     ap.add_argument("--shapes", action="store_true",
                     help="also project header-only GGUFs shaped like real 1B-9B models (no_alloc)")
     ap.add_argument("--n-ctx", type=int, nargs="+", default=[512, 2048, 8192])
@@ -492,12 +536,14 @@ def main() -> None:
         if not args.models or "smollm2" in args.models:
             models["smollm2"] = Path(default_model())
         models.update(write_models(Path(tmp), wanted(TINY_MODELS)))
+        extra = {"on": (True,), "off": (False,), "both": (True, False)}[args.extra_bufts]
         rows = run_matrix(models, args.n_ctx, args.n_ubatch, specs=TINY_MODELS, exact=args.exact,
-                          no_alloc=args.no_alloc, check_no_alloc=args.check_no_alloc, echo=echo)
+                          no_alloc=args.no_alloc, check_no_alloc=args.check_no_alloc, extra_buffers=extra, echo=echo)
         shaped = wanted(SHAPED_MODELS) if args.shapes else {}
         if shaped:
             rows += run_matrix(write_models(Path(tmp), shaped, sparse=True), args.shape_n_ctx, args.shape_n_ubatch,
-                               specs=SHAPED_MODELS, exact=args.exact, no_alloc=True, full_kv=False, echo=echo)
+                               specs=SHAPED_MODELS, exact=args.exact, no_alloc=True, full_kv=False,
+                               extra_buffers=extra, echo=echo)
     hparams: dict[str, dict[str, int]] = {}
     for row in rows:  # the shapes llama.cpp read, once per model rather than in every row
         for k in [k for k in row.get("result", {}) if k.startswith("hp_")]:

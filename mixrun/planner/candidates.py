@@ -341,11 +341,14 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
     quant = sum(facts.layer_quant_bytes) / L
     oth = sum(facts.layer_other_bytes) / L
     kv = facts.kv_bytes(req.ctx, req.ubatch, 0, L) / L
-    mean_layer = (mat, oth, kv)
-    max_layer = (max(facts.layer_matrix_bytes), max(facts.layer_other_bytes),
-                 max(facts.kv_cells(req.ctx, req.ubatch, i) * facts.kv_bytes_per_cell[i] for i in range(L)))
-    layer_sizes = mean_layer  # per-layer (matrix, other, KV) bytes the capacity estimate assumes
     host_cpu = ctx.host_cpu.id if (ctx.host_cpu and not torch) else None
+    extra = ctx.cpu_extra if host_cpu else None  # llama.cpp's repacked copies on the CPU, beside the mapped file
+    repacked = extra.layer_bytes if extra else (0,) * L
+    mean_layer = (mat, oth, kv, sum(repacked) / L)
+    max_layer = (max(facts.layer_matrix_bytes), max(facts.layer_other_bytes),
+                 max(facts.kv_cells(req.ctx, req.ubatch, i) * facts.kv_bytes_per_cell[i] for i in range(L)),
+                 max(repacked))
+    layer_sizes = mean_layer  # per-layer (matrix, other, KV, CPU copies) bytes the capacity estimate assumes
     util = req.torch_gpu_util if torch else 1.0
 
     def fixed_bytes(dev: Device, s: float, last: bool) -> int:
@@ -356,16 +359,16 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
             b += facts.misc_bytes + int(facts.output_bytes * (s if torch else 1.0))
             b += int(facts.embd_bytes * s) if torch and not spec.tied_output else 0
         if dev.id == host_cpu:
-            b += facts.embd_bytes
+            b += facts.embd_bytes + (extra.output_bytes if last and extra else 0)
         return b
 
     def cost(i: int, last: bool) -> StageCosts | None:
         u = units[i]
         cap, layer_s, fixed_s = 10**9, 0.0, 0.0
-        lm, lo, lk = layer_sizes
+        lm, lo, lk, lx = layer_sizes
         for d, s in zip(u.devices, u.shares, strict=True):
             dev = p.device(d)
-            per_layer = lm * s + lo + lk * s
+            per_layer = lm * s + lo + lk * s + (lx if d == host_cpu else 0)
             room = planned_capacity(dev, util) - fixed_bytes(dev, s, last)
             cap = min(cap, int(room // per_layer) if room > 0 else 0)
             layer_read = mat * s + oth + quant_kernel_bytes(quant * s, dev, backend)
@@ -407,6 +410,7 @@ def _refine(ctx: Context, backend: str, stages: list[Unit], fixed_bytes, util: f
     p, facts, req = ctx.profile, ctx.facts, ctx.req
     L = ctx.spec.n_layers
     kv_l = [facts.kv_cells(req.ctx, req.ubatch, i) * facts.kv_bytes_per_cell[i] for i in range(L)]
+    host_cpu = ctx.host_cpu.id if (ctx.host_cpu and backend != "torch") else None
     tables = []
     for k, u in enumerate(stages):
         rows = []
@@ -414,6 +418,8 @@ def _refine(ctx: Context, backend: str, stages: list[Unit], fixed_bytes, util: f
             dev = p.device(d)
             read = [facts.layer_matrix_bytes[i] * s + facts.layer_other_bytes[i] for i in range(L)]
             mem = [read[i] + kv_l[i] * s for i in range(L)]
+            if d == host_cpu:  # llama.cpp's repacked copies, beside the mapped file
+                mem = [m + x for m, x in zip(mem, ctx.cpu_extra.layer_bytes, strict=True)]
             room = planned_capacity(dev, util) - fixed_bytes(dev, s, k == len(stages) - 1)
             rate = dev.mem_bandwidth_gbs * 1e9 * costs(backend, dev).bw_eff
             rows.append((_prefix(read), _prefix(mem), room, rate))

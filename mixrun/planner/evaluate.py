@@ -8,7 +8,7 @@ from functools import cached_property
 
 from mixrun.model_spec import ModelSpec
 from mixrun.planner.cost import allreduce_s, costs, flop_time_s, quant_kernel_bytes, read_time_s, transfer_s
-from mixrun.planner.memory import GPU_OVERHEAD_BYTES, ModelFacts, compute_bytes, output_buffer_bytes
+from mixrun.planner.memory import GPU_OVERHEAD_BYTES, ExtraBuffers, ModelFacts, compute_bytes, output_buffer_bytes
 from mixrun.planner.types import DeviceUse, Group, PlanRequest, Timing
 from mixrun.profile import Device, RigProfile
 
@@ -38,6 +38,13 @@ class Context:
         """The CPU device of the first host: where llama.cpp keeps the input embedding and the logits."""
         return next((d for d in self.profile.devices if d.backend == "cpu" and self.host_id(d) == self.first_host),
                     None)
+
+    @cached_property
+    def cpu_extra(self) -> ExtraBuffers:
+        """llama.cpp's repacked weights on the first host's CPU: the extra buffer types its profile says are in use
+        there (none when it does not say, as curated profiles do not)."""
+        host = self.profile.host_of(self.host_cpu) if self.host_cpu is not None else None
+        return ExtraBuffers(self.spec, (host.llamacpp_extra_buffers or ()) if host is not None else ())
 
     def host_id(self, d: Device) -> str | None:
         h = self.profile.host_of(d)
@@ -107,6 +114,7 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
         led.add(cpu.id, weights=facts.embd_bytes, comp=output_buffer_bytes(spec, req.batch))
     # llama.cpp offloads the output layer only when every layer is offloaded; with CPU layers it stays on the host
     out_on_host = cpu is not None and any(d == cpu.id for g in groups for d in g.devices)
+    cpu_layers = range(0)
     stage_s: list[float] = []
     compute = tp_comm = handoff = overhead = 0.0
     prefill_parts: list[float] = []
@@ -128,6 +136,8 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
                 read += out + quant_kernel_bytes(facts.output_quant_bytes * s, dev, backend)
                 if torch and last and not spec.tied_output:  # vocab-parallel embedding, with the output (shared if tied)
                     w += int(facts.embd_bytes * s)
+            if cpu is not None and dev.id == cpu.id:
+                cpu_layers = range(a, b)
             kv = int(facts.kv_bytes(req.ctx, req.ubatch, a, b) * s)
             comp = compute_bytes(spec, ctx=req.ctx, ubatch=req.ubatch, n_layers=b - a, last=last,
                                  flash_attn=req.flash_attn, share=s)
@@ -153,6 +163,8 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
             handoff += transfer_s(p, prev, g.devices[0], spec.n_embd * act_bytes) + c0.stage_overhead_s
             pre += transfer_s(p, prev, g.devices[0], req.prompt_tokens * spec.n_embd * act_bytes)
         prefill_parts.append(pre)
+    if cpu is not None:  # repacked copies of the weights the CPU multiplies, beside the mapped file
+        led.add(cpu.id, weights=ctx.cpu_extra.host_bytes(cpu_layers, output=out_on_host))
     if torch and len(groups) > 1:  # the last stage looks up the next token's embedding and sends it to the first
         handoff += transfer_s(p, groups[-1].devices[-1], groups[0].devices[0], spec.n_embd * act_bytes)
     if cpu is not None:

@@ -9,6 +9,9 @@ Where llama.cpp puts things (checked against llama.cpp's own load-time buffer re
 - ``-sm row``: 2-D matrices split by ``-ts`` ratios; everything else, the whole KV cache and the compute buffers
   on the main GPU.
 - ``-sm tensor``: matrices and KV heads split across devices by ``-ts`` ratios.
+- With llama.cpp's CPU "extra" buffer types in force on the host (``Host.llamacpp_extra_buffers``), the weights it
+  multiplies on the CPU are held twice there: a repacked copy in an ``AMX``/``CPU_REPACK`` buffer beside the mapped
+  file, which still covers them (:class:`ExtraBuffers`).
 The torch backend keeps quantized matrices in their GGUF blocks on a GPU (dequantized one matrix at a time, right
 before its product), so its weight bytes are the GGUF bytes; CPU ranks (``--simulate``) hold float32 copies. It shards ``token_embd`` and ``output`` over the vocabulary of the last stage,
 as Megatron does, one table when they are tied: the last stage samples the next token, looks up its embedding and
@@ -18,10 +21,11 @@ sends the hidden state to the first stage.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cached_property
 
-from mixrun.model_spec import ModelSpec
+from mixrun.model_spec import ModelSpec, TensorSpec
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -107,6 +111,144 @@ class ModelFacts:
     def weights(self, start: int, end: int, share: float = 1.0) -> int:
         """Weight bytes of layers ``[start, end)`` for a device holding ``share`` of every matrix."""
         return int(sum(self.layer_matrix_bytes[start:end]) * share) + sum(self.layer_other_bytes[start:end])
+
+
+# ---- llama.cpp's CPU extra buffer types (repacked weights) -------------------------------------------------------
+# Read from llama.cpp's source as vendored by llama-cpp-python 0.3.36 (see docs/cost-model.md, "Repacked weights").
+
+# ggml's TENSOR_ALIGNMENT: the AMX and CPU_REPACK buffer types pad every tensor to it (ggml-alloc.c
+# ggml_backend_alloc_ctx_tensors_from_buft_impl), and GGUF's default general.alignment pads tensor data in the file.
+TENSOR_ALIGNMENT = 32
+# The order llama.cpp tries them for a weight (ggml-cpu.cpp ggml_backend_cpu_get_extra_buffer_types: AMX first, then
+# CPU_REPACK); the first whose supports_op accepts the weight's MUL_MAT takes it (llama-model-loader.cpp
+# select_weight_buft). Other names (Arm's KleidiAI, RISC-V's SpacemiT) are not modelled: they count nothing.
+EXTRA_BUFFER_ORDER = ("AMX", "CPU_REPACK")
+# AMX (ggml-cpu/amx/amx.cpp extra_buffer_type::supports_op): the weight's rows (op->ne[0]) a multiple of 2 x TILE_N,
+# its row length (ne[0]) a multiple of an alignment per type. Per type: (row alignment, elements per block, extra
+# bytes per block in the packed copy). amx/mmq.cpp ggml_backend_amx_get_alloc_size / get_row_size: Q8_0 keeps an
+# int32 compensation per block, Q4_K/Q5_K 4 bytes of unpacked scales, IQ4_XS 2; F16 is copied as is.
+AMX_ROWS = 32
+AMX_TYPES = {"Q4_0": (32, 32, 0), "Q4_1": (32, 32, 0), "Q8_0": (32, 32, 4), "Q4_K": (256, 256, 4),
+             "Q5_K": (256, 256, 4), "Q6_K": (256, 256, 0), "IQ4_XS": (256, 256, 2), "F16": (16, 1, 0)}
+# CPU_REPACK on x86-64 (ggml-cpu/repack.cpp ggml_repack_get_optimal_repack_type): the types with an AVX2 layout, all
+# interleaving 8 rows, so rows must be a multiple of 8; Q2_K needs AVX-512 and is counted as if the host had it (an
+# AVX2-only host then holds less than planned, never more). The copy is ggml_nbytes (no get_alloc_size). Arm's NEON
+# layouts (Q4_0, Q4_K, Q5_K, Q6_K, Q8_0, IQ4_NL, MXFP4) are not modelled: profiles do not say the ISA.
+CPU_REPACK_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4", "Q2_K"})
+CPU_REPACK_ROWS = 8
+
+
+def _pad(n: int) -> int:
+    return -(-n // TENSOR_ALIGNMENT) * TENSOR_ALIGNMENT
+
+
+def is_matmul_weight(t: TensorSpec) -> bool:
+    """A weight llama.cpp multiplies (MUL_MAT): every 2-D tensor of the plannable architectures but the input
+    embedding, which is looked up (GET_ROWS) and so never leaves the mapped buffer."""
+    return len(t.shape) == 2 and t.name != "token_embd.weight"
+
+
+def extra_buffer_for(t: TensorSpec, types: Collection[str]) -> str | None:
+    """The extra buffer type llama.cpp puts matrix ``t`` in on a host using ``types``, or None (mapped file)."""
+    rows, cols = t.shape[0], t.shape[-1]  # ggml's ne[1], ne[0]
+    for name in EXTRA_BUFFER_ORDER:
+        if name not in types:
+            continue
+        if name == "AMX" and t.qtype in AMX_TYPES and rows % AMX_ROWS == 0 and cols % AMX_TYPES[t.qtype][0] == 0:
+            return name
+        if name == "CPU_REPACK" and t.qtype in CPU_REPACK_TYPES and rows % CPU_REPACK_ROWS == 0:
+            return name
+    return None
+
+
+def extra_copy_bytes(t: TensorSpec, buffer_type: str) -> int:
+    """Bytes of ``t``'s repacked copy in ``buffer_type``, padded as the buffer lays it out."""
+    if buffer_type == "AMX":
+        _align, block, extra = AMX_TYPES[t.qtype]
+        return _pad(t.n_bytes + t.n_elements // block * extra)
+    return _pad(t.n_bytes)
+
+
+@dataclass(frozen=True)
+class ExtraBuffers:
+    """What llama.cpp's CPU extra buffer types hold of one model on one host.
+
+    With them in force, each matrix the CPU multiplies goes to the first extra buffer type that takes it (as a
+    repacked copy, resident memory), and the default CPU buffer maps the file from its first to its last remaining
+    tensor (llama-model.cpp ``load_tensors``; llama-model-loader.cpp ``get_mapping_range``), so weights moved out
+    from between mapped ones are still counted there, and only those beyond either end drop out. A tied output is
+    created under the output's name in the extra buffer and so is a repacked copy of ``token_embd``, which stays
+    mapped for the lookup (llama-model-loader.cpp ``create_tensor``, ``TENSOR_DUPLICATED``). ``types`` empty: off.
+    """
+
+    spec: ModelSpec
+    types: tuple[str, ...] = ()
+
+    @cached_property
+    def copies(self) -> dict[str, tuple[str, int]]:
+        """Tensor name -> (buffer type, bytes of its copy) for each weight an extra buffer takes; a tied output is
+        listed as ``output.weight``."""
+        out: dict[str, tuple[str, int]] = {}
+        if not self.types:
+            return out
+        for t in self.spec.tensors:
+            is_output = self.spec.tied_output and t.name == "token_embd.weight"
+            if is_matmul_weight(t) or is_output:
+                buft = extra_buffer_for(t, self.types)
+                if buft is not None:
+                    out["output.weight" if is_output else t.name] = (buft, extra_copy_bytes(t, buft))
+        return out
+
+    @cached_property
+    def layer_bytes(self) -> tuple[int, ...]:
+        """Bytes of the repacked copies per layer."""
+        out = [0] * self.spec.n_layers
+        for t in self.spec.tensors:
+            if t.layer is not None and t.name in self.copies:
+                out[t.layer] += self.copies[t.name][1]
+        return tuple(out)
+
+    @cached_property
+    def output_bytes(self) -> int:
+        """Bytes of the output projection's repacked copy (of ``token_embd`` when tied), when an extra buffer takes it."""
+        return self.copies.get("output.weight", ("", 0))[1]
+
+    def by_type(self, layers: range, output: bool) -> dict[str, int]:
+        """Bytes per extra buffer type for a CPU holding ``layers`` (and the output), as llama.cpp's load report
+        lists its ``AMX``/``CPU_REPACK`` model buffers."""
+        out: dict[str, int] = {}
+        for t in self.spec.tensors:
+            name = "output.weight" if self.spec.tied_output and t.name == "token_embd.weight" else t.name
+            held = t.layer in layers if t.layer is not None else output
+            if held and name in self.copies:
+                buft, size = self.copies[name]
+                out[buft] = out.get(buft, 0) + size
+        return out
+
+    def unmapped_bytes(self, layers: range, output: bool) -> int:
+        """GGUF bytes of the CPU's moved weights that lie outside the mapped range (before its first or after its last
+        mapped tensor, in file order): what the default CPU buffer no longer covers."""
+        moved = []  # (file position, bytes) of weights the CPU holds in an extra buffer
+        first = last = None  # file positions of the first and last tensor the CPU keeps mapped
+        for i, t in enumerate(self.spec.tensors):
+            held = t.name == "token_embd.weight" or (t.layer in layers if t.layer is not None else output)
+            if not held:
+                continue
+            if t.name in self.copies:
+                moved.append((i, t.n_bytes))
+            else:
+                first = i if first is None else first
+                last = i
+        if first is None:
+            return sum(b for _, b in moved)
+        return sum(b for i, b in moved if i < first or i > last)
+
+    def host_bytes(self, layers: range, output: bool) -> int:
+        """What the extra buffers add on the CPU to the GGUF bytes of the tensors it holds: the repacked copies, less
+        the moved weights the mapped range no longer covers."""
+        if not self.copies:
+            return 0
+        return sum(self.by_type(layers, output).values()) - self.unmapped_bytes(layers, output)
 
 
 # ---- compute buffers ---------------------------------------------------------------------------------------------
