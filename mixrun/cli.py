@@ -13,8 +13,10 @@ import sys
 from typing import Any
 
 from mixrun import __version__
+from mixrun.vocab import Backend, KVType, Split, choices
 
-SPLITS = ["auto", "none", "layer", "row", "tensor", "hybrid"]
+SPLITS = choices(Split, auto=True)
+BACKENDS = choices(Backend, auto=True)
 
 
 def default_model() -> str:
@@ -269,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--profile", "-p", required=True, help="rig profile: name or .toml path")
     pl.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
     pl.add_argument("--split", default="auto", choices=SPLITS)
-    pl.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "torch"])
-    pl.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"], help="KV cache type")
+    pl.add_argument("--backend", default="auto", choices=BACKENDS)
+    pl.add_argument("--kv-type", default=KVType.F16.value, choices=choices(KVType), help="KV cache type")
     pl.add_argument("--ubatch", type=int, default=512, help="micro-batch size (llama.cpp -ub)")
     pl.add_argument("--no-flash-attn", action="store_true", help="plan without flash attention")
     pl.add_argument("--offload", action="store_true", help="let llama.cpp run the first layers on the CPU")
@@ -280,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="chat with a model (default: the bundled SmolLM2)")
     c.add_argument("model", nargs="?", help=".gguf path (default: the bundled SmolLM2-135M-Instruct)")
-    c.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "torch"])
+    c.add_argument("--backend", default="auto", choices=BACKENDS)
     c.add_argument("--profile", "-p", help="plan on this rig profile first; refuse a plan that does not fit")
     c.add_argument("--split", default="auto", choices=SPLITS,
                    help="with --profile: force a split mode")
@@ -307,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model", nargs="?", help=".gguf path (default: the bundled SmolLM2)")
     b.add_argument("--profile", "-p", required=True, help="rig profile: name or .toml path")
     b.add_argument("--splits", help="comma-separated splits to measure (none,layer,row,tensor,hybrid; default: all)")
-    b.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "torch"])
+    b.add_argument("--backend", default="auto", choices=BACKENDS)
     b.add_argument("--tokens", type=int, default=64, help="tokens to decode per run (default 64)")
     b.add_argument("--prompt-tokens", type=int, default=256, help="prompt length in tokens (default 256)")
     b.add_argument("--repeats", type=int, default=3, help="measured runs per candidate (default 3)")
@@ -326,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--profile", "-p", help="rig profile (default: this machine, detected)")
     t.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
     t.add_argument("--split", default="auto", choices=SPLITS, help="start with this split chosen")
-    t.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "torch"])
+    t.add_argument("--backend", default="auto", choices=BACKENDS)
     t.add_argument("--simulate", action="store_true", help="run GPU plans on CPU processes, one per planned device")
     t.set_defaults(func=cmd_tui)
 

@@ -18,11 +18,8 @@ from typing import Any
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 
 from mixrun.errors import GGUFError, where
+from mixrun.vocab import PLANNABLE_ARCHS, KVType
 
-# Architectures whose spec the planner and backends understand. Others still inspect.
-PLANNABLE_ARCHS = frozenset({"llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"})
-# KV-cache element types llama.cpp offers for -ctk/-ctv that mixrun plans for.
-KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
 _MAX_LAYERS = 4096
 _MAX_DIM = 1 << 24
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
@@ -112,7 +109,7 @@ class ModelSpec:
             m[1] += t.n_bytes
         return {k: (v[0], v[1]) for k, v in sorted(mix.items(), key=lambda kv: -kv[1][1])}
 
-    def kv_bytes_per_token(self, cache_type: str = "f16", layers: range | None = None) -> int:
+    def kv_bytes_per_token(self, cache_type: str = KVType.F16, layers: range | None = None) -> int:
         """KV-cache bytes one token costs over ``layers`` (all by default) for a cache of ``cache_type``."""
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType[cache_type.upper()]]
         rows = self.kv_layers if layers is None else [self.kv_layers[i] for i in layers]
@@ -136,7 +133,7 @@ class ModelSpec:
             "weights_bytes": self.total_bytes, "n_params": self.n_params,
             "bits_per_weight": round(self.bits_per_weight, 4),
             "layer_bytes": list(self.layer_bytes), "other_bytes": dict(self.other_bytes),
-            "kv_bytes_per_token": {t: self.kv_bytes_per_token(t) for t in KV_CACHE_TYPES},
+            "kv_bytes_per_token": {t.value: self.kv_bytes_per_token(t) for t in KVType},
             "quant_mix": {k: {"tensors": c, "bytes": b} for k, (c, b) in self.quant_mix().items()},
             "tokenizer_model": self.tokenizer_model, "has_chat_template": self.has_chat_template,
         }

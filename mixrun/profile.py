@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from enum import StrEnum
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from mixrun import vocab
 from mixrun.errors import ProfileError, where
 
 FORMAT = "mixrun-profile/1"
@@ -24,7 +26,6 @@ GIB = 1 << 30
 Source = Literal["datasheet", "measured", "user"]
 Backend = Literal["cuda", "rocm", "vulkan", "metal", "cpu"]
 LinkKind = Literal["nvlink", "nvswitch", "pcie", "ethernet", "infiniband", "thunderbolt"]
-Split = Literal["none", "layer", "row", "tensor", "hybrid"]
 Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
 BufferType = Annotated[str, Field(pattern=r"^[A-Za-z0-9_]{1,32}$")]  # a ggml buffer type name, e.g. CPU_REPACK
 # Physical bounds: anything outside is a typo or an attack, not hardware.
@@ -38,6 +39,17 @@ DEFAULT_PCIE_GBS = 25.0
 DEFAULT_PCIE_LATENCY_US = 10.0
 DEFAULT_NETWORK_GBPS = 1.0
 DEFAULT_NETWORK_LATENCY_US = 100.0
+
+
+def _member(enum: type[StrEnum]) -> Callable[[Any], Any]:
+    """A TOML string -> the vocabulary's enum member (strict models take only members); others fail validation."""
+    def convert(value: Any) -> Any:
+        try:
+            return enum(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ValueError(f"{value!r}: must be one of {', '.join(m.value for m in enum)}") from None
+
+    return convert
 
 
 class _Strict(BaseModel):
@@ -101,8 +113,8 @@ class Result(_Strict):
     """A measured run, so a shared profile carries evidence of what the rig achieved."""
 
     model: Annotated[str, Field(min_length=1, max_length=500)]
-    split: Split
-    backend: Literal["llama.cpp", "torch"] | None = None
+    split: Annotated[vocab.Split, BeforeValidator(_member(vocab.Split))]
+    backend: Annotated[vocab.Backend, BeforeValidator(_member(vocab.Backend))] | None = None
     decode_tok_s: Annotated[float, Field(gt=0, le=1e7)]
     prefill_tok_s: Annotated[float, Field(gt=0, le=1e9)] | None = None
     model_bytes: Annotated[int, Field(gt=0)] | None = None

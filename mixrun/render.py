@@ -9,8 +9,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mixrun.model_spec import KV_CACHE_TYPES, ModelSpec
+from mixrun.model_spec import ModelSpec
 from mixrun.profile import RigProfile
+from mixrun.vocab import KVType
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -60,7 +61,7 @@ def render_spec(spec: ModelSpec, show_tensors: bool = False) -> None:
         ("parameters", f"{spec.n_params / 1e9:.3f} B  ({spec.bits_per_weight:.2f} bits per weight)"),
         ("weights", f"{fmt_bytes(spec.total_bytes)}  ({spec.total_bytes:,} bytes; "
                     f"{fmt_bytes(sum(spec.other_bytes.values()))} outside layers)"),
-        ("KV cache / token", "  ".join(f"{t} {fmt_bytes(spec.kv_bytes_per_token(t))}" for t in KV_CACHE_TYPES)),
+        ("KV cache / token", "  ".join(f"{t} {fmt_bytes(spec.kv_bytes_per_token(t))}" for t in KVType)),
     ]
     if spec.sliding_window:
         n_swa = sum(kv.sliding for kv in spec.kv_layers)

@@ -188,7 +188,7 @@ def _screen_fd_of_its_own() -> Iterator[None]:
 
 def run(args: Any) -> int:
     """``mixrun tui``: build the app from the parsed arguments, run it, close the engine whatever happens."""
-    req = PlanRequest(ctx=args.ctx, split=getattr(args, "split", "auto"), backend=getattr(args, "backend", "auto"))
+    req = PlanRequest(ctx=args.ctx, split=getattr(args, "split", None), backend=getattr(args, "backend", None))
     app = make_app(args.model, args.profile, args.ctx, request=req, simulate=getattr(args, "simulate", False))
     try:
         with _screen_fd_of_its_own():

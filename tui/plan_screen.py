@@ -22,13 +22,14 @@ from mixrun.profile import RigProfile
 from mixrun.render import fmt_bytes
 from mixrun.tui.views import candidate_detail, commands_text, memory_table, rig_diagram
 from mixrun.tui.widgets import CandidateTable, MemoryBars
+from mixrun.vocab import Backend, KVType, Split, choices, shown
 
 if TYPE_CHECKING:
     from mixrun.tui.app import PlanState
 
-SPLITS = ("auto", "none", "layer", "row", "tensor", "hybrid")
-BACKENDS = ("auto", "llama.cpp", "torch")
-KV_TYPES = ("f16", "q8_0", "q4_0")
+SPLITS = tuple(choices(Split, auto=True))
+BACKENDS = tuple(choices(Backend, auto=True))
+KV_TYPES = tuple(choices(KVType))
 MIN_CTX, MAX_CTX = 256, 1 << 24  # +/- stay inside what the planner accepts
 
 
@@ -79,12 +80,12 @@ class PlanScreen(Screen[None]):
             yield Label("ctx")
             yield Input(str(req.ctx), type="integer", compact=True, id="ctx")
             yield Label("split")
-            yield Select([(s, s) for s in SPLITS], value=req.split, allow_blank=False, compact=True, id="split")
+            yield Select([(s, s) for s in SPLITS], value=shown(req.split), allow_blank=False, compact=True, id="split")
             yield Label("backend")
-            yield Select([(b, b) for b in BACKENDS], value=req.backend, allow_blank=False, compact=True,
+            yield Select([(b, b) for b in BACKENDS], value=shown(req.backend), allow_blank=False, compact=True,
                          id="backend")
             yield Label("KV")
-            yield Select([(k, k) for k in KV_TYPES], value=req.kv_type, allow_blank=False, compact=True, id="kv")
+            yield Select([(k, k) for k in KV_TYPES], value=req.kv_type.value, allow_blank=False, compact=True, id="kv")
             yield Label("rig")
             choices = self.state.profile_choices()
             self._profile_refs = [ref for _, ref in choices]
@@ -235,9 +236,9 @@ class PlanScreen(Screen[None]):
         if value is Select.NULL:
             return
         match event.select.id:
-            case "split" if value != self._asked.split:
+            case "split" if value != shown(self._asked.split):
                 self._replan(split=value)
-            case "backend" if value != self._asked.backend:
+            case "backend" if value != shown(self._asked.backend):
                 self._replan(backend=value)
             case "kv" if value != self._asked.kv_type:
                 self._replan(kv_type=value)

@@ -17,6 +17,7 @@ from rich.text import Text
 from mixrun.planner.types import Candidate, PlanReport
 from mixrun.profile import Device, Link, RigProfile
 from mixrun.render import fmt_bytes
+from mixrun.vocab import shown
 
 LINK_STYLE = {"nvlink": "bold green", "nvswitch": "bold green", "infiniband": "cyan", "pcie": "yellow",
               "thunderbolt": "yellow", "ethernet": "red"}
@@ -193,7 +194,7 @@ def candidate_detail(report: PlanReport, index: int | None) -> Text:
     if report.best is None:
         req = report.request
         if any(c.fits for c in report.candidates):
-            out.append(f"\nno candidate for split {req.split} / backend {req.backend}; "
+            out.append(f"\nno candidate for split {shown(req.split)} / backend {shown(req.backend)}; "
                        "set them to auto to see the others", style="yellow")
         else:
             out.append(f"\nNothing fits {report.profile} at context {req.ctx:,} (KV {req.kv_type}).",

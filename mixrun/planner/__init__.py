@@ -18,10 +18,11 @@ from mixrun.model_spec import ModelSpec, with_tensors
 from mixrun.planner import candidates as cands
 from mixrun.planner.evaluate import Context
 from mixrun.planner.memory import ModelFacts
-from mixrun.planner.types import BackendName, Candidate, PlanReport, PlanRequest, Split, Suggestion
+from mixrun.planner.types import Candidate, PlanReport, PlanRequest, Suggestion
 from mixrun.profile import RigProfile
+from mixrun.vocab import Backend, KVType, Split
 
-__all__ = ["PlanRequest", "PlanReport", "Candidate", "Split", "BackendName", "plan", "PlanError", "spec_at_bpw",
+__all__ = ["PlanRequest", "PlanReport", "Candidate", "Split", "Backend", "KVType", "plan", "PlanError", "spec_at_bpw",
            "scaled_spec"]
 
 
@@ -34,12 +35,6 @@ def _check(spec: ModelSpec, req: PlanRequest) -> None:
         raise PlanError(f"{spec.source}: {spec.not_plannable}")
     if not 16 <= req.ctx <= (1 << 24):
         raise PlanError(f"--ctx {req.ctx}: must be between 16 and 16,777,216 tokens")
-    if req.kv_type not in ("f16", "q8_0", "q4_0"):
-        raise PlanError(f"--kv-type {req.kv_type}: must be f16, q8_0 or q4_0")
-    if req.split != "auto" and req.split not in {s.value for s in Split}:
-        raise PlanError(f"--split {req.split}: must be auto, " + ", ".join(s.value for s in Split))
-    if req.backend not in ("auto", "llama.cpp", "torch"):
-        raise PlanError(f"--backend {req.backend}: must be auto, llama.cpp or torch")
 
 
 def build_candidates(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> list[Candidate]:
@@ -81,14 +76,14 @@ def _apply_measured(profile: RigProfile, spec: ModelSpec, out: list[Candidate]) 
 
 def _choose(out: list[Candidate], req: PlanRequest) -> int | None:
     pool = [i for i, c in enumerate(out)
-            if (req.split == "auto" or c.split.value == req.split)
-            and (req.backend == "auto" or c.backend.value == req.backend)]
+            if (req.split is None or c.split == req.split)
+            and (req.backend is None or c.backend == req.backend)]
     if not pool:
         return None
     fitting = [i for i in pool if out[i].fits]
     if fitting:
         return max(fitting, key=lambda i: (out[i].decode_tok_s, -i))
-    if req.split != "auto" or req.backend != "auto":  # a forced choice is chosen even when it does not fit
+    if req.split is not None or req.backend is not None:  # a forced choice is chosen even when it does not fit
         return min(pool, key=lambda i: sum(d.shortfall_bytes for d in out[i].devices))
     return None
 
@@ -117,7 +112,7 @@ def plan(profile: RigProfile, spec: ModelSpec, req: PlanRequest | None = None, *
 
 def _best_fitting(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> Candidate | None:
     out = build_candidates(profile, spec, req)
-    chosen = _choose(out, dataclasses.replace(req, split="auto", backend="auto"))
+    chosen = _choose(out, dataclasses.replace(req, split=None, backend=None))
     return out[chosen] if chosen is not None and out[chosen].fits else None
 
 
@@ -136,7 +131,7 @@ def _suggestions(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> list
     if best is not None and lo > 0:
         out.append(Suggestion(f"a context of {lo * 256:,} tokens fits ({best.label})", {"ctx": lo * 256},
                               best.decode_tok_s))
-    smaller = ("f16", "q8_0", "q4_0")
+    smaller = list(KVType)  # from the largest cache to the smallest
     for kv in smaller[smaller.index(req.kv_type) + 1:]:
         c = _best_fitting(profile, spec, dataclasses.replace(req, kv_type=kv))
         if c:

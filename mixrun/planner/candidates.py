@@ -14,13 +14,11 @@ from mixrun.planner.cost import QUANT_KERNEL_EFF, allreduce_s, costs, quant_kern
 from mixrun.planner.evaluate import Context, Evaluation, evaluate_pipeline, evaluate_row, planned_capacity
 from mixrun.planner.memory import F32, GPU_OVERHEAD_BYTES, ModelFacts, compute_bytes
 from mixrun.planner.search import StageCosts, Unit, allocate, best_layout, exact_boundaries, head_shares, tp_cliques
-from mixrun.planner.types import BackendName, Candidate, Group, Split
+from mixrun.planner.types import Candidate, Group
 from mixrun.profile import Device
+from mixrun.vocab import BACKEND_ARCHS, LLAMACPP_TENSOR_ARCHS, Backend, KVType, Split
 
-# Architectures llama.cpp's -sm tensor accepts (it refuses the others), per its tensor-parallel support.
-LLAMACPP_TENSOR_ARCHS = frozenset({"llama", "qwen2", "qwen3"})
-LLAMA_SPLIT_MODE = {Split.NONE: 0, Split.LAYER: 1, Split.ROW: 2, Split.TENSOR: 3}
-GGML_TYPE = {"f16": 1, "q4_0": 2, "q8_0": 8}
+GGML_TYPE = {KVType.F16: 1, KVType.Q4_0: 2, KVType.Q8_0: 8}  # llama.cpp's -ctk/-ctv element types (ggml_type)
 MAX_UNITS = 12  # Held-Karp is exponential in the units considered; beyond this only the fastest are kept
 
 
@@ -54,7 +52,7 @@ def _kv_flags(ctx: Context) -> str:
     return f" -ctk {kv} -ctv {kv}" if kv != "f16" else ""
 
 
-def _finish(ctx: Context, split: Split, backend: BackendName, label: str, groups: list[Group], ev: Evaluation,
+def _finish(ctx: Context, split: Split, backend: Backend, label: str, groups: list[Group], ev: Evaluation,
             llama: dict | None = None, server: str | None = None) -> Candidate:
     model = ctx.spec.source
     decode = ev.decode.total_s
@@ -74,7 +72,7 @@ def _slowest_link(ctx: Context, devices: Sequence[str]) -> str:
     return f"{worst.kind} {worst.bandwidth_gbs:g} GB/s"
 
 
-def _why(ctx: Context, groups: list[Group], ev: Evaluation, split: Split, backend: BackendName) -> str:
+def _why(ctx: Context, groups: list[Group], ev: Evaluation, split: Split, backend: Backend) -> str:
     parts = []
     for g in groups:
         span = f"layers {g.layers[0]}-{g.layers[1] - 1}"
@@ -94,7 +92,7 @@ def _why(ctx: Context, groups: list[Group], ev: Evaluation, split: Split, backen
     if t.tp_comm_s + t.handoff_s > 0.15 * t.total_s:
         text += f"; communication {(t.tp_comm_s + t.handoff_s) / t.total_s:.0%}"
     gpus = any(ctx.profile.device(d).backend != "cpu" for g in groups for d in g.devices)
-    if backend == BackendName.TORCH and gpus and any(ctx.facts.layer_quant_bytes):
+    if backend == Backend.TORCH and gpus and any(ctx.facts.layer_quant_bytes):
         text += (f"; quantized matrices stream through fused Triton kernels, assumed at {QUANT_KERNEL_EFF:.0%} of the "
                  f"dense rate until measured on a GPU")
     if not ev.fits:
@@ -125,12 +123,12 @@ def single_device(ctx: Context) -> Candidate | None:
         llama = {"n_gpu_layers": -1, "split_mode": 0, "main_gpu": i, "n_ctx": ctx.req.ctx}
         server, label = f"-ngl 999 -sm none -mg {i}", f"llama.cpp, one GPU ({dev.id})"
     _llama_common(ctx, llama)
-    return _finish(ctx, Split.NONE, BackendName.LLAMACPP, label, groups, ev, llama, server)
+    return _finish(ctx, Split.NONE, Backend.LLAMACPP, label, groups, ev, llama, server)
 
 
 def _llama_common(ctx: Context, llama: dict) -> None:
     llama["flash_attn"] = ctx.req.flash_attn
-    if ctx.req.kv_type != "f16":
+    if ctx.req.kv_type != KVType.F16:
         llama["type_k"] = llama["type_v"] = GGML_TYPE[ctx.req.kv_type]
 
 
@@ -157,7 +155,7 @@ def layer_default(ctx: Context) -> Candidate | None:
     ev = evaluate_pipeline(ctx, "llama.cpp", groups)
     llama = {"n_gpu_layers": -1, "split_mode": 1, "n_ctx": ctx.req.ctx}
     _llama_common(ctx, llama)
-    return _finish(ctx, Split.LAYER, BackendName.LLAMACPP, "llama.cpp layer, default split (by free memory)",
+    return _finish(ctx, Split.LAYER, Backend.LLAMACPP, "llama.cpp layer, default split (by free memory)",
                    groups, ev, llama, "-ngl 999 -sm layer")
 
 
@@ -188,7 +186,7 @@ def layer_optimized(ctx: Context, offload: bool = False) -> Candidate | None:
     label = "llama.cpp layer, optimized -ts" + (" (no layout fits)" if fallback else "")
     if cpu_layers:
         label = f"llama.cpp layer, {cpu_layers} layers offloaded to the CPU"
-    return _finish(ctx, Split.LAYER, BackendName.LLAMACPP, label, groups, ev, llama, server)
+    return _finish(ctx, Split.LAYER, Backend.LLAMACPP, label, groups, ev, llama, server)
 
 
 # ---- row and tensor -----------------------------------------------------------------------------------------------
@@ -205,7 +203,7 @@ def row(ctx: Context) -> Candidate | None:
     mg = _cuda_index(ctx, main)
     llama = {"n_gpu_layers": -1, "split_mode": 2, "main_gpu": mg, "n_ctx": ctx.req.ctx}
     _llama_common(ctx, llama)
-    return _finish(ctx, Split.ROW, BackendName.LLAMACPP, "llama.cpp row (matrices split, KV on the main GPU)",
+    return _finish(ctx, Split.ROW, Backend.LLAMACPP, "llama.cpp row (matrices split, KV on the main GPU)",
                    groups, ev, llama, f"-ngl 999 -sm row -mg {mg}")
 
 
@@ -213,7 +211,7 @@ def tensor_llamacpp(ctx: Context) -> Candidate | None:
     """llama.cpp ``-sm tensor``: needs flash attention, an f16 KV cache, and a supported architecture."""
     if len(ctx.gpus) < 2 or ctx.spec.arch not in LLAMACPP_TENSOR_ARCHS:
         return None
-    if not ctx.req.flash_attn or ctx.req.kv_type != "f16":
+    if not ctx.req.flash_attn or ctx.req.kv_type != KVType.F16:
         return None
     gpus = list(ctx.gpus)
     shares = _tensor_shares(ctx, gpus)
@@ -223,7 +221,7 @@ def tensor_llamacpp(ctx: Context) -> Candidate | None:
     ev = evaluate_pipeline(ctx, "llama.cpp", groups, split_output=True)
     ts = [round(s * ctx.spec.n_head_kv) for s in shares]
     llama = {"n_gpu_layers": -1, "split_mode": 3, "tensor_split": ts, "n_ctx": ctx.req.ctx, "flash_attn": True}
-    return _finish(ctx, Split.TENSOR, BackendName.LLAMACPP, "llama.cpp tensor parallel (all GPUs)", groups, ev,
+    return _finish(ctx, Split.TENSOR, Backend.LLAMACPP, "llama.cpp tensor parallel (all GPUs)", groups, ev,
                    llama, f"-ngl 999 -sm tensor -ts {','.join(map(str, ts))} -fa on")
 
 
@@ -279,21 +277,23 @@ def torch_units(ctx: Context) -> list[Unit]:
     return units
 
 
-def _torch_shape(split: str) -> Callable[[list[Unit]], bool] | None:
+def _torch_shape(split: Split | None) -> Callable[[list[Unit]], bool] | None:
     """Which layouts a forced ``--split`` admits for the torch backend (None: any)."""
     match split:
-        case "hybrid":
+        case Split.HYBRID:
             return lambda us: len(us) > 1 and any(len(u.devices) > 1 for u in us)
-        case "tensor":
+        case Split.TENSOR:
             return lambda us: len(us) == 1 and len(us[0].devices) > 1
-        case "layer":
+        case Split.LAYER:
             return lambda us: len(us) > 1 and all(len(u.devices) == 1 for u in us)
-        case "none":
+        case Split.NONE:
             return lambda us: len(us) == 1 and len(us[0].devices) == 1
     return None
 
 
 def torch_plan(ctx: Context) -> Candidate | None:
+    if ctx.spec.arch not in BACKEND_ARCHS[Backend.TORCH]:
+        return None  # the torch backend does not run this architecture
     units = torch_units(ctx)
     if not units:
         return None
@@ -323,7 +323,7 @@ def torch_plan(ctx: Context) -> Candidate | None:
         split = Split.HYBRID if any(g.tp > 1 for g in groups) else Split.LAYER
     label = {Split.HYBRID: "torch hybrid (TP groups x pipeline stages)", Split.TENSOR: "torch tensor parallel",
              Split.LAYER: "torch pipeline (one device per stage)", Split.NONE: "torch, one device"}[split]
-    return _finish(ctx, split, BackendName.TORCH, label, groups, ev)
+    return _finish(ctx, split, Backend.TORCH, label, groups, ev)
 
 
 # ---- the search shared by layer (optimized) and torch -------------------------------------------------------------

@@ -4,21 +4,9 @@ half-open ``[start, end)``; speeds are tokens per second for one sequence."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
-
-class Split(StrEnum):
-    NONE = "none"  # one device holds everything
-    LAYER = "layer"  # llama.cpp -sm layer: contiguous layer ranges, one device each
-    ROW = "row"  # llama.cpp -sm row: every matrix split by rows, results gathered on the main GPU
-    TENSOR = "tensor"  # tensor parallel over all devices (llama.cpp -sm tensor, or torch TP in one group)
-    HYBRID = "hybrid"  # torch: TP groups inside pipeline stages
-
-
-class BackendName(StrEnum):
-    LLAMACPP = "llama.cpp"
-    TORCH = "torch"
+from mixrun.vocab import Backend, KVType, Split, parse, shown
 
 
 @dataclass(frozen=True)
@@ -28,18 +16,25 @@ class PlanRequest:
     ctx: int = 4096
     batch: int = 1
     ubatch: int = 512
-    kv_type: str = "f16"
-    split: str = "auto"
-    backend: str = "auto"
+    kv_type: KVType = KVType.F16
+    split: Split | None = None  # None: the planner chooses ("auto")
+    backend: Backend | None = None  # None: the planner chooses ("auto")
     prompt_tokens: int = 512  # prefill speed is predicted for a prompt of this length
     tp_min_link_gbs: float = 40.0  # devices join a TP group only over links at least this fast (NVLink-class)
     flash_attn: bool = True
     cpu_offload: bool = False  # let llama.cpp run the first layers on the CPU host (-ngl < layers)
     torch_gpu_util: float = 0.9  # share of a GPU's capacity the torch backend plans into (vLLM's default)
 
+    def __post_init__(self) -> None:
+        """Names from the command line or the TUI (``"row"``, ``"auto"``) become the vocabulary's enums; a name
+        that is not one is a ValueError naming the choices."""
+        for name, enum in (("split", Split), ("backend", Backend)):
+            object.__setattr__(self, name, parse(enum, getattr(self, name)))
+        object.__setattr__(self, "kv_type", KVType(self.kv_type))
+
     def to_json(self) -> dict[str, Any]:
-        out = {"ctx": self.ctx, "batch": self.batch, "kv_type": self.kv_type, "split": self.split,
-               "backend": self.backend}
+        out = {"ctx": self.ctx, "batch": self.batch, "kv_type": self.kv_type.value,
+               "split": shown(self.split), "backend": shown(self.backend)}
         if self.cpu_offload:
             out["cpu_offload"] = True
         return out
@@ -119,7 +114,7 @@ class Timing:
 @dataclass(frozen=True)
 class Candidate:
     split: Split
-    backend: BackendName
+    backend: Backend
     label: str  # e.g. "llama.cpp layer, optimized -ts"
     groups: tuple[Group, ...]
     devices: tuple[DeviceUse, ...]

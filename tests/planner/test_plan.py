@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
+import gguf_factory
 from mixrun.cli import main
+from mixrun.gguf_spec import read_spec
 from mixrun.model_spec import ModelSpec
 from mixrun.planner import PlanError, PlanRequest, cost, plan, scaled_spec, spec_at_bpw
 from mixrun.planner.types import Candidate, Split
@@ -186,3 +189,17 @@ def test_torch_on_a_cpu_counts_the_float32_copies_it_holds(smollm2: str) -> None
     assert "Triton" not in torch_c.why
     # the same per-byte and per-layer costs (docs/cost-model.md), 5.5 times the bytes
     assert torch_c.decode_tok_s < 0.6 * llama_c.decode_tok_s
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+def test_backends_are_offered_only_for_architectures_they_run(arch: str, tmp_path: Path) -> None:
+    """gemma2/phi3 files used to get torch candidates the engine refused at start."""
+    from mixrun.vocab import BACKEND_ARCHS, Backend
+
+    kw = {"sliding_window": 16} if arch.startswith("gemma") else {}
+    spec = read_spec(gguf_factory.write_model(tmp_path / f"{arch}.gguf", arch, n_layers=4, n_embd=256, n_head=4,
+                                              n_head_kv=2, n_ff=512, n_vocab=512, sparse=True, **kw))
+    rep = plan(load_profile("dual-3090-nvlink-plus-3060"), spec)
+    offered = {c.backend for c in rep.candidates}
+    assert offered == {b for b in Backend if arch in BACKEND_ARCHS[b]}
+    assert (Backend.TORCH in offered) == (arch in ("llama", "qwen2", "qwen3"))
