@@ -243,12 +243,13 @@ def probe_overhead(model: str, prompt: str, threads: int, max_tokens: int, llama
     """mixrun's own cost per token and per answer, with llama.cpp's compute replaced by ``tokens`` (see above)."""
     import io
 
-    from mixrun.backends.base import Sampling, start
+    from mixrun.backends.base import Sampling
+    from mixrun.backends.llamacpp import LlamaCppEngine
     from mixrun.chat import Conversation
     from mixrun.chat_session import answer
 
     extra = {k: v for k, v in llama_kwargs.items() if k not in ("n_ctx", "n_threads", "seed", "verbose")}
-    engine = start("llama.cpp", model=model, n_ctx=N_CTX, n_threads=threads, kwargs=extra)
+    engine = LlamaCppEngine(model, n_ctx=N_CTX, n_threads=threads, kwargs=extra)
     try:
         engine.llm.generate = lambda _tokens, **_kw: iter(tokens)  # the instance attribute shadows the method
         sampling = Sampling(temperature=0.0, max_tokens=max_tokens, **SAMPLING)
@@ -295,7 +296,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print every run and the summary as JSON")
     args = ap.parse_args()
     if args.model is None:
-        from mixrun.cli import default_model
+        from mixrun.bundled import default_model
 
         args.model = default_model()
     plan_kwargs = mixrun_llama_kwargs(args.model, args.prompt, args.threads, args.max_tokens)

@@ -524,7 +524,7 @@ def main() -> None:
 
     import llama_cpp
 
-    from mixrun.cli import default_model
+    from mixrun.bundled import default_model
 
     def wanted(specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         return {k: v for k, v in specs.items() if not args.models or k in args.models}

@@ -45,7 +45,7 @@ def check_model(folder: Path) -> tuple[str, str, list[int], int]:
     network, and the 94 MB wheel does not travel with the working tree). A random model's logits lie close together,
     so bf16 rounding may flip its greedy choice sooner: 4 tokens must agree there (on a bf16 CPU rank, 9 did)."""
     import gguf_factory
-    from mixrun.cli import default_model
+    from mixrun.bundled import default_model
     from mixrun.errors import GGUFError
 
     try:

@@ -29,7 +29,7 @@ def main() -> int:
     from mixrun.backends.base import Sampling
     from mixrun.backends.torch.engine import TorchEngine
     from mixrun.backends.torch.parallel import Layout, Stage
-    from mixrun.cli import default_model
+    from mixrun.bundled import default_model
 
     model = default_model()
     layout = Layout((Stage(("a",), (0, 15), (3,)), Stage(("b",), (15, 30), (3,))))

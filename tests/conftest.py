@@ -23,7 +23,7 @@ from mixrun.model_spec import ModelSpec  # noqa: E402
 
 @pytest.fixture(scope="session")
 def smollm2() -> str:
-    from mixrun.cli import default_model
+    from mixrun.bundled import default_model
 
     return default_model()
 

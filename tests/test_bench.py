@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from mixrun import bench, bench_record
 from mixrun.backends.base import Sampling, Stats
+from mixrun.bench import command, measure, results
+from mixrun.bench import record as bench_record
 from mixrun.cli import main
 from mixrun.gguf_spec import read_spec
 from mixrun.model_spec import ModelSpec
@@ -66,15 +67,15 @@ def test_bench_cpu_only_records_and_plan_ranks_by_it(smollm2: str, _isolated_con
 # ---- recording and the planner, without engines -----------------------------------------------------------------
 
 
-def fake_report(model: str, spec: ModelSpec, profile: str, speeds: dict[str, float], **sel: Any) -> bench.BenchReport:
+def fake_report(model: str, spec: ModelSpec, profile: str, speeds: dict[str, float], **sel: Any) -> results.BenchReport:
     """A report as if each selected candidate (by label) ran once at the given decode speed."""
     rep = plan(load_profile(profile), spec)
-    chosen, notes = bench.select(rep, None, "auto", False, **sel)
+    chosen, notes = command.select(rep, None, "auto", False, **sel)
     for m in chosen:
-        m.runs.append(bench.Run(64, 64, 9, 0.5, 8 / speeds[m.candidate.label], "length"))
+        m.runs.append(results.Run(64, 64, 9, 0.5, 8 / speeds[m.candidate.label], "length"))
         m.status = "done"
-    return bench.BenchReport(model=model, model_bytes=spec.file_bytes, profile=profile,
-                             config=bench.BenchConfig(), results=chosen, notes=notes)
+    return results.BenchReport(model=model, model_bytes=spec.file_bytes, profile=profile,
+                             config=results.BenchConfig(), results=chosen, notes=notes)
 
 
 def test_recorded_results_reverse_the_predicted_order(smollm2: str) -> None:
@@ -123,8 +124,8 @@ class FakeEngine:
 
     vocab: dict[str, int] = {}
 
-    def __init__(self, backend: str, log: list[dict[str, Any]], interrupt_after: int | None, **kw: Any) -> None:
-        self.backend, self.log, self.kw, self.interrupt_after = backend, log, kw, interrupt_after
+    def __init__(self, backend: str, log: list[dict[str, Any]], interrupt_after: int | None) -> None:
+        self.backend, self.log, self.interrupt_after = backend, log, interrupt_after
         self.fed: list[int] = []
 
     def tokenize(self, text: str) -> list[int]:
@@ -132,7 +133,7 @@ class FakeEngine:
 
     def generate(self, prompt: str, sampling: Sampling, stats: Stats):
         ids = self.tokenize(prompt)
-        shared = bench.common_prefix(self.fed, ids)
+        shared = measure.common_prefix(self.fed, ids)
         self.log.append({"backend": self.backend, "prompt": len(ids), "shared": shared})
         if self.interrupt_after is not None and len(self.log) > self.interrupt_after:
             raise KeyboardInterrupt
@@ -150,11 +151,12 @@ class FakeEngine:
 def fake(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     state: dict[str, Any] = {"log": [], "interrupt_after": None, "starts": []}
 
-    def start(backend: str, **kw: Any) -> FakeEngine:
-        state["starts"].append({"backend": backend, **kw})
-        return FakeEngine(backend, state["log"], state["interrupt_after"], **kw)
+    def start(model: str, candidate: Any, profile: Any, options: Any) -> FakeEngine:
+        backend = candidate.backend.value
+        state["starts"].append({"backend": backend, "model": model, "plan": candidate, "simulate": options.simulate})
+        return FakeEngine(backend, state["log"], state["interrupt_after"])
 
-    monkeypatch.setattr(bench, "start_engine", start)
+    monkeypatch.setattr(measure, "start_engine", start)
     return state
 
 
@@ -228,16 +230,16 @@ def test_model_that_does_not_fit_exit_3(fake: dict[str, Any], capsys, llama70b: 
 
 
 def test_failed_candidate_does_not_lose_the_others(fake: dict[str, Any], capsys, monkeypatch) -> None:
-    real = bench.start_engine
+    real = measure.start_engine
 
-    def start(backend: str, **kw: Any) -> FakeEngine:
-        if backend == "torch":
+    def start(model: str, candidate: Any, profile: Any, options: Any) -> FakeEngine:
+        if candidate.backend == "torch":
             from mixrun.errors import MixrunError
 
             raise MixrunError("torch: no luck")
-        return real(backend, **kw)
+        return real(model, candidate, profile, options)
 
-    monkeypatch.setattr(bench, "start_engine", start)
+    monkeypatch.setattr(measure, "start_engine", start)
     assert main(["bench", "-p", "cpu-only", "--tokens", "4", "--prompt-tokens", "16", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "torch: no luck" in out and "winner: llama.cpp, CPU only" in out

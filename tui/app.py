@@ -1,4 +1,5 @@
-"""The mixrun Textual app: three modes (Plan, Run, Profiles) over one shared :class:`PlanState`.
+"""The mixrun Textual app: three modes (Plan, Run, Profiles) over one shared
+:class:`~mixrun.tui.state.PlanState`.
 
 :func:`make_app` builds it for ``mixrun tui`` and for the tests alike. It reads the model and the profile and
 plans once before the app starts, so a bad path or context fails as a one-line CLI error and the first screen
@@ -12,70 +13,19 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 from textual.app import App
 from textual.binding import Binding, BindingType
 
 from mixrun.backends.base import Sampling
-from mixrun.model_spec import ModelSpec
-from mixrun.planner.types import Candidate, PlanReport, PlanRequest
+from mixrun.planner.types import Candidate, PlanRequest
 from mixrun.profile import RigProfile
 from mixrun.tui.plan_screen import PlanScreen
 from mixrun.tui.profiles_screen import ProfilesScreen
 from mixrun.tui.run_screen import RunScreen
 from mixrun.tui.session import EngineSession
-
-DETECTED = "@"  # prefix of the ref of a profile that lives only in memory (detected, or passed as a value)
-
-
-@dataclass
-class PlanState:
-    """What the Plan screen shows and the Run screen starts (attributes down, shared by every screen)."""
-
-    model_path: str
-    spec: ModelSpec
-    profile: RigProfile
-    profile_ref: str  # a name, a path, or DETECTED + name
-    request: PlanRequest
-    report: PlanReport | None = None
-    selected: int | None = None  # the highlighted candidate; the Run screen starts this one
-    extra_profiles: dict[str, RigProfile] = field(default_factory=dict)  # DETECTED refs -> profiles
-
-    @property
-    def candidate(self) -> Candidate | None:
-        r, i = self.report, self.selected
-        if r is None:
-            return None
-        if i is None or not 0 <= i < len(r.candidates):
-            return r.best
-        return r.candidates[i]
-
-    @property
-    def model_name(self) -> str:
-        return Path(self.model_path).name
-
-    def profile_for(self, ref: str) -> RigProfile:
-        """A profile by ref (blocking on a file read for names and paths: call from a worker)."""
-        if ref in self.extra_profiles:
-            return self.extra_profiles[ref]
-        from mixrun.profile import load_profile
-
-        return load_profile(ref)
-
-    def profile_choices(self) -> list[tuple[str, str]]:
-        """(label, ref) for the profile picker: user, bundled (unless shadowed), detected, and the current one."""
-        from mixrun.profile import bundled_profiles, user_profiles
-
-        users = [(n, n) for n, _ in user_profiles()]
-        taken = {n for n, _ in users}
-        out = users + [(n, n) for n, _ in bundled_profiles() if n not in taken]
-        out += [(f"{p.name} (not saved)", ref) for ref, p in self.extra_profiles.items()]
-        if self.profile_ref not in {ref for _, ref in out}:
-            out.append((self.profile.name, self.profile_ref))
-        return out
+from mixrun.tui.state import DETECTED, PlanState
 
 
 class MixrunApp(App[int]):
@@ -142,16 +92,16 @@ def make_app(model: str | None = None, profile: str | RigProfile | None = None, 
     from mixrun.planner import plan
 
     if model is None:
-        from mixrun.cli import default_model
+        from mixrun.bundled import default_model
 
         model = default_model()
     spec = read_spec(model)
     extra: dict[str, RigProfile] = {}
     notes: tuple[str, ...] = ()
     if profile is None:
-        from mixrun.discover import detect
+        from mixrun.run import detect_here
 
-        prof, found = detect(measure=False)
+        prof, found = detect_here(measure=False)
         ref, notes = DETECTED + prof.name, tuple(found)
         extra[ref] = prof
     elif isinstance(profile, RigProfile):

@@ -5,7 +5,7 @@ suggestions)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from rich.text import Text
 from textual import on, work
@@ -20,12 +20,10 @@ from mixrun.errors import MixrunError
 from mixrun.planner.types import PlanReport, PlanRequest
 from mixrun.profile import RigProfile
 from mixrun.render import fmt_bytes
+from mixrun.tui.state import PlanState, shared
 from mixrun.tui.views import candidate_detail, commands_text, memory_table, rig_diagram
 from mixrun.tui.widgets import CandidateTable, MemoryBars
 from mixrun.vocab import Backend, KVType, Split, choices, shown
-
-if TYPE_CHECKING:
-    from mixrun.tui.app import PlanState
 
 SPLITS = tuple(choices(Split, auto=True))
 BACKENDS = tuple(choices(Backend, auto=True))
@@ -71,7 +69,7 @@ class PlanScreen(Screen[None]):
 
     @property
     def state(self) -> PlanState:
-        return self.app.state  # type: ignore[attr-defined,no-any-return]
+        return shared(self.app).state
 
     def compose(self) -> ComposeResult:
         req = self.state.request
@@ -114,9 +112,9 @@ class PlanScreen(Screen[None]):
             with self.prevent(Select.Changed):
                 sel.set_options(choices)
                 sel.value = self.state.profile_ref
-        wanted = getattr(self.app, "pending_profile", None)
+        wanted = shared(self.app).pending_profile
         if wanted is not None:
-            self.app.pending_profile = None  # type: ignore[attr-defined]
+            shared(self.app).pending_profile = None
             if wanted != self.state.profile_ref:
                 with self.prevent(Select.Changed):
                     sel.value = wanted
@@ -174,7 +172,7 @@ class PlanScreen(Screen[None]):
         out.append(st.model_name, style="bold")
         out.append(f" ({fmt_bytes(spec.total_bytes)}) on ", style="dim")
         out.append(st.profile.name, style="bold")
-        if getattr(self.app, "simulate", False):
+        if shared(self.app).simulate:
             out.append(" · simulate", style="magenta")
         if req.cpu_offload:
             out.append(" · CPU offload", style="magenta")
@@ -297,4 +295,4 @@ class PlanScreen(Screen[None]):
             self.notify(f"{cand.label} does not fit ({short}): pick one that fits, or change the request",
                         severity="error")
             return
-        self.app.request_run(cand)  # type: ignore[attr-defined]
+        shared(self.app).request_run(cand)

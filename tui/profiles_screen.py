@@ -6,7 +6,7 @@ Reading profile files, detecting and planning for a comparison run in thread wor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from rich.console import Group as RichGroup
 from rich.text import Text
@@ -22,10 +22,8 @@ from textual.widgets.option_list import Option
 from mixrun.errors import MixrunError
 from mixrun.planner.types import PlanReport
 from mixrun.profile import RigProfile
+from mixrun.tui.state import DETECTED, PlanState, shared
 from mixrun.tui.views import compare_table, profile_detail, profile_summary
-
-if TYPE_CHECKING:
-    from mixrun.tui.app import PlanState
 
 
 @dataclass(frozen=True)
@@ -100,7 +98,7 @@ class ProfilesScreen(Screen[None]):
 
     @property
     def state(self) -> PlanState:
-        return self.app.state  # type: ignore[attr-defined,no-any-return]
+        return shared(self.app).state
 
     def compose(self) -> ComposeResult:
         yield Static(id="profiles-title")
@@ -184,7 +182,7 @@ class ProfilesScreen(Screen[None]):
         if e is None or e.profile is None:
             self.notify("this profile does not load; fix it first (v shows why)", severity="error")
             return
-        self.app.use_profile(e.ref)  # type: ignore[attr-defined]
+        shared(self.app).use_profile(e.ref)
 
     def action_validate(self) -> None:
         self._title("validating…")
@@ -196,14 +194,13 @@ class ProfilesScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="detect")
     def _detect(self) -> None:
-        from mixrun.discover import detect
+        from mixrun.run import detect_here
 
         try:
-            prof, notes = detect(measure=False)
+            prof, notes = detect_here(measure=False)
         except MixrunError as e:
             self.post_message(Loaded(list(self.entries), f"detection failed: {e}"))
             return
-        from mixrun.tui.app import DETECTED
 
         ref = DETECTED + prof.name
         self.state.extra_profiles[ref] = prof

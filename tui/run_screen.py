@@ -22,12 +22,12 @@ from textual.worker import get_current_worker
 from mixrun.backends.base import EngineInfo, Stats
 from mixrun.planner.types import Candidate
 from mixrun.tui.session import EngineSession, Sample
+from mixrun.tui.state import PlanState, shared
 from mixrun.tui.widgets import TelemetryPanel, status_line
 
 if TYPE_CHECKING:
     from textual.widgets.markdown import MarkdownStream
 
-    from mixrun.tui.app import PlanState
 
 
 class EngineStarted(Message):
@@ -96,11 +96,11 @@ class RunScreen(Screen[None]):
 
     @property
     def state(self) -> PlanState:
-        return self.app.state  # type: ignore[attr-defined,no-any-return]
+        return shared(self.app).state
 
     @property
     def session(self) -> EngineSession:
-        return self.app.session  # type: ignore[attr-defined,no-any-return]
+        return shared(self.app).session
 
     def compose(self) -> ComposeResult:
         yield Static(id="run-status")
@@ -119,14 +119,14 @@ class RunScreen(Screen[None]):
         self._wake.set()
 
     def on_screen_resume(self) -> None:
-        cand = self.app.pending_run  # type: ignore[attr-defined]
+        cand = shared(self.app).pending_run
         if cand is not None:
-            self.app.pending_run = None  # type: ignore[attr-defined]
+            shared(self.app).pending_run = None
             self.start(cand)
 
     def _set_status(self, state: str, extra: str = "") -> None:
         label = "no plan" if self.cand is None else f"{self.cand.label} ({self.cand.backend.value})"
-        if getattr(self.app, "simulate", False):
+        if shared(self.app).simulate:
             label += ", simulated"
         self.query_one("#run-status", Static).update(status_line(label, state, extra))
 
@@ -150,8 +150,10 @@ class RunScreen(Screen[None]):
     @work(thread=True, group="engine")
     def _start_worker(self, cand: Candidate, ctx: int) -> None:
         try:
-            info = self.session.start(cand.backend.value, model=self.state.model_path, n_ctx=ctx, plan=cand,
-                                      simulate=bool(getattr(self.app, "simulate", False)))
+            from mixrun.run import LaunchOptions
+
+            opts = LaunchOptions(n_ctx=ctx, simulate=shared(self.app).simulate, show_progress=False)
+            info = self.session.start(self.state.model_path, cand, self.state.profile, opts)
         except Exception as e:  # a backend's failure, whatever it is, is shown here and must not end the app
             self.post_message(EngineFailed(_error_text(e)))
             return

@@ -10,12 +10,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mixrun.backends.base import Engine, EngineInfo, Sampling, Stats
 from mixrun.chat import Conversation
 from mixrun.errors import MixrunError
 from mixrun.telemetry import Snapshot
+
+if TYPE_CHECKING:
+    from mixrun.planner.types import Candidate
+    from mixrun.profile import RigProfile
+    from mixrun.run import Launcher, LaunchOptions
 
 
 @dataclass(frozen=True)
@@ -37,12 +42,12 @@ class Sample:
 class EngineSession:
     """Owns at most one :class:`~mixrun.backends.base.Engine` and the conversation held with it.
 
-    ``starter`` is :func:`mixrun.backends.base.start` unless a caller passes another (same signature)."""
+    ``launcher`` is :func:`mixrun.run.launch` unless a caller passes another (same signature)."""
 
     CLOSE_WAIT_S = 60.0
 
-    def __init__(self, starter: Callable[..., Engine] | None = None) -> None:
-        self._starter = starter
+    def __init__(self, launcher: Launcher | None = None) -> None:
+        self._launcher = launcher
         self._engine: Engine | None = None
         self._busy = threading.Lock()  # held while the engine loads, generates or closes
         self._stop = threading.Event()
@@ -59,17 +64,17 @@ class EngineSession:
     def generating(self) -> bool:
         return self._live is not None
 
-    def start(self, backend: str, *, model: str, n_ctx: int, plan: Any, simulate: bool) -> EngineInfo:
-        """Close any running engine, then load a new one (blocking: call from a worker)."""
+    def start(self, model: str, candidate: Candidate, profile: RigProfile, options: LaunchOptions) -> EngineInfo:
+        """Close any running engine, then launch one for ``candidate`` on ``profile`` (blocking: call from a worker).
+        The launch is the chat command's: preflight, device mapping, start."""
         self.close()
-        if self._starter is None:
-            from mixrun.backends.base import start as starter
+        if self._launcher is None:
+            from mixrun.run import launch as launcher
         else:
-            starter = self._starter
+            launcher = self._launcher
         with self._busy:
             self._stop.clear()
-            engine = starter(backend, model=model, n_ctx=n_ctx, n_threads=None, seed=None, plan=plan,
-                             simulate=simulate)
+            engine = launcher(model, candidate, profile, options)
             self._engine, self.conv, self._tokens_done, self.last = engine, Conversation(), 0, None
         return engine.info
 

@@ -1,13 +1,19 @@
-"""The backend protocol: ``start(...) -> Engine``; an Engine streams tokens with timing.
+"""The backend protocol: an Engine streams tokens with timing; sampling settings and per-answer figures.
 
-Backends register by name and import their heavy dependencies (llama_cpp, torch) only when started.
+Engines are started by :func:`mixrun.run.launch`, which finds them through a static name table and imports their
+heavy dependencies (llama_cpp, torch) only then.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from mixrun.chat import ChatTemplate
+    from mixrun.planner.types import Candidate
+    from mixrun.telemetry import Snapshot
 
 
 @dataclass(frozen=True)
@@ -57,12 +63,14 @@ class EngineInfo:
     model: str
     n_ctx: int
     notes: list[str] = field(default_factory=list)
-    plan: Any = None  # the mixrun.planner Candidate this engine runs, when it was planned
+    plan: Candidate | None = None  # the planner's candidate this engine runs, when it was planned
 
 
 class Engine(Protocol):
     info: EngineInfo
-    template: Any  # mixrun.chat.ChatTemplate: the same sandboxed rendering for every backend
+    template: ChatTemplate  # the same sandboxed rendering for every backend
+
+    def tokenize(self, text: str) -> list[int]: ...
 
     def count_tokens(self, text: str) -> int: ...
 
@@ -70,32 +78,8 @@ class Engine(Protocol):
         """Yield text pieces as they are produced; fill ``stats`` as it goes."""
         ...
 
-    def telemetry(self) -> Any:
-        """A :class:`mixrun.telemetry.Snapshot` of what the engine and its devices are doing now."""
+    def telemetry(self) -> Snapshot:
+        """What the engine and its devices are doing now."""
         ...
 
     def close(self) -> None: ...
-
-
-BACKENDS: dict[str, Callable[..., Engine]] = {}
-
-
-def register(name: str) -> Callable[[Callable[..., Engine]], Callable[..., Engine]]:
-    def deco(fn: Callable[..., Engine]) -> Callable[..., Engine]:
-        BACKENDS[name] = fn
-        return fn
-
-    return deco
-
-
-def start(backend: str, **kwargs: Any) -> Engine:
-    if backend == "torch":
-        from mixrun.backends.torch import engine  # noqa: F401  (registers itself)
-    else:
-        from mixrun.backends import llamacpp  # noqa: F401  (registers itself)
-
-    if backend not in BACKENDS:
-        from mixrun.errors import MixrunError
-
-        raise MixrunError(f"{backend}: unknown backend (known: {', '.join(sorted(BACKENDS))})")
-    return BACKENDS[backend](**kwargs)

@@ -7,31 +7,36 @@ llama.cpp itself. Generation reuses the KV cache for the prompt prefix the previ
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mixrun.backends.base import EngineInfo, Sampling, Stats, register
+from mixrun.backends.base import EngineInfo, Sampling, Stats
 from mixrun.backends.llamacpp_cpu import finding
 from mixrun.backends.loading import LoadProgress, interruptible, llama_params
 from mixrun.backends.text import Vocab, stream_text
 from mixrun.errors import GGUFError, MixrunError, where
 from mixrun.telemetry import DeviceSampler, Snapshot, now
+from mixrun.vocab import Backend, Split
 
-SPLIT_MODES = {"none": "LLAMA_SPLIT_MODE_NONE", "layer": "LLAMA_SPLIT_MODE_LAYER", "row": "LLAMA_SPLIT_MODE_ROW",
-               "tensor": "LLAMA_SPLIT_MODE_TENSOR"}
+if TYPE_CHECKING:
+    from mixrun.planner.types import Candidate
+
+SPLIT_MODES = {Split.NONE: "LLAMA_SPLIT_MODE_NONE", Split.LAYER: "LLAMA_SPLIT_MODE_LAYER",
+               Split.ROW: "LLAMA_SPLIT_MODE_ROW", Split.TENSOR: "LLAMA_SPLIT_MODE_TENSOR"}
 
 
-def llama_kwargs(plan: Any, llama_cpp: Any) -> dict[str, Any]:
+def llama_kwargs(plan: Candidate, llama_cpp: Any) -> dict[str, Any]:
     """A planned llama.cpp candidate -> ``llama_cpp.Llama(...)`` keyword arguments (``n_ctx`` aside).
 
     The planner (pure) computes the numbers; this maps the split to the binding's constant, and refuses a split
     mode the installed llama.cpp does not have.
     """
     kwargs = {k: v for k, v in plan.llama_kwargs.items() if k != "n_ctx"}
-    split = plan.split.value
-    if split == "hybrid" or plan.backend.value != "llama.cpp":
-        raise MixrunError(f"--split {split}: a {plan.backend.value} plan does not run on llama.cpp")
+    split = plan.split
+    if split not in SPLIT_MODES or plan.backend != Backend.LLAMACPP:
+        raise MixrunError(f"--split {split}: a {plan.backend} plan does not run on llama.cpp")
     const = SPLIT_MODES[split]
     if "split_mode" in kwargs:
         if not hasattr(llama_cpp, const):
@@ -42,8 +47,8 @@ def llama_kwargs(plan: Any, llama_cpp: Any) -> dict[str, Any]:
 
 class LlamaCppEngine:
     def __init__(self, model: str, n_ctx: int = 4096, n_threads: int | None = None, seed: int | None = None,
-                 plan: Any = None, kwargs: dict[str, Any] | None = None, progress: LoadProgress | None = None,
-                 **_ignored: Any) -> None:
+                 plan: Candidate | None = None, kwargs: dict[str, Any] | None = None,
+                 progress: LoadProgress | None = None, show_progress: bool = True) -> None:
         cpu = finding()  # probes llama.cpp on this CPU in a child process, once per machine
         cpu.require_usable()
         import llama_cpp
@@ -52,7 +57,7 @@ class LlamaCppEngine:
         if not os.path.isfile(model):
             raise GGUFError(where(model, "no such file"))
         kwargs = {**(llama_kwargs(plan, llama_cpp) if plan is not None else {}), **(kwargs or {})}
-        progress = progress or LoadProgress(os.path.basename(model))
+        progress = progress or LoadProgress(os.path.basename(model), out=None if show_progress else io.StringIO())
         try:
             with interruptible(progress), llama_params(llama_cpp, progress, extra_buffers=cpu.extra_buffers):
                 self.llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_threads=n_threads,
@@ -85,8 +90,10 @@ class LlamaCppEngine:
         if room <= 0:
             stats.stop_reason = "context full"
             return
-        if sampling.seed is not None:
-            self.llm.set_seed(sampling.seed)
+        # Llama.generate seeds a new sampler chain with llm._seed on every call; LLAMA_DEFAULT_SEED draws a random seed
+        # there. Set it every time, or a seedless answer would replay the last seeded one: seed None is random on both
+        # backends (mixrun.backends.torch.sampling.resolve_seed)
+        self.llm.set_seed(sampling.seed if sampling.seed is not None else self._llama_cpp.LLAMA_DEFAULT_SEED)
         ids = self.llm.generate(tokens, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
                                 temp=sampling.temperature, repeat_penalty=sampling.repeat_penalty)
         try:
@@ -112,7 +119,3 @@ class LlamaCppEngine:
         if llm is not None:
             llm.close()
 
-
-@register("llama.cpp")
-def start(**kwargs: Any) -> LlamaCppEngine:
-    return LlamaCppEngine(**kwargs)

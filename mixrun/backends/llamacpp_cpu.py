@@ -192,7 +192,7 @@ def run_child(cmd: Sequence[str], timeout_s: float = PROBE_TIMEOUT_S) -> ProbeRu
 def default_runner(model: str | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> ProbeRunner:
     """Probe with the bundled model (quantized Q4_1, which the extra buffer types take)."""
     def run(extra_buffers: bool) -> ProbeRun:
-        from mixrun.cli import default_model
+        from mixrun.bundled import default_model
 
         return run_child(probe_command(model or default_model(), extra_buffers), timeout_s)
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from tui_helpers import FakeStarter
+from tui_helpers import FakeLauncher
 
 
 @pytest.fixture
-def fake_starter() -> FakeStarter:
-    return FakeStarter()
+def fake_launcher() -> FakeLauncher:
+    return FakeLauncher()
 
 
 @pytest.fixture(scope="session")

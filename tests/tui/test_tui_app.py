@@ -11,10 +11,10 @@ from tui_helpers import asynctest, wait_for
 from mixrun.cli import main
 from mixrun.errors import GGUFError, MixrunError
 from mixrun.tui import make_app
-from mixrun.tui.app import DETECTED
 from mixrun.tui.plan_screen import PlanScreen
 from mixrun.tui.profiles_screen import ProfilesScreen
 from mixrun.tui.run_screen import RunScreen
+from mixrun.tui.state import DETECTED
 
 
 def test_a_bad_model_or_request_fails_before_the_app_starts(smollm2: str, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from textual.widgets import Input, Markdown
-from tui_helpers import FakeStarter, asynctest, plain, record_telemetry, wait_for
+from tui_helpers import FakeLauncher, asynctest, plain, record_telemetry, wait_for
 
 from mixrun.backends.base import Sampling
 from mixrun.errors import MixrunError
@@ -16,8 +16,8 @@ from mixrun.tui.session import EngineSession
 from mixrun.tui.widgets import TelemetryPanel
 
 
-def _app(model: str, starter: Any, profile: str = "dual-3090-nvlink-plus-3060", max_tokens: int = 12) -> Any:
-    return make_app(model, profile, 4096, session=EngineSession(starter=starter), poll_s=0.05,
+def _app(model: str, launcher: Any, profile: str = "dual-3090-nvlink-plus-3060", max_tokens: int = 12) -> Any:
+    return make_app(model, profile, 4096, session=EngineSession(launcher=launcher), poll_s=0.05,
                     sampling=Sampling(temperature=0, max_tokens=max_tokens))
 
 
@@ -39,14 +39,14 @@ async def _ask(pilot: Any, screen: RunScreen, text: str) -> None:
 
 @asynctest
 async def test_run_starts_the_chosen_plan_streams_and_shows_telemetry(smollm2: str) -> None:
-    starter = FakeStarter()
-    app = _app(smollm2, starter)
+    launcher = FakeLauncher()
+    app = _app(smollm2, launcher)
     async with app.run_test(size=(80, 24)) as pilot:
         chosen = app.state.report.best
         screen = await _start(pilot, app)
-        backend, kwargs = starter.calls[0]
-        assert backend == chosen.backend.value and kwargs["plan"] is chosen and kwargs["n_ctx"] == 4096
-        assert kwargs["model"] == smollm2 and kwargs["simulate"] is False
+        model, cand, profile, opts = launcher.calls[0]
+        assert cand is chosen and opts.n_ctx == 4096 and model == smollm2 and opts.simulate is False
+        assert profile is app.state.profile and profile.name == "dual-3090-nvlink-plus-3060"
         assert "ready" in plain(screen.query_one("#run-status"))
         shown = record_telemetry(screen.query_one(TelemetryPanel))
         await _ask(pilot, screen, "What is 2+2?")
@@ -67,8 +67,8 @@ async def test_run_starts_the_chosen_plan_streams_and_shows_telemetry(smollm2: s
 
 @asynctest
 async def test_link_rates_move_while_an_answer_streams(smollm2: str) -> None:
-    starter = FakeStarter(delay_s=0.03)
-    app = _app(smollm2, starter, max_tokens=40)
+    launcher = FakeLauncher(delay_s=0.03)
+    app = _app(smollm2, launcher, max_tokens=40)
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await _start(pilot, app)
         shown = record_telemetry(screen.query_one(TelemetryPanel))
@@ -83,41 +83,41 @@ async def test_link_rates_move_while_an_answer_streams(smollm2: str) -> None:
 
 @asynctest
 async def test_escape_stops_the_answer_and_keeps_the_engine(smollm2: str) -> None:
-    starter = FakeStarter(delay_s=0.02)
-    app = _app(smollm2, starter, max_tokens=500)
+    launcher = FakeLauncher(delay_s=0.02)
+    app = _app(smollm2, launcher, max_tokens=500)
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await _start(pilot, app)
         await _ask(pilot, screen, "talk for a while")
-        await wait_for(pilot, lambda: starter.engines[0].tokens >= 3, "a few tokens")
+        await wait_for(pilot, lambda: launcher.engines[0].tokens >= 3, "a few tokens")
         await pilot.press("escape")
         await wait_for(pilot, lambda: screen.answers == 1, "the stopped answer")
         assert app.session.last.stop_reason == "stopped" and app.session.last.completion_tokens < 500
         assert "(stopped)" in plain(screen.query_one("#run-status"))
-        assert screen.engine_state == "ready" and not starter.engines[0].closed
+        assert screen.engine_state == "ready" and not launcher.engines[0].closed
 
 
 @asynctest
 async def test_stopping_the_engine_closes_it_and_ctrl_r_starts_again(smollm2: str) -> None:
-    starter = FakeStarter()
-    app = _app(smollm2, starter)
+    launcher = FakeLauncher()
+    app = _app(smollm2, launcher)
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await _start(pilot, app)
         await pilot.press("ctrl+t")
         await wait_for(pilot, lambda: screen.engine_state == "idle", "the engine to stop")
-        assert starter.engines[0].closed and app.session.engine is None
+        assert launcher.engines[0].closed and app.session.engine is None
         assert "stopped" in plain(screen.query_one("#run-status"))
         await _ask(pilot, screen, "anyone there?")  # refused with a notification, not a crash
         await pilot.pause()
         assert screen.answers == 0 and len(screen.query(".user-msg")) == 0
         await pilot.press("ctrl+r")
         await wait_for(pilot, lambda: screen.engine_state == "ready", "a second engine")
-        assert len(starter.engines) == 2 and app.session.engine is starter.engines[1]
+        assert len(launcher.engines) == 2 and app.session.engine is launcher.engines[1]
 
 
 @asynctest
 async def test_a_backend_that_fails_to_start_says_why(smollm2: str) -> None:
-    def failing(backend: str, **kwargs: Any) -> Any:
-        raise MixrunError(f"{backend}: unknown backend (known: llama.cpp)")
+    def failing(model: str, candidate: Any, profile: Any, options: Any) -> Any:
+        raise MixrunError(f"{candidate.backend}: unknown backend (known: llama.cpp)")
 
     app = _app(smollm2, failing)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -132,15 +132,15 @@ async def test_a_backend_that_fails_to_start_says_why(smollm2: str) -> None:
 
 @asynctest
 async def test_quitting_closes_the_engine(smollm2: str) -> None:
-    starter = FakeStarter(delay_s=0.02)
-    app = _app(smollm2, starter, max_tokens=10_000)
+    launcher = FakeLauncher(delay_s=0.02)
+    app = _app(smollm2, launcher, max_tokens=10_000)
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await _start(pilot, app)
         await _ask(pilot, screen, "go on forever")
-        await wait_for(pilot, lambda: starter.engines[0].generating, "generation")
+        await wait_for(pilot, lambda: launcher.engines[0].generating, "generation")
         await pilot.press("ctrl+q")
         await wait_for(pilot, lambda: not app.is_running, "the app to exit", timeout=10)
-    assert starter.engines[0].closed and app.return_code == 0
+    assert launcher.engines[0].closed and app.return_code == 0
 
 
 @asynctest
@@ -191,3 +191,33 @@ async def test_real_generation_on_the_torch_hybrid_simulated(smollm2: str) -> No
         stages = plain(screen.query_one("#tel-stages"))
         assert "ms/tok" in stages and "gpu0+gpu1" in stages
     assert app.session.engine is None  # the ranks were stopped on exit
+
+
+@asynctest
+async def test_a_gpu_torch_plan_runs_on_the_profiles_cuda_devices(smollm2: str, monkeypatch: Any) -> None:
+    """The TUI launches like the chat command: the engine gets the rig profile, so a torch plan on a GPU rig puts its
+    ranks on CUDA devices (it used to get no profile and put every rank on the CPU). The process start is stubbed:
+    no GPU needed."""
+    import torch
+
+    from mixrun.backends.torch import launch as torch_launch
+    from mixrun.planner.types import PlanRequest
+
+    started: list[list[str]] = []
+
+    def no_processes(slots: Any, job: dict[str, Any], **kw: Any) -> Any:
+        started.append([s.torch_device for s in slots])
+        raise MixrunError("stubbed: no rank processes in this test")
+
+    monkeypatch.setattr(torch_launch, "start_local", no_processes)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    app = make_app(smollm2, "dual-3090-nvlink-plus-3060", 4096, request=PlanRequest(backend="torch", split="hybrid"),
+                   poll_s=0.05)
+    async with app.run_test(size=(80, 24)) as pilot:
+        cand = app.state.candidate
+        planned = [d for g in cand.groups for d in g.devices]
+        assert cand.backend == "torch" and sorted(planned) == ["gpu0", "gpu1", "gpu2"]
+        await pilot.press("r")
+        await wait_for(pilot, lambda: isinstance(app.screen, RunScreen), "the Run screen")
+        await wait_for(pilot, lambda: app.screen.engine_state == "failed", "the stubbed start")
+    assert started == [[f"cuda:{d.removeprefix('gpu')}" for d in planned]]  # the profile's GPU order is CUDA's

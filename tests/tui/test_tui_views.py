@@ -6,12 +6,13 @@ import threading
 import time
 
 import pytest
-from tui_helpers import FakeEngine, FakeStarter, plain
+from tui_helpers import FakeEngine, FakeLauncher, plain
 
 from mixrun.backends.base import Sampling
 from mixrun.gguf_spec import read_spec
 from mixrun.planner import PlanRequest, plan
 from mixrun.profile import load_profile
+from mixrun.run import LaunchOptions
 from mixrun.telemetry import LinkSample, Snapshot
 from mixrun.tui import meter, views
 from mixrun.tui.session import EngineSession, Sample
@@ -85,9 +86,9 @@ def test_rates_difference_cumulative_counters() -> None:
 
 
 def test_session_streams_counts_live_and_stops_on_request() -> None:
-    starter = FakeStarter(delay_s=0.02)
-    s = EngineSession(starter=starter)
-    s.start("fake", model="m.gguf", n_ctx=512, plan=None, simulate=False)
+    launcher = FakeLauncher(delay_s=0.02)
+    s = EngineSession(launcher=launcher)
+    s.start("m.gguf", None, None, LaunchOptions(n_ctx=512))
     pieces: list[str] = []
     seen_live: list[int] = []
 
@@ -105,18 +106,18 @@ def test_session_streams_counts_live_and_stops_on_request() -> None:
     assert seen_live[:3] == [1, 2, 3]  # counted while generating, not only at the end
     assert s.conv.turns[-1] == {"role": "assistant", "content": "".join(pieces).strip()}
     s.close()
-    assert starter.engines[0].closed and s.engine is None and s.sample() is None
+    assert launcher.engines[0].closed and s.engine is None and s.sample() is None
 
 
 def test_session_close_waits_for_a_running_answer() -> None:
-    starter = FakeStarter(delay_s=0.01)
-    s = EngineSession(starter=starter)
-    s.start("fake", model="m.gguf", n_ctx=512, plan=None, simulate=False)
+    launcher = FakeLauncher(delay_s=0.01)
+    s = EngineSession(launcher=launcher)
+    s.start("m.gguf", None, None, LaunchOptions(n_ctx=512))
     t = threading.Thread(target=s.answer, args=("hi", Sampling(max_tokens=10_000), lambda p: None, lambda m: None))
     t.start()
-    while not starter.engines[0].generating:
+    while not launcher.engines[0].generating:
         time.sleep(0.005)
     s.close()  # FakeEngine.close asserts it is not generating
     t.join(5)
-    assert starter.engines[0].closed and not t.is_alive()
-    assert isinstance(starter.engines[0], FakeEngine)
+    assert launcher.engines[0].closed and not t.is_alive()
+    assert isinstance(launcher.engines[0], FakeEngine)

@@ -117,16 +117,16 @@ class FakeEngine:
         self.closed = True
 
 
-class FakeStarter:
-    """Stands in for ``mixrun.backends.base.start``; remembers the engines and arguments it was given."""
+class FakeLauncher:
+    """Stands in for :func:`mixrun.run.launch`; remembers the engines and arguments it was given."""
 
     def __init__(self, delay_s: float = 0.01) -> None:
         self.engines: list[FakeEngine] = []
-        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.calls: list[tuple[str, Any, Any, Any]] = []  # (model, candidate, profile, options)
         self.delay_s = delay_s
 
-    def __call__(self, backend: str, **kwargs: Any) -> FakeEngine:
-        self.calls.append((backend, kwargs))
-        e = FakeEngine(plan=kwargs.get("plan"), n_ctx=kwargs.get("n_ctx", 4096), delay_s=self.delay_s)
+    def __call__(self, model: str, candidate: Any, profile: Any, options: Any) -> FakeEngine:
+        self.calls.append((model, candidate, profile, options))
+        e = FakeEngine(plan=candidate, n_ctx=options.n_ctx, delay_s=self.delay_s)
         self.engines.append(e)
         return e

@@ -16,12 +16,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from mixrun.backends.base import EngineInfo, Sampling, Stats, register
+from mixrun.backends.base import EngineInfo, Sampling, Stats
 from mixrun.backends.text import Vocab, stream_text
 from mixrun.errors import GGUFError, MixrunError, where
 from mixrun.telemetry import DeviceSampler, LinkSample, Snapshot, StageSample, now
-
-ARCHS = ("llama", "qwen2", "qwen3")
+from mixrun.vocab import BACKEND_ARCHS, Backend
 
 
 def torch_devices(layout: Any, profile: Any, simulate: bool) -> list[tuple[str, str, int, str]]:
@@ -47,9 +46,9 @@ def torch_devices(layout: Any, profile: Any, simulate: bool) -> list[tuple[str, 
 class TorchEngine:
     def __init__(self, model: str, n_ctx: int = 4096, n_threads: int | None = None, seed: int | None = None,
                  plan: Any = None, simulate: bool = False, profile: Any = None, layout: Any = None,
-                 dtype: str | None = None, debug: bool = False, fail_rank: int | None = None,
-                 progress: Any = None, advertise_address: str | None = None, weights: str | None = None,
-                 cuda_graphs: bool = True, prefill_chunk: int | None = None, **_ignored: Any) -> None:
+                 dtype: str | None = None, debug: bool = False, show_progress: bool = True,
+                 advertise_address: str | None = None, weights: str | None = None, cuda_graphs: bool = True,
+                 prefill_chunk: int | None = None) -> None:
         from mixrun.backends.llamacpp_cpu import finding
 
         if finding().missing:  # llama.cpp tokenizes for this backend too: a build for another CPU dies on import
@@ -64,8 +63,9 @@ class TorchEngine:
         if not os.path.isfile(model):
             raise GGUFError(where(model, "no such file"))
         spec = read_spec(model)
-        if spec.arch not in ARCHS:
-            raise MixrunError(f"{model}: the torch backend runs {', '.join(ARCHS)} models, not {spec.arch}")
+        if spec.arch not in BACKEND_ARCHS[Backend.TORCH]:
+            runs = ", ".join(sorted(BACKEND_ARCHS[Backend.TORCH]))
+            raise MixrunError(f"{model}: the torch backend runs {runs} models, not {spec.arch}")
         if layout is None:
             if plan is not None and plan.backend.value == "torch":
                 layout = Layout.from_groups(plan.groups, spec.n_head_kv)
@@ -84,7 +84,7 @@ class TorchEngine:
         cores = os.cpu_count() or 1
         threads = n_threads or max(1, cores // len(self.slots))
         job = {"model": os.path.abspath(model), "layout": layout.to_json(), "devices": [s.torch_device for s in self.slots],
-               "n_ctx": n_ctx, "threads": threads, "dtype": dtype, "timeout_s": 300, "fail_rank": fail_rank,
+               "n_ctx": n_ctx, "threads": threads, "dtype": dtype, "timeout_s": 300,
                "weights": weights, "cuda_graphs": cuda_graphs,
                "prefill_chunk": prefill_chunk}
         from llama_cpp._utils import suppress_stdout_stderr
@@ -114,17 +114,17 @@ class TorchEngine:
         self._fed: list[int] = []
         self._tokens_total = 0
         self._last = Stats()
-        self._wait_ready(progress)
+        self._wait_ready(show_progress)
         self._note_weight_memory(plan)
         self.info.notes.extend(r["note"] for r in self.ready.values() if r.get("note"))
 
     # ---- start-up ----
 
-    def _wait_ready(self, progress: Any) -> None:
+    def _wait_ready(self, show_progress: bool) -> None:
         ready: set[int] = set()
         self.ready: dict[int, dict[str, Any]] = {}
         shown = -1
-        tty = sys.stderr.isatty() and progress is not False
+        tty = sys.stderr.isatty() and show_progress
         try:
             while len(ready) < len(self.slots):
                 ev = self.cluster.next_event(0.25)
@@ -287,9 +287,7 @@ class TorchEngine:
                         decode_tok_s=last.decode_tok_s or None, prefill_tok_s=last.prefill_tok_s or None,
                         predicted_decode_tok_s=plan.decode_tok_s if plan else None,
                         predicted_prefill_tok_s=plan.prefill_tok_s if plan else None,
-                        devices=self._sampler.sample(), links=tuple(links), stages=tuple(stages),
-                        allreduce_bytes_total=sum(t.get("layer_allreduce_bytes", 0) for t in tele.values()),
-                        sent_bytes_total=sum(t.get("sent_bytes", 0) for t in tele.values()))
+                        devices=self._sampler.sample(), links=tuple(links), stages=tuple(stages))
 
     def close(self) -> None:
         cluster = getattr(self, "cluster", None)
@@ -303,7 +301,3 @@ class TorchEngine:
             self._vocab_llm = None
             llm.close()
 
-
-@register("torch")
-def start(**kwargs: Any) -> TorchEngine:
-    return TorchEngine(**kwargs)

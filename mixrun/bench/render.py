@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mixrun.bench import BenchConfig, BenchReport, Measured, Spread
+from mixrun.bench.results import BenchConfig, BenchReport, Measured, Spread
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from typing import Any
 
 from mixrun import __version__
 from mixrun import profile as _profile
-from mixrun.bench import BenchReport, Measured
+from mixrun.bench.results import BenchReport, Measured
 from mixrun.errors import ProfileError, where
 from mixrun.profile import Result, RigProfile
 

@@ -1,0 +1,134 @@
+"""From a plan to a running engine: the one launch path for chat, bench and the TUI.
+
+:func:`choose` turns a planner report into the candidate to run (refusing one that does not fit, unless forced;
+falling back from a torch GPU plan the planner chose on a machine without CUDA). :func:`launch` re-checks that
+candidate against the memory free now (preflight), hands the engine the rig profile (which maps its devices to this
+machine's CUDA devices or CPU processes) and starts it. Backends are found through a static name table and imported
+only when started, so ``mixrun plan`` never loads torch or llama.cpp.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mixrun.backends.base import Engine
+from mixrun.errors import MixrunError
+from mixrun.planner.types import Candidate, PlanReport
+from mixrun.profile import RigProfile
+from mixrun.vocab import Backend
+
+# Backend -> "module:Engine class". The modules import torch or llama.cpp; they are imported on first use.
+ENGINES = {
+    Backend.LLAMACPP: "mixrun.backends.llamacpp:LlamaCppEngine",
+    Backend.TORCH: "mixrun.backends.torch.engine:TorchEngine",
+}
+
+
+def engine_class(backend: Backend | str) -> type:
+    """The Engine class of ``backend``; a name not in :data:`ENGINES` is refused with the known ones."""
+    try:
+        module, _, name = ENGINES[Backend(backend)].partition(":")
+    except ValueError:
+        raise MixrunError(f"{backend}: unknown backend (known: {', '.join(b.value for b in ENGINES)})") from None
+    return getattr(importlib.import_module(module), name)
+
+
+def _stderr(msg: str) -> None:
+    print(f"mixrun: warning: {msg}", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How to start an engine, whatever its backend."""
+
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    seed: int | None = None
+    simulate: bool = False  # torch: one CPU process stands in for each planned device
+    force: bool = False  # load even when the memory free now says it will not fit (warn instead)
+    debug: bool = False
+    show_progress: bool = True  # draw load progress on a terminal
+    warn: Callable[[str], None] = field(default=_stderr, compare=False)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The candidate to run and what the user should be told about the choice."""
+
+    candidate: Candidate | None
+    notes: tuple[str, ...] = ()
+
+
+def detect_here(**kwargs: Any) -> tuple[RigProfile, list[str]]:
+    """This machine's profile (:func:`mixrun.discover.detect`, same arguments), with what llama.cpp's CPU probe
+    found for its host (run once per machine in a child process, then cached)."""
+    from mixrun.backends.llamacpp_cpu import finding
+    from mixrun.discover import detect
+
+    cpu = finding()
+    prof, notes = detect(llamacpp_extra_buffers=cpu.buffer_types if cpu.extra_buffers else (), **kwargs)
+    return prof, notes + cpu.notes()
+
+
+def have_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def choose(report: PlanReport, model: str, *, force: bool = False, simulate: bool = False,
+           cuda: Callable[[], bool] = have_cuda) -> Choice:
+    """The report's chosen candidate, checked: one that does not fit is refused (``force`` runs the closest with a
+    warning); a torch plan the planner picked itself (no ``--backend``) needs CUDA unless ``simulate``, so without
+    it the best fitting llama.cpp candidate runs instead, and the note says why."""
+    best, req = report.best, report.request
+    notes: list[str] = []
+    if best is None or not best.fits:
+        closest = best or min(report.candidates, key=lambda c: sum(d.shortfall_bytes for d in c.devices),
+                              default=None)
+        short = "" if closest is None else "; ".join(f"{d.id} short by {d.shortfall_bytes / 2**30:.2f} GiB"
+                                                     for d in closest.devices if not d.fits)
+        hint = f" ({report.suggestions[0].what})" if report.suggestions else ""
+        msg = (f"{model}: does not fit {report.profile} at context {req.ctx}"
+               + (f": {closest.label}: {short}" if short else ""))
+        if not force:
+            raise MixrunError(msg + hint + "; --force loads it anyway")
+        notes.append(f"warning: {msg}")
+        best = closest
+    if best is not None and best.backend == Backend.TORCH and req.backend is None and not simulate and not cuda():
+        fallback = next((c for c in report.candidates if c.backend == Backend.LLAMACPP and c.fits), None)
+        if fallback is not None:
+            notes.append(f"the best plan ({best.label}) needs CUDA, which this machine lacks: running "
+                         f"{fallback.label} (--backend torch --simulate runs the torch plan on CPU processes)")
+            best = fallback
+    return Choice(best, tuple(notes))
+
+
+def launch(model: str, candidate: Candidate | None, profile: RigProfile | None,
+           options: LaunchOptions = LaunchOptions(), *, backend: Backend | None = None) -> Engine:
+    """Start the engine that runs ``candidate`` on ``profile``'s devices (``backend`` when there is no candidate).
+
+    Before loading, the candidate is checked against the memory free on this machine now; with ``simulate`` the
+    devices are CPU processes and nothing is checked. The preflight's notes are the engine's first notes."""
+    from mixrun.backends.loading import preflight
+
+    backend = candidate.backend if candidate is not None else Backend(backend or Backend.LLAMACPP)
+    notes: list[str] = []
+    if candidate is not None and profile is not None and not options.simulate:
+        notes = preflight(profile, candidate, force=options.force, warn=options.warn)
+    cls = engine_class(backend)
+    common: dict[str, Any] = {"n_ctx": options.n_ctx, "n_threads": options.n_threads, "seed": options.seed,
+                              "plan": candidate, "show_progress": options.show_progress}
+    if backend == Backend.TORCH:
+        engine = cls(model, profile=profile, simulate=options.simulate, debug=options.debug, **common)
+    else:
+        engine = cls(model, **common)
+    engine.info.notes[:0] = notes
+    return engine
+
+
+Launcher = Callable[..., Engine]  # the signature of :func:`launch`: tests stand in fakes for it
