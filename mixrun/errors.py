@@ -21,10 +21,6 @@ class ProfileError(MixrunError):
     """A rig profile that is missing, not TOML, or fails validation."""
 
 
-class DiscoveryError(MixrunError):
-    """Hardware discovery failed in a way the user must know about."""
-
-
 class RuntimeFailure(MixrunError):
     """A failure while running a model (not the user's input): exit code 1."""
 

@@ -11,16 +11,18 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, Keys
 from gguf.constants import GGUF_MAGIC
 
 from mixrun.errors import GGUFError, where
-from mixrun.model_spec import KVLayer, ModelSpec, RopeSpec, TensorSpec
+from mixrun.model_spec import KVLayer, ModelSpec, RopeSpec, TensorSpec, build_spec
 
 SUPPORTED_VERSIONS = (2, 3)
 # Smallest on-disk size of one metadata entry (key length u64 + empty key + type u32 + one u8 value) and of one
@@ -296,28 +298,61 @@ def merge_parts(parts: list[_Part]) -> tuple[dict[str, Any], dict[str, int], lis
     return first.fields, first.array_lengths, tensors
 
 
+def split_urls(url: str) -> list[str]:
+    """All parts of a split model given the URL of any part, like :func:`split_parts` for paths."""
+    parts = urlsplit(url)
+    return [urlunsplit(parts._replace(path=n)) for n in split_parts(str(PurePosixPath(parts.path)))]
+
+
+def _read_remote_parts(url: str) -> list[_Part]:
+    """Parse the header of each part of a remote model, fetching only as much of each as its header needs: a parse
+    that runs past the fetched bytes says how far it needs to get, and only the missing bytes are fetched."""
+    from mixrun.remote import FIRST_WINDOW_BYTES, RangeReader
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="mixrun-remote-") as tmp:
+        for part_url in split_urls(url):
+            rr = RangeReader(part_url, tmp)
+            rr.ensure(FIRST_WINDOW_BYTES)
+            while True:
+                try:
+                    part = parse_part(rr.path, header_limit=rr.fetched, display=part_url)
+                    break
+                except _Truncated as t:
+                    if rr.total is not None and rr.fetched >= rr.total:
+                        raise GGUFError(where(part_url, "truncated header")) from None
+                    rr.ensure(max(t.need, rr.fetched + rr.fetched // 2))
+            check_tensor_data(part)
+            out.append(part)
+    return out
+
+
+def _read_local_parts(model: str) -> list[_Part]:
+    if not os.path.exists(model):
+        raise GGUFError(where(model, "no such file"))
+    paths = split_parts(model)
+    for p in paths:
+        if not os.path.exists(p):
+            raise GGUFError(where(p, f"missing part of the split model {Path(model).name}"))
+    parts = [parse_part(p) for p in paths]
+    for part in parts:
+        check_tensor_data(part)
+    return parts
+
+
+def _spec(parts: list[_Part]) -> tuple[ModelSpec, dict[str, Any]]:
+    """The spec of a model's parsed parts, and its merged metadata."""
+    fields, array_lengths, tensors = merge_parts(parts)
+    spec = build_spec(source=parts[0].path, files=tuple(p.path for p in parts), file_bytes=sum(p.size for p in parts),
+                      fields=fields, array_lengths=array_lengths, tensors=tensors)
+    return spec, fields
+
+
 def read_spec(model: str | os.PathLike[str]) -> ModelSpec:
     """Read a local GGUF (single file or any part of a split model), or an ``http(s)://`` URL, into a ModelSpec."""
     model = str(model)
-    if model.startswith(("http://", "https://")):
-        from mixrun.remote import read_remote_parts
-
-        parts = read_remote_parts(model)
-    else:
-        if not os.path.exists(model):
-            raise GGUFError(where(model, "no such file"))
-        paths = split_parts(model)
-        for p in paths:
-            if not os.path.exists(p):
-                raise GGUFError(where(p, f"missing part of the split model {Path(model).name}"))
-        parts = [parse_part(p) for p in paths]
-        for part in parts:
-            check_tensor_data(part)
-    fields, array_lengths, tensors = merge_parts(parts)
-    from mixrun.model_spec import build_spec
-
-    return build_spec(source=parts[0].path, files=tuple(p.path for p in parts), file_bytes=sum(p.size for p in parts),
-                      fields=fields, array_lengths=array_lengths, tensors=tensors)
+    remote = model.startswith(("http://", "https://"))
+    return _spec(_read_remote_parts(model) if remote else _read_local_parts(model))[0]
 
 
 class TensorFile:
@@ -328,23 +363,14 @@ class TensorFile:
         model = str(model)
         if model.startswith(("http://", "https://")):
             raise GGUFError(where(model, "running a model needs a local file (download it first)"))
-        if not os.path.exists(model):
-            raise GGUFError(where(model, "no such file"))
-        parts = [parse_part(p) for p in split_parts(model)]
-        for part in parts:
-            check_tensor_data(part)
-        self.fields, array_lengths, tensors = merge_parts(parts)
-        from mixrun.model_spec import build_spec
-
-        self.spec = build_spec(source=parts[0].path, files=tuple(p.path for p in parts),
-                               file_bytes=sum(p.size for p in parts), fields=self.fields,
-                               array_lengths=array_lengths, tensors=tensors)
+        parts = _read_local_parts(model)
+        self.spec, self.fields = _spec(parts)
         self._where: dict[str, tuple[int, int, int]] = {}
         for i, part in enumerate(parts):
             for name, start, end in part.tensor_ranges:
                 self._where[name] = (i, start, end)
         self._maps = [np.memmap(p.path, dtype=np.uint8, mode="r") for p in parts]
-        self._specs = {t.name: t for t in tensors}
+        self._specs = {t.name: t for t in self.spec.tensors}
 
     def __contains__(self, name: str) -> bool:
         return name in self._specs

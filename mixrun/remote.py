@@ -1,9 +1,9 @@
-"""Read a remote GGUF's header with HTTP Range requests, so a 40 GB model can be checked before downloading it.
+"""A byte source for remote GGUFs: HTTP Range requests into a sparse local file, so a 40 GB model's header can be
+read before downloading it.
 
-The bytes fetched so far are written at their offsets into a sparse temporary file as large as the remote file;
-``gguf_spec.parse_part`` parses it with ``header_limit`` set to the fetched length. When the header runs past what
-was fetched, the parse says how far it needs to get (an estimate from the average item size inside a long string
-array) and only the missing bytes are fetched. Tensor data is never downloaded.
+The bytes fetched so far are written at their offsets into a sparse temporary file as large as the remote file.
+The GGUF reader (:mod:`mixrun.gguf_spec`) parses that file up to what was fetched and asks for more where the header
+runs past it; this module only fetches. Tensor data is never downloaded.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import re
 import tempfile
 import urllib.error
 import urllib.request
-from pathlib import PurePosixPath
-from urllib.parse import urlsplit, urlunsplit
 
 from mixrun import __version__
 from mixrun.errors import GGUFError, where
@@ -26,12 +24,11 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
 
 class RangeReader:
-    """Fetches byte ranges of one URL into a sparse local file; counts what it transferred."""
+    """Fetches byte ranges of one URL into a sparse local file (``path``); bytes ``[0, fetched)`` are present."""
 
     def __init__(self, url: str, tmpdir: str) -> None:
         self.url = url
         self.fetched = 0  # bytes [0, fetched) are present in the local file
-        self.transferred = 0
         self.total: int | None = None
         fd, self.path = tempfile.mkstemp(suffix=".gguf", dir=tmpdir)
         os.close(fd)
@@ -62,7 +59,6 @@ class RangeReader:
             raise GGUFError(where(self.url, f"cannot fetch ({reason})")) from None
         if len(body) != want:
             raise GGUFError(where(self.url, f"the server sent {len(body):,} bytes for a {want:,}-byte range"))
-        self.transferred += len(body)
         return body
 
     def ensure(self, end: int) -> None:
@@ -79,34 +75,3 @@ class RangeReader:
             f.write(body)
             f.truncate(self.total)  # sparse: the rest of the file reads as zeros and takes no disk
         self.fetched += len(body)
-
-
-def split_urls(url: str) -> list[str]:
-    """All parts of a split model given the URL of any part, like ``gguf_spec.split_parts`` for paths."""
-    from mixrun.gguf_spec import split_parts
-
-    parts = urlsplit(url)
-    names = split_parts(str(PurePosixPath(parts.path)))
-    return [urlunsplit(parts._replace(path=n)) for n in names]
-
-
-def read_remote_parts(url: str) -> list:
-    """Parse the header of each part of a remote model; returns gguf_spec parts named by their URLs."""
-    from mixrun.gguf_spec import _Truncated, check_tensor_data, parse_part
-
-    out = []
-    with tempfile.TemporaryDirectory(prefix="mixrun-remote-") as tmp:
-        for part_url in split_urls(url):
-            rr = RangeReader(part_url, tmp)
-            rr.ensure(FIRST_WINDOW_BYTES)
-            while True:
-                try:
-                    part = parse_part(rr.path, header_limit=rr.fetched, display=part_url)
-                    break
-                except _Truncated as t:
-                    if rr.total is not None and rr.fetched >= rr.total:
-                        raise GGUFError(where(part_url, "truncated header")) from None
-                    rr.ensure(max(t.need, rr.fetched + rr.fetched // 2))
-            check_tensor_data(part)
-            out.append(part)
-    return out

@@ -58,8 +58,6 @@ class Snapshot:
     devices: tuple[DeviceSample, ...] = ()
     links: tuple[LinkSample, ...] = ()
     stages: tuple[StageSample, ...] = ()
-    allreduce_bytes_total: int = 0  # summed over TP group members
-    sent_bytes_total: int = 0  # between pipeline stages, summed over senders
 
     def to_json(self) -> dict[str, Any]:
         from dataclasses import asdict
