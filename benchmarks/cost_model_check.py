@@ -45,7 +45,7 @@ from mixrun.model_spec import ModelSpec  # noqa: E402
 from mixrun.planner import PlanRequest, build_candidates, scaled_spec  # noqa: E402
 from mixrun.planner.evaluate import Context, evaluate_pipeline  # noqa: E402
 from mixrun.planner.memory import ModelFacts  # noqa: E402
-from mixrun.planner.search import head_shares  # noqa: E402
+from mixrun.planner.search import kv_head_counts  # noqa: E402
 from mixrun.planner.types import Group  # noqa: E402
 from mixrun.profile import FORMAT, Device, Host, Link, RigProfile  # noqa: E402
 
@@ -225,8 +225,9 @@ def torch_tp(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> tuple[fl
     """vLLM TP over all GPUs as mixrun's torch backend would run it: one TP group, even KV-head shares."""
     ctx = Context(profile=profile, spec=spec, req=req, facts=ModelFacts(spec, req.kv_type))
     gpus = [d for d in profile.devices if d.backend != "cpu"]
-    shares = head_shares([1.0] * len(gpus), spec.n_head_kv, even=True)
-    ev = evaluate_pipeline(ctx, "torch", [Group(tuple(d.id for d in gpus), (0, spec.n_layers), shares)])
+    kv = kv_head_counts([1.0] * len(gpus), spec.n_head_kv, even=True)
+    group = Group(tuple(d.id for d in gpus), (0, spec.n_layers), kv_heads=kv if (kv and len(gpus) > 1) else ())
+    ev = evaluate_pipeline(ctx, "torch", [group])
     return 1.0 / ev.decode.total_s, req.prompt_tokens / ev.prefill_s, ev.fits
 
 

@@ -28,7 +28,8 @@ def parse_splits(text: str | None) -> set[str] | None:
 
 
 def _layout_key(c: Any) -> tuple[Any, ...]:
-    return (c.backend.value, tuple((g.devices, g.layers, tuple(round(s, 4) for s in g.shares)) for g in c.groups))
+    return (c.backend.value, tuple((g.devices, g.layers, g.kv_heads or tuple(round(s, 4) for s in g.shares))
+                                   for g in c.groups))
 
 
 def select(report: Any, splits: set[str] | None, backend: str, simulate: bool,

@@ -9,11 +9,12 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 
+from mixrun.alloc import allocate, shares_of
 from mixrun.model_spec import ModelSpec, with_tensors
 from mixrun.planner.cost import QUANT_KERNEL_EFF, allreduce_s, costs, quant_kernel_bytes, read_time_s, transfer_s
 from mixrun.planner.evaluate import Context, Evaluation, evaluate_pipeline, evaluate_row, planned_capacity
 from mixrun.planner.memory import F32, GPU_OVERHEAD_BYTES, ModelFacts, compute_bytes
-from mixrun.planner.search import StageCosts, Unit, allocate, best_layout, exact_boundaries, head_shares, tp_cliques
+from mixrun.planner.search import StageCosts, Unit, best_layout, exact_boundaries, kv_head_counts, tp_cliques
 from mixrun.planner.types import Candidate, Group
 from mixrun.profile import Device
 from mixrun.vocab import BACKEND_ARCHS, LLAMACPP_TENSOR_ARCHS, Backend, KVType, Split
@@ -162,10 +163,10 @@ def layer_default(ctx: Context) -> Candidate | None:
 def layer_optimized(ctx: Context, offload: bool = False) -> Candidate | None:
     """``-sm layer`` with mixrun's ``-ts``: the device subset, order and layer counts that minimise decode time.
     With ``offload`` the CPU may take the first layers (llama.cpp runs the layers it does not offload there)."""
-    units = [Unit((d.id,), (1.0,)) for d in ctx.gpus]
+    units = [Unit((d.id,)) for d in ctx.gpus]
     first_only: frozenset[int] = frozenset()
     if offload and ctx.host_cpu is not None:
-        units.append(Unit((ctx.host_cpu.id,), (1.0,)))
+        units.append(Unit((ctx.host_cpu.id,)))
         first_only = frozenset({len(units) - 1})
     if len(ctx.gpus) < 2 and not (offload and ctx.gpus):
         return None
@@ -214,38 +215,38 @@ def tensor_llamacpp(ctx: Context) -> Candidate | None:
     if not ctx.req.flash_attn or ctx.req.kv_type != KVType.F16:
         return None
     gpus = list(ctx.gpus)
-    shares = _tensor_shares(ctx, gpus)
-    if shares is None:
+    kv_heads = _tensor_heads(ctx, gpus)
+    if kv_heads is None:
         return None
-    groups = [Group(tuple(d.id for d in gpus), (0, ctx.spec.n_layers), shares)]
+    groups = [Group(tuple(d.id for d in gpus), (0, ctx.spec.n_layers), kv_heads=kv_heads)]
     ev = evaluate_pipeline(ctx, "llama.cpp", groups, split_output=True)
-    ts = [round(s * ctx.spec.n_head_kv) for s in shares]
+    ts = list(kv_heads)
     llama = {"n_gpu_layers": -1, "split_mode": 3, "tensor_split": ts, "n_ctx": ctx.req.ctx, "flash_attn": True}
     return _finish(ctx, Split.TENSOR, Backend.LLAMACPP, "llama.cpp tensor parallel (all GPUs)", groups, ev,
                    llama, f"-ngl 999 -sm tensor -ts {','.join(map(str, ts))} -fa on")
 
 
-def _tensor_shares(ctx: Context, gpus: list[Device]) -> tuple[float, ...] | None:
+def _tensor_heads(ctx: Context, gpus: list[Device]) -> tuple[int, ...] | None:
     """Whole KV heads per GPU for ``-sm tensor``: the split that reads fastest among those that fit (every split
     when there are few), else the one proportional to bandwidth."""
     n, heads = len(gpus), ctx.spec.n_head_kv
     if heads < n:
         return None
     if math.comb(heads - 1, n - 1) > 5000:
-        return head_shares([d.mem_bandwidth_gbs for d in gpus], heads, even=False)
+        return kv_head_counts([d.mem_bandwidth_gbs for d in gpus], heads, even=False)
     facts, req = ctx.facts, ctx.req
     weights = ctx.spec.total_bytes - facts.embd_bytes
     kv = facts.kv_bytes(req.ctx, req.ubatch, 0, ctx.spec.n_layers)
-    best: tuple[float, tuple[float, ...]] | None = None
+    best: tuple[float, tuple[int, ...]] | None = None
     for cuts in itertools.combinations(range(1, heads), n - 1):
-        counts = [b - a for a, b in zip((0, *cuts), (*cuts, heads), strict=True)]
-        shares = tuple(c / heads for c in counts)
+        counts = tuple(b - a for a, b in zip((0, *cuts), (*cuts, heads), strict=True))
+        shares = shares_of(counts)
         fits = all(s * (weights + kv) + GPU_OVERHEAD_BYTES["llama.cpp"] <= d.capacity_bytes * 0.97
                    for d, s in zip(gpus, shares, strict=True))
         t = max(s / d.mem_bandwidth_gbs for d, s in zip(gpus, shares, strict=True))
         if fits and (best is None or t < best[0]):
-            best = (t, shares)
-    return best[1] if best else head_shares([d.mem_bandwidth_gbs for d in gpus], heads, even=False)
+            best = (t, counts)
+    return best[1] if best else kv_head_counts([d.mem_bandwidth_gbs for d in gpus], heads, even=False)
 
 
 # ---- torch: TP groups inside pipeline stages ----------------------------------------------------------------------
@@ -268,12 +269,12 @@ def torch_units(ctx: Context) -> list[Unit]:
             options += [clique[:half], clique[half:]]
         for devs in options:
             bws = [ctx.profile.device(d).mem_bandwidth_gbs for d in devs]
-            shares = head_shares(bws, ctx.spec.n_head_kv, even=False)
-            if shares and devs not in seen:
-                units.append(Unit(devs, shares))
+            kv_heads = kv_head_counts(bws, ctx.spec.n_head_kv, even=False)
+            if kv_heads and devs not in seen:
+                units.append(Unit(devs, kv_heads))
                 seen.add(devs)
     gpus = ctx.all_gpus or tuple(d for d in ctx.profile.devices if d.backend == "cpu")[:1]
-    units += [Unit((d.id,), (1.0,)) for d in gpus]
+    units += [Unit((d.id,)) for d in gpus]
     return units
 
 
@@ -315,7 +316,7 @@ def torch_plan(ctx: Context) -> Candidate | None:
         bounds = [0]
         for c in counts:
             bounds.append(bounds[-1] + c)
-        groups = [Group(u.devices, (bounds[k], bounds[k + 1]), u.shares) for k, u in enumerate(stages)]
+        groups = [Group(u.devices, (bounds[k], bounds[k + 1]), kv_heads=u.kv_heads) for k, u in enumerate(stages)]
     ev = evaluate_pipeline(ctx, "torch", groups)
     if len(groups) == 1:
         split = Split.TENSOR if groups[0].tp > 1 else Split.NONE
@@ -401,7 +402,7 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
         stages = [units[i] for i in order]
         bounds = _refine(ctx, backend, stages, fixed_bytes, util)
         if bounds is not None:
-            return [Group(u.devices, (bounds[k], bounds[k + 1]), u.shares) for k, u in enumerate(stages)]
+            return [Group(u.devices, (bounds[k], bounds[k + 1]), kv_heads=u.kv_heads) for k, u in enumerate(stages)]
     return None
 
 

@@ -13,11 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mixrun.planner.types import Timing
 from mixrun.profile import Device, RigProfile
-
-F16 = 2
-F32 = 4
 
 
 @dataclass(frozen=True)
@@ -130,8 +126,3 @@ def allreduce_s(profile: RigProfile, devices: tuple[str, ...], n_bytes: float, o
     lat = max(lk.latency_us or 10.0 for lk in links) * 1e-6
     hops = 2 if one_shot else 2 * (n - 1)
     return ALLREDUCE_BASE_S + hops * lat + 2 * (n - 1) / n * n_bytes / bw
-
-
-def sum_timings(parts: list[Timing]) -> Timing:
-    return Timing(compute_s=sum(p.compute_s for p in parts), tp_comm_s=sum(p.tp_comm_s for p in parts),
-                  handoff_s=sum(p.handoff_s for p in parts), overhead_s=sum(p.overhead_s for p in parts))

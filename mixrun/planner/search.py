@@ -14,10 +14,10 @@ stages, so the search splits into independent parts:
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from mixrun.alloc import allocate, shares_of
 from mixrun.profile import Device, RigProfile
 
 FAST_LINKS = ("nvlink", "nvswitch")
@@ -25,10 +25,20 @@ FAST_LINKS = ("nvlink", "nvswitch")
 
 @dataclass(frozen=True)
 class Unit:
-    """A candidate pipeline stage: devices that do TP together (one device: no TP), with their shares."""
+    """A candidate pipeline stage: devices that do TP together, with each one's whole KV heads (one device: no TP,
+    and ``kv_heads`` may stay empty, since it holds them all)."""
 
     devices: tuple[str, ...]
-    shares: tuple[float, ...]
+    kv_heads: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.kv_heads) != len(self.devices) and (self.kv_heads or len(self.devices) > 1):
+            raise ValueError(f"unit {list(self.devices)}: KV heads {list(self.kv_heads)} must be one per device")
+
+    @property
+    def shares(self) -> tuple[float, ...]:
+        """Each device's fraction of every sharded matrix and of the KV cache: its heads over all heads."""
+        return shares_of(self.kv_heads) if self.kv_heads else (1.0,)
 
 
 def matched(a: Device, b: Device) -> bool:
@@ -64,35 +74,15 @@ def tp_cliques(profile: RigProfile, min_link_gbs: float) -> list[tuple[str, ...]
     return sorted(out, key=lambda c: (-len(c), order[c[0]]))
 
 
-def head_shares(weights: Sequence[float], n_kv_heads: int, even: bool) -> tuple[float, ...] | None:
-    """Split ``n_kv_heads`` KV-head groups over devices (largest remainder, at least one each), proportional to
-    ``weights`` or evenly; returns each device's share, or None when there are fewer groups than devices."""
+def kv_head_counts(weights: Sequence[float], n_kv_heads: int, even: bool) -> tuple[int, ...] | None:
+    """Whole KV-head groups per device, at least one each: by largest remainder in proportion to ``weights``, or
+    evenly; None when there are fewer groups than devices, or (``even``) when they do not divide evenly."""
     n = len(weights)
     if n_kv_heads < n:
         return None
     if even:
-        if n_kv_heads % n:
-            return None
-        return tuple(1.0 / n for _ in range(n))
-    counts = allocate(n_kv_heads, weights, minimum=1)
-    return tuple(c / n_kv_heads for c in counts)
-
-
-def allocate(total: int, weights: Sequence[float], minimum: int = 0) -> list[int]:
-    """Largest-remainder integer allocation of ``total`` proportional to ``weights``, each at least ``minimum``."""
-    n = len(weights)
-    base = [minimum] * n
-    rest = total - minimum * n
-    if rest < 0:
-        raise ValueError("not enough to give each its minimum")
-    s = sum(weights) or 1.0
-    exact = [rest * w / s for w in weights]
-    floors = [math.floor(e) for e in exact]
-    left = rest - sum(floors)
-    order = sorted(range(n), key=lambda i: (-(exact[i] - floors[i]), i))
-    for i in order[:left]:
-        floors[i] += 1
-    return [b + f for b, f in zip(base, floors, strict=True)]
+        return None if n_kv_heads % n else (n_kv_heads // n,) * n
+    return tuple(allocate(n_kv_heads, weights, minimum=1))
 
 
 # ---- choosing a set of stages, their order and their layer counts -----------------------------------------------

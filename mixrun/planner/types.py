@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mixrun.alloc import shares_of
 from mixrun.vocab import Backend, KVType, Split, parse, shown
 
 
@@ -44,11 +45,30 @@ class PlanRequest:
 class Group:
     """A pipeline stage: devices doing tensor parallelism over layers ``[start, end)``.
 
-    ``shares`` is each device's fraction of every sharded matrix (and of the KV heads); they sum to 1."""
+    ``kv_heads`` is a TP group's whole KV heads per device; they sum to the model's ``n_head_kv`` (empty for one
+    device, which holds them all). ``shares`` is each device's fraction of every sharded matrix and of the KV
+    cache; they sum to 1. A TP group's shares are derived from its ``kv_heads`` (the matrix rows follow the heads);
+    only llama.cpp's row split, whose KV cache stays on the main GPU, gives shares without heads."""
 
     devices: tuple[str, ...]
     layers: tuple[int, int]
-    shares: tuple[float, ...] = (1.0,)
+    shares: tuple[float, ...] = ()
+    kv_heads: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        where = f"group {list(self.devices)}"
+        if self.kv_heads:
+            kv = self.kv_heads
+            if len(kv) != self.tp or not all(isinstance(k, int) and k >= 1 for k in kv):
+                raise ValueError(f"{where}: KV heads {list(kv)} must be one whole number per device, each at least 1")
+            derived = shares_of(kv)
+            if self.shares not in ((), derived):
+                raise ValueError(f"{where}: shares {list(self.shares)} are not its KV heads' {list(derived)}")
+            object.__setattr__(self, "shares", derived)
+        elif not self.shares:
+            if self.tp > 1:
+                raise ValueError(f"{where}: a TP group needs its KV heads (or, split by rows, its shares)")
+            object.__setattr__(self, "shares", (1.0,))
 
     @property
     def tp(self) -> int:
@@ -62,6 +82,8 @@ class Group:
         out: dict[str, Any] = {"devices": list(self.devices), "tp": self.tp, "layers": list(self.layers)}
         if self.tp > 1:
             out["shares"] = [round(s, 4) for s in self.shares]
+            if self.kv_heads:
+                out["kv_heads"] = list(self.kv_heads)
         return out
 
 

@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 
 import gguf_factory
+from mixrun.alloc import allocate
 from mixrun.backends.base import Sampling
 from mixrun.backends.llamacpp_cpu import finding
 from mixrun.backends.loading import llama_params
-from mixrun.backends.torch import weights
+from mixrun.backends.torch import parallel, weights
 from mixrun.backends.torch.engine import TorchEngine
 from mixrun.backends.torch.model import ModelConfig, Norm, RMSNorm, Rope, Transformer, Weight, cpu_chunks, pair_order
-from mixrun.backends.torch.parallel import Comm, Layout, Stage, split_sizes
+from mixrun.backends.torch.parallel import Comm, Layout, Stage, vocab_sizes
 from mixrun.backends.torch.weights import materialize
 from mixrun.errors import MixrunError, RuntimeFailure
 from mixrun.gguf_spec import TensorFile
@@ -138,8 +139,6 @@ def test_decode_pieces_match_plain_torch() -> None:
 
 
 def test_layouts_from_plans_and_checks() -> None:
-    assert split_sizes(3, [0.6667, 0.3333], 1) == [2, 1]
-    assert split_sizes(1536, [2, 1]) == [1024, 512] and sum(split_sizes(49152, [1, 1, 1])) == 49152
     cfg = ModelConfig("llama", 30, 576, 9, 3, 64, 1536, 49152, 1e-5, 1e4, 64, False, False, False, True)
     lay = Layout((Stage(("a", "b"), (0, 20), (2, 1)), Stage(("c",), (20, 30), (3,))))
     lay.check(cfg)
@@ -149,6 +148,33 @@ def test_layouts_from_plans_and_checks() -> None:
         Layout((Stage(("a",), (0, 10), (3,)), Stage(("b",), (11, 30), (3,)))).check(cfg)
     with pytest.raises(ValueError, match="KV heads"):
         Layout((Stage(("a", "b"), (0, 30), (3, 0)),)).check(cfg)
+
+
+def test_tp_layout_from_a_plan_takes_its_kv_heads(smollm2: str) -> None:
+    """The runtime takes a plan's KV heads as they are, and sizes FFN and vocabulary shards with the planner's own
+    allocator (no float shares, no second allocator)."""
+    from mixrun.gguf_spec import read_spec
+    from mixrun.planner import PlanRequest, plan
+    from mixrun.planner.types import Group
+    from mixrun.profile import load_profile
+
+    spec = read_spec(smollm2)
+    c = plan(load_profile("dual-3090-nvlink-plus-3060"), spec, PlanRequest(backend="torch", split="hybrid")).best
+    assert c is not None
+    lay = Layout.from_groups(c.groups, spec.n_head_kv)
+    assert [s.kv_heads for s in lay.stages] == [g.kv_heads or (spec.n_head_kv,) for g in c.groups]
+    assert (2, 1) in [s.kv_heads for s in lay.stages]
+    # 1 + 7 of 8 heads: re-deriving counts from the float shares (1/8, 7/8), at least one each, would give 2 + 6
+    g = Group(("a", "b"), (0, 30), kv_heads=(1, 7))
+    assert allocate(8, g.shares, minimum=1) == [2, 6]
+    assert Layout.from_groups([g, Group(("c",), (30, 32))], 8).stages == (Stage(("a", "b"), (0, 30), (1, 7)),
+                                                                          Stage(("c",), (30, 32), (8,)))
+    with pytest.raises(ValueError, match="not one per member"):
+        Layout.from_groups([Group(("a", "b"), (0, 30), (0.5, 0.5))], 8)  # a row split's group names no heads
+    # one allocator: ties of equal remainders go to the lower index on both sides
+    assert parallel.allocate is allocate
+    cfg = ModelConfig("llama", 30, 576, 9, 3, 64, 1536, 2, 1e-5, 1e4, 64, False, False, False, True)
+    assert vocab_sizes(cfg, Stage(("a", "b", "c"), (0, 30), (4, 1, 1))) == allocate(2, [4, 1, 1]) == [2, 0, 0]
 
 
 def _in_process(path: str | Path, max_pos: int) -> Transformer:
@@ -389,10 +415,41 @@ def test_two_hosts_on_loopback_through_torchrun(smollm2: str) -> None:
 # ---- failures: every rank stops, the user sees the failing rank's error ----------------------------------------------
 
 
-def test_exception_in_a_rank_stops_all(smollm2: str) -> None:
+# Rank processes import this at start-up (the test puts its folder first on PYTHONPATH): rank N fails after loading,
+# at its first barrier, while its peers wait for it. Production code has no hook for it.
+FAIL_RANK_SITECUSTOMIZE = """
+import os
+if os.environ.get("MIXRUN_TEST_FAIL_RANK"):
+    import torch.distributed as dist
+
+    _barrier, _fail = dist.barrier, int(os.environ["MIXRUN_TEST_FAIL_RANK"])
+
+    def barrier(*args, **kwargs):
+        if dist.get_rank() == _fail:
+            raise RuntimeError(f"injected failure on rank {_fail}")
+        return _barrier(*args, **kwargs)
+
+    dist.barrier = barrier
+"""
+
+
+@pytest.fixture
+def fail_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """Make rank ``n`` of the next engine's processes raise after loading."""
+    (tmp_path / "sitecustomize.py").write_text(FAIL_RANK_SITECUSTOMIZE)
+
+    def arm(n: int) -> None:
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+        monkeypatch.setenv("MIXRUN_TEST_FAIL_RANK", str(n))
+
+    return arm
+
+
+def test_exception_in_a_rank_stops_all(smollm2: str, fail_rank: Callable[[int], None]) -> None:
     t0 = time.monotonic()
+    fail_rank(1)
     with pytest.raises(RuntimeFailure, match=r"rank 1 \(b\): RuntimeError: injected failure on rank 1"):
-        TorchEngine(smollm2, n_ctx=64, layout=LAYOUTS["hybrid"], simulate=True, fail_rank=1)
+        TorchEngine(smollm2, n_ctx=64, layout=LAYOUTS["hybrid"], simulate=True)
     assert time.monotonic() - t0 < 120  # three processes start and load first
     me = psutil.Process()
     assert _gone([c.pid for c in me.children(recursive=True)], 10)

@@ -47,7 +47,7 @@ def exhaustive(ctx: Context) -> float | None:
                 continue
             for cuts in itertools.combinations(range(1, L), k - 1):
                 bounds = [0, *cuts, L]
-                groups = [Group(u.devices, (bounds[i], bounds[i + 1]), u.shares) for i, u in enumerate(combo)]
+                groups = [Group(u.devices, (bounds[i], bounds[i + 1]), kv_heads=u.kv_heads) for i, u in enumerate(combo)]
                 ev = evaluate_pipeline(ctx, "torch", groups)
                 if ev.fits and (best is None or ev.decode.total_s < best):
                     best = ev.decode.total_s

@@ -14,7 +14,7 @@ from mixrun.cli import main
 from mixrun.gguf_spec import read_spec
 from mixrun.model_spec import ModelSpec
 from mixrun.planner import PlanError, PlanRequest, cost, plan, scaled_spec, spec_at_bpw
-from mixrun.planner.types import Candidate, Split
+from mixrun.planner.types import Candidate, Group, Split
 from mixrun.profile import Result, load_profile
 
 
@@ -22,8 +22,10 @@ def _assert_hybrid_shape(c: Candidate) -> None:
     assert c.split == Split.HYBRID and c.backend.value == "torch" and c.fits
     tp = [g for g in c.groups if g.tp == 2]
     assert len(tp) == 1 and set(tp[0].devices) == {"gpu0", "gpu1"}
+    assert tp[0].kv_heads == (4, 4) and tp[0].shares == (0.5, 0.5)  # 8 whole KV heads; the shares follow them
     rest = [g for g in c.groups if g.tp == 1]
     assert [g.devices for g in rest] == [("gpu2",)]
+    assert [g.kv_heads for g in rest] == [()]
     assert sum(g.n_layers for g in c.groups) == 80
     assert sorted(g.layers for g in c.groups)[0][0] == 0  # contiguous, half-open, covering every layer
 
@@ -166,6 +168,43 @@ def test_cli_plan_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--profile", "dual-3090-nvlink", "--split", "row"]) == 0
     out = capsys.readouterr().out
     assert "llama-server" in out and "-sm row" in out
+
+
+def test_tp_groups_carry_whole_kv_heads(smollm2: str, llama70b: ModelSpec) -> None:
+    """A TP group carries the KV heads the planner allocated as ints summing to the model's ``n_head_kv``; its
+    shares are those heads over all heads, and the plan JSON carries both (``shares`` rounded, for old readers)."""
+    spec = read_spec(smollm2)  # 3 KV heads: a TP pair takes 2 + 1
+    prof = load_profile("dual-3090-nvlink-plus-3060")
+    for split in (Split.HYBRID, Split.TENSOR):
+        c = plan(prof, spec, PlanRequest(backend="torch", split=split)).best
+        assert c is not None and c.split == split and c.fits
+        (tp,) = [g for g in c.groups if g.tp > 1]
+        assert tp.kv_heads == (2, 1) and all(type(k) is int for k in tp.kv_heads)
+        assert sum(tp.kv_heads) == spec.n_head_kv and tp.shares == (2 / 3, 1 / 3)
+        assert tp.to_json() == {"devices": ["gpu0", "gpu1"], "tp": 2, "layers": list(tp.layers),
+                                "shares": [0.6667, 0.3333], "kv_heads": [2, 1]}
+        assert all(g.kv_heads == () and "kv_heads" not in g.to_json() for g in c.groups if g.tp == 1)
+    rep = plan(prof, llama70b, PlanRequest(ctx=4096))
+    tensor = next(c for c in rep.candidates if c.split == Split.TENSOR and c.backend.value == "llama.cpp")
+    (g,) = tensor.groups
+    assert sum(g.kv_heads) == llama70b.n_head_kv and list(g.kv_heads) == tensor.llama_kwargs["tensor_split"]
+    assert f"-ts {','.join(map(str, g.kv_heads))} " in tensor.commands["llama_server"]
+    row = next(c for c in rep.candidates if c.split == Split.ROW)  # split by memory, KV cache on the main GPU
+    assert row.groups[0].kv_heads == () and "kv_heads" not in row.groups[0].to_json()
+    assert abs(sum(row.groups[0].shares) - 1.0) < 1e-12
+
+
+def test_group_kv_heads_are_checked() -> None:
+    g = Group(("a", "b"), (0, 4), kv_heads=(1, 7))
+    assert g.shares == (0.125, 0.875) and dataclasses.replace(g, layers=(4, 8)).kv_heads == (1, 7)
+    assert Group(("a",), (0, 4)).shares == (1.0,)
+    with pytest.raises(ValueError, match="needs its KV heads"):
+        Group(("a", "b"), (0, 4))
+    for bad in ((2.0, 1.0), (3, 0), (3,)):
+        with pytest.raises(ValueError, match="one whole number per device, each at least 1"):
+            Group(("a", "b"), (0, 4), kv_heads=bad)
+    with pytest.raises(ValueError, match="are not its KV heads'"):
+        Group(("a", "b"), (0, 4), (0.5, 0.5), kv_heads=(2, 1))
 
 
 def test_kv_suggestions_only_offer_smaller_caches(llama70b: ModelSpec) -> None:

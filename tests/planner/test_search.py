@@ -1,4 +1,4 @@
-"""Search pieces alone: cliques, shares, the llama.cpp -ts mapping, the exact DP."""
+"""Search pieces alone: cliques, KV heads per device, the llama.cpp -ts mapping, the exact DP."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from mixrun.planner.candidates import llamacpp_layer_map, ts_for_counts
-from mixrun.planner.search import allocate, exact_boundaries, head_shares, tp_cliques
+from mixrun.planner.search import Unit, exact_boundaries, kv_head_counts, tp_cliques
 from mixrun.profile import load_profile
 
 
@@ -40,22 +40,23 @@ def test_nvswitch_clique_and_mixed_cards() -> None:
     assert all("A6000" in prof.device(d).name for d in clique)
 
 
-def test_head_shares_uneven() -> None:
-    assert head_shares([1.0, 1.0], 3, even=False) == (2 / 3, 1 / 3)  # SmolLM2: 3 KV heads on 2 devices
-    assert head_shares([1.0, 1.0, 1.0], 3, even=True) == (1 / 3,) * 3
-    assert head_shares([1.0] * 4, 3, even=False) is None
-    assert head_shares([1.0, 1.0], 3, even=True) is None
+def test_kv_head_counts_uneven() -> None:
+    assert kv_head_counts([1.0, 1.0], 3, even=False) == (2, 1)  # SmolLM2: 3 KV heads on 2 devices
+    assert kv_head_counts([1.0, 1.0, 1.0], 3, even=True) == (1, 1, 1)
+    assert kv_head_counts([936.0, 360.0], 8, even=False) == (5, 3)
+    assert kv_head_counts([1.0] * 4, 3, even=False) is None
+    assert kv_head_counts([1.0, 1.0], 3, even=True) is None
+    for counts in (kv_head_counts([1.0, 1.0], 3, even=False), kv_head_counts([0.01, 1.0], 8, even=False)):
+        assert counts is not None and all(type(k) is int for k in counts)
 
 
-def test_allocate_largest_remainder() -> None:
-    assert allocate(10, [1, 1, 1]) == [4, 3, 3]
-    assert allocate(80, [62, 18]) == [62, 18]
-    assert allocate(5, [100, 1, 1], minimum=1) == [3, 1, 1]
-    for _ in range(200):
-        w = [random.random() for _ in range(random.randint(1, 6))]
-        total = random.randint(len(w), 100)
-        got = allocate(total, w, minimum=1)
-        assert sum(got) == total and min(got) >= 1
+def test_unit_shares_are_its_heads_over_all_heads() -> None:
+    assert Unit(("a", "b"), (2, 1)).shares == (2 / 3, 1 / 3)
+    assert Unit(("a",)).shares == (1.0,)
+    with pytest.raises(ValueError, match="one per device"):
+        Unit(("a", "b"))
+    with pytest.raises(ValueError, match="one per device"):
+        Unit(("a", "b"), (3,))
 
 
 @pytest.mark.parametrize("counts", [[40, 40], [62, 18], [1, 79], [30, 0, 50], [10, 20, 30, 20], [0, 80, 0]])

@@ -10,29 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from mixrun.alloc import allocate
 from mixrun.backends.torch.model import Embedding, ModelConfig, Transformer
 
-
-def split_sizes(total: int, weights: Sequence[float], minimum: int = 0) -> list[int]:
-    """``total`` split in proportion to ``weights`` by largest remainder, each part at least ``minimum``."""
-    n = len(weights)
-    if total < minimum * n:
-        raise ValueError(f"cannot split {total} into {n} parts of at least {minimum}")
-    w = [max(x, 0.0) for x in weights]
-    s = sum(w)
-    w = [x / s for x in w] if s > 0 else [1.0 / n] * n
-    free = total - minimum * n
-    raw = [free * x for x in w]
-    sizes = [int(r) for r in raw]
-    for i in sorted(range(n), key=lambda i: -(raw[i] - sizes[i]))[: free - sum(sizes)]:
-        sizes[i] += 1
-    return [minimum + x for x in sizes]
+if TYPE_CHECKING:
+    from mixrun.planner.types import Group
 
 
 @dataclass(frozen=True)
@@ -91,12 +79,16 @@ class Layout:
                                tuple(int(k) for k in s["kv_heads"])) for s in data))
 
     @classmethod
-    def from_groups(cls, groups: Sequence[Any], n_head_kv: int) -> Layout:
-        """From a plan's groups: whole KV heads per member in proportion to the group's shares."""
+    def from_groups(cls, groups: Sequence[Group], n_head_kv: int) -> Layout:
+        """From a plan's groups, with the whole KV heads the plan gave each member as they are (a lone device,
+        whose group names none, holds all ``n_head_kv``)."""
         stages = []
         for g in groups:
-            shares = list(g.shares) if len(g.shares) == len(g.devices) else [1.0] * len(g.devices)
-            stages.append(Stage(tuple(g.devices), tuple(g.layers), tuple(split_sizes(n_head_kv, shares, 1))))
+            kv = tuple(g.kv_heads) or ((n_head_kv,) if len(g.devices) == 1 else ())
+            if len(kv) != len(g.devices):
+                raise ValueError(f"group {list(g.devices)}: KV heads {list(kv)} are not one per member (a torch "
+                                 "plan's TP groups carry them)")
+            stages.append(Stage(tuple(g.devices), tuple(g.layers), kv))
         return cls(tuple(stages))
 
     def check(self, cfg: ModelConfig) -> None:
@@ -171,7 +163,7 @@ def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[
     kv0 = sum(kv[:member])
     q = Shard(0, kv0 * group * hd, (kv0 + kv[member]) * group * hd)
     k = Shard(0, kv0 * hd, (kv0 + kv[member]) * hd)
-    ffn = split_sizes(cfg.ffn_dim, kv)
+    ffn = allocate(cfg.ffn_dim, kv)  # FFN rows follow the KV heads, as the planner's shares assume
     f = Shard(0, sum(ffn[:member]), sum(ffn[: member + 1]))
     shards: dict[str, tuple[Shard, ...]] = {}
     for i, blk in enumerate(model.layers):
@@ -189,7 +181,7 @@ def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[
         shards[p + "ffn.w13.weight"] = (f, f)
         shards[p + "ffn.w2.weight"] = (Shard(1, f.start, f.stop),)
     if model.embed is not None:
-        vocab = split_sizes(cfg.vocab, kv)
+        vocab = vocab_sizes(cfg, stage)
         v0, v1 = sum(vocab[:member]), sum(vocab[: member + 1])
         model.embed = Embedding(v1 - v0, cfg.dim, start=v0, shard=stage.tp > 1).to(model.embed.weight.device)
         if model.output is not None:  # untied: its own vocabulary shard
@@ -199,7 +191,8 @@ def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[
 
 
 def vocab_sizes(cfg: ModelConfig, stage: Stage) -> list[int]:
-    return split_sizes(cfg.vocab, stage.kv_heads)
+    """Each member's rows of the vocabulary-parallel embedding and output, in proportion to its KV heads."""
+    return allocate(cfg.vocab, stage.kv_heads)
 
 
 def _has(model: nn.Module, name: str) -> bool:
