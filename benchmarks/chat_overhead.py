@@ -93,7 +93,7 @@ def _raw_child(cfg_json: str) -> None:
     cfg = json.loads(cfg_json)
     with llama_params(llama_cpp, extra_buffers=finding().extra_buffers):  # what mixrun chat loads with on this CPU
         llm = llama_cpp.Llama(model_path=cfg["model"], **cfg["llama_kwargs"])
-    from mixrun.chat import ChatTemplate
+    from mixrun.backends.template import ChatTemplate
 
     def piece(tok: int) -> str:
         return "" if tok < 0 else llm.detokenize([tok], special=True).decode("utf-8", errors="replace")
@@ -245,8 +245,7 @@ def probe_overhead(model: str, prompt: str, threads: int, max_tokens: int, llama
 
     from mixrun.backends.base import Sampling
     from mixrun.backends.llamacpp import LlamaCppEngine
-    from mixrun.chat import Conversation
-    from mixrun.chat_session import answer
+    from mixrun.chat.conversation import Conversation, answer
 
     extra = {k: v for k, v in llama_kwargs.items() if k not in ("n_ctx", "n_threads", "seed", "verbose")}
     engine = LlamaCppEngine(model, n_ctx=N_CTX, n_threads=threads, kwargs=extra)

@@ -149,8 +149,8 @@ def _plan_for_chat(args: argparse.Namespace, model: str) -> tuple[Any, Any]:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from mixrun.backends.base import Sampling
-    from mixrun.chat import Conversation
-    from mixrun.chat_session import interactive, one_shot
+    from mixrun.chat.conversation import Conversation
+    from mixrun.chat.repl import interactive, one_shot
     from mixrun.run import LaunchOptions, launch
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,

@@ -10,8 +10,9 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from mixrun.chat import ChatTemplate, Conversation, TemplateError
-from mixrun.chat_session import load_transcript
+from mixrun.backends.template import ChatTemplate, TemplateError
+from mixrun.chat.conversation import Conversation
+from mixrun.chat.repl import load_transcript
 from mixrun.errors import MixrunError
 
 MALICIOUS = [

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mixrun.backends.base import Engine, EngineInfo, Sampling, Stats
-from mixrun.chat import Conversation
+from mixrun.chat.conversation import Conversation
 from mixrun.errors import MixrunError
 from mixrun.telemetry import Snapshot
 
@@ -82,7 +82,7 @@ class EngineSession:
                notify: Callable[[str], None]) -> Stats:
         """Add ``text`` as the user's turn and stream the answer to ``on_piece`` (blocking: call from a worker).
         :meth:`stop_answer` ends it early; the partial answer stays in the conversation."""
-        from mixrun.chat_session import fit_prompt
+        from mixrun.chat.conversation import fit_prompt
 
         engine = self._engine
         if engine is None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from mixrun.chat import ChatTemplate
+    from mixrun.backends.template import ChatTemplate
     from mixrun.planner.types import Candidate
     from mixrun.telemetry import Snapshot
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from mixrun.chat import ChatTemplate
+from mixrun.backends.template import ChatTemplate
 
 
 class Vocab:

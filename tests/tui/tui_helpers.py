@@ -14,7 +14,7 @@ from rich.console import Console
 from textual.pilot import Pilot
 
 from mixrun.backends.base import EngineInfo, Sampling, Stats
-from mixrun.chat import ChatTemplate
+from mixrun.backends.template import ChatTemplate
 from mixrun.telemetry import DeviceSample, LinkSample, Snapshot, StageSample
 
 

@@ -10,10 +10,9 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, TextIO
 
 from mixrun.backends.base import Engine, Sampling, Stats
-from mixrun.chat import Conversation
+from mixrun.chat.conversation import Conversation, answer
 from mixrun.errors import MixrunError, where
 
 HELP = """commands:
@@ -30,32 +29,6 @@ HELP = """commands:
 def stats_line(stats: Stats) -> str:
     return (f"{stats.completion_tokens} tokens, prefill {stats.prefill_tok_s:.1f} tok/s "
             f"({stats.prompt_tokens} prompt tokens), decode {stats.decode_tok_s:.1f} tok/s")
-
-
-def fit_prompt(engine: Engine, conv: Conversation, sampling: Sampling, notify: Any) -> str:
-    """Render the conversation, dropping the oldest exchanges while it leaves no room to answer."""
-    want = min(sampling.max_tokens, max(engine.info.n_ctx // 4, 16))
-    while True:
-        prompt = engine.template.render(conv.messages())
-        if engine.count_tokens(prompt) + want <= engine.info.n_ctx or not conv.drop_oldest_exchange():
-            return prompt
-        notify("the conversation outgrew the context: dropped the oldest exchange")
-
-
-def answer(engine: Engine, conv: Conversation, sampling: Sampling, out: TextIO, notify: Any) -> Stats:
-    """Stream one answer to ``out`` and add it to the conversation (partial, if interrupted)."""
-    stats = Stats()
-    pieces: list[str] = []
-    try:
-        prompt = fit_prompt(engine, conv, sampling, notify)
-        for piece in engine.generate(prompt, sampling, stats):
-            pieces.append(piece)
-            out.write(piece)
-            out.flush()
-    except KeyboardInterrupt:
-        stats.stop_reason = "interrupted"
-    conv.add("assistant", "".join(pieces).strip())
-    return stats
 
 
 def one_shot(engine: Engine, conv: Conversation, prompt: str, sampling: Sampling, *, as_json: bool,

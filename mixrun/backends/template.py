@@ -1,4 +1,4 @@
-"""Conversation state and chat-template rendering, shared by every backend.
+"""Chat-template rendering, shared by every backend: the template is part of the model file.
 
 Chat templates come from the GGUF (``tokenizer.chat_template``) and are untrusted: they render in Jinja2's
 ``ImmutableSandboxedEnvironment``, which refuses attribute access to internals (``__globals__``, ``__subclasses__``,
@@ -8,8 +8,6 @@ Chat templates come from the GGUF (``tokenizer.chat_template``) and are untruste
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass, field
-from typing import Any
 
 from mixrun.errors import GGUFError, where
 
@@ -67,31 +65,3 @@ class ChatTemplate:
         except (JinjaError, TypeError, ValueError, KeyError, IndexError, RecursionError) as e:
             raise TemplateError(where(self.origin, f"chat template failed to render ({type(e).__name__}: {e})")) \
                 from None
-
-
-@dataclass
-class Conversation:
-    """The messages so far; the system prompt is kept apart so ``/reset`` keeps it."""
-
-    system: str | None = None
-    turns: list[dict[str, str]] = field(default_factory=list)
-
-    def messages(self) -> list[dict[str, str]]:
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.turns
-
-    def add(self, role: str, content: str) -> None:
-        self.turns.append({"role": role, "content": content})
-
-    def reset(self) -> None:
-        self.turns.clear()
-
-    def drop_oldest_exchange(self) -> bool:
-        """Forget the oldest user/assistant pair; False when nothing is left to drop."""
-        if len(self.turns) <= 1:
-            return False
-        del self.turns[:2]
-        return True
-
-    def to_json(self) -> dict[str, Any]:
-        return {"system": self.system, "messages": list(self.turns)}

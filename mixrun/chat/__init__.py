@@ -1,0 +1,1 @@
+"""``mixrun chat``: the conversation and answer loop (:mod:`.conversation`) and the terminal REPL (:mod:`.repl`)."""
