@@ -191,8 +191,7 @@ class TorchEngine:
         with self._lock:
             self._busy = True
         try:
-            self.cluster.send_driver({"op": "generate", "tokens": ids[p:], "pos": p, "history": ids[:p][-64:],
-                                      "sampling": s, "max_new": max_new or sampling.max_tokens,
+            self.cluster.send_driver({"op": "generate", "tokens": ids[p:], "pos": p, "sampling": s, "max_new": max_new or sampling.max_tokens,
                                       "stop_ids": self._eog})
             while True:
                 ev = self.cluster.next_event(1.0)

@@ -237,23 +237,21 @@ class Rank:
                 continue  # arrived after its generation ended
 
     def generate(self, cmd: dict[str, Any], torch: Any) -> None:
-        from mixrun.backends.torch.sampling import sample
+        from mixrun.backends.torch.sampling import Sampler
 
         ids, pos = [int(t) for t in cmd["tokens"]], int(cmd["pos"])
-        s = cmd.get("sampling") or {}
         stop_ids = {int(t) for t in cmd.get("stop_ids", [])}
         max_new = int(cmd["max_new"])
-        recent = [int(t) for t in cmd.get("history", [])] + ids
-        gen = torch.Generator()
-        gen.manual_seed(int(s["seed"]) if s.get("seed") is not None else int(time.time_ns() % (1 << 62)))
+        # a new chain per generation, as llama-cpp-python's Llama.generate builds: its repeat-penalty window holds only
+        # the tokens sampled here (never the prompt) and its seed starts over
+        sampler = Sampler(cmd.get("sampling") or {})
         max_pos = self.model.max_pos
         self.header([OP_STEP, len(ids), pos, 0])
         logits = self.step(self.tokens(ids, len(ids)), pos, False)[-1]
         pos += len(ids)
         reason = "length"
         for i in range(max_new):
-            tok = sample(logits, s, recent, gen)
-            recent.append(tok)
+            tok = sampler.sample(logits)  # accepted into the penalty window
             self.link.send({"token": tok})
             if tok in stop_ids:
                 reason = "eos"
@@ -312,8 +310,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=timeout)
         r = Rank(rank, world, job, link)
-        if job.get("fail_rank") == rank:  # tests: a rank that fails after loading, while its peers wait for it
-            raise RuntimeError(f"injected failure on rank {rank}")
         dist.barrier(group=r.ctrl)
         link.send({"ready": {"rank": rank, "load_s": r.load_s, "weight_bytes": r.weight_bytes,
                              "rss_anon_load_bytes": r.rss_anon_load_bytes, "cuda_graph": r.graphed is not None,
