@@ -2,21 +2,26 @@
 
 1. Decode speed at TP=1 on the same F32 GGUF (SmolLM2-135M dequantized, so both run identical weights): the
    torch engine's decode tok/s over llama-cpp-python's, same threads, same prompt, greedy, alternating A/B runs;
-   medians and their ratio (issue 5 aims at >= 0.8x).
+   medians and their ratio (issue 5 aims at >= 0.8x). The torch rank picks its one-row product kernel as it
+   loads (``mixrun/backends/torch/cpu_matvec.py``: measured, cached, or forced with ``--matvec``); the line
+   says which and how.
 2. Communication accounting: bytes all-reduced per token and TP member against 2 x layers x hidden x 4 bytes.
 3. Greedy agreement on the bundled Q4_1 SmolLM2 over five prompts: the first token where the torch backend
    (weights dequantized to float32) and llama.cpp (quantized matmuls with Q8_0-quantized activations) part.
 4. The decode kernels behind 1: weight bandwidth of one-row products over SmolLM2-shaped float32 matrices with
-   ``F.linear`` (MKL's gemv, one thread), with the torch backend's row blocks (one batched product, all threads),
-   and with row blocks in a huge-page-advised arena (as the loader allocates them); ratios to ``F.linear``.
+   ``F.linear`` (MKL's product: one thread on the AMD EPYC, all of them on an Intel Xeon), with the torch
+   backend's row blocks (one batched product, all threads), and with row blocks in a huge-page-advised arena (as
+   the loader allocates them); ratios to ``F.linear``.
 
-    python benchmarks/torch_vs_llamacpp.py [--repeats 5] [--tokens 64] [--threads 2] [--json]
+    python benchmarks/torch_vs_llamacpp.py [--repeats 5] [--tokens 64] [--threads 2] [--matvec linear|rowblock]
+                                           [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -70,7 +75,8 @@ def kernel_bandwidth(threads: int, rounds: int = 5) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from mixrun.backends.torch.model import Weight, cpu_chunks
+    from mixrun.backends.torch.cpu_matvec import cpu_chunks
+    from mixrun.backends.torch.model import Weight
     from mixrun.backends.torch.weights import materialize
 
     torch.set_num_threads(threads)
@@ -107,8 +113,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--matvec", choices=["linear", "rowblock"], default=None,
+                    help="force the torch rank's one-row product kernel (default: it measures, or uses its cache)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.matvec:
+        os.environ["MIXRUN_TORCH_CPU_MATVEC"] = args.matvec  # the ranks inherit it
 
     import llama_cpp
 
@@ -116,7 +126,7 @@ def main() -> int:
     from mixrun.backends.base import Sampling
     from mixrun.backends.torch.engine import TorchEngine
     from mixrun.backends.torch.parallel import Layout, Stage
-    from mixrun.cli import default_model
+    from mixrun.bundled import default_model
 
     q41 = default_model()
     out: dict = {}
@@ -126,6 +136,7 @@ def main() -> int:
         toks = llm.tokenize(b"<|im_start|>user\nWrite a long story about a lighthouse keeper.<|im_end|>\n"
                             b"<|im_start|>assistant\n", add_bos=False, special=True)
         eng = TorchEngine(f32, n_ctx=512, n_threads=args.threads)
+        matvec = eng.ready[0].get("cpu_matvec") or {}
         try:
             llama_decode(llm, toks, 8)
             torch_decode(eng, toks, 8, 0)  # warm-up
@@ -138,7 +149,8 @@ def main() -> int:
             llm.close()
         ta, tb = statistics.median(a), statistics.median(b)
         out["decode"] = {"torch_tok_s": round(ta, 2), "llamacpp_tok_s": round(tb, 2), "ratio": round(ta / tb, 3),
-                         "torch_runs": [round(x, 2) for x in a], "llamacpp_runs": [round(x, 2) for x in b]}
+                         "torch_runs": [round(x, 2) for x in a], "llamacpp_runs": [round(x, 2) for x in b],
+                         "torch_matvec": matvec}
 
     # communication: TP=3 over SmolLM2's three KV heads, one prompt of n tokens
     toks5 = [504, 3575, 282, 4649, 314]
@@ -182,6 +194,10 @@ def main() -> int:
     d = out["decode"]
     print(f"decode, F32 SmolLM2, {args.threads} threads, {args.tokens} tokens x {args.repeats}: torch {d['torch_tok_s']}"
           f" tok/s, llama.cpp {d['llamacpp_tok_s']} tok/s, ratio {d['ratio']} (aim >= 0.8)")
+    mv = d["torch_matvec"]
+    gbs = (f": linear {mv['linear_gbs']}, rowblock {mv['rowblock_gbs']} GB/s" if mv.get("linear_gbs") else "")
+    print(f"torch one-row product kernel: {mv.get('kernel')} ({mv.get('how')}{gbs}); "
+          f"runs torch {d['torch_runs']}, llama.cpp {d['llamacpp_runs']}; load average {os.getloadavg()[0]:.2f}")
     c = out["comm"]
     ok = all(b == c["theory"] for b in c["per_rank_bytes"])
     print(f"all-reduce bytes per TP=3 rank for 5 tokens: {c['per_rank_bytes']} vs theory {c['theory']}: "

@@ -11,7 +11,7 @@ RoPE layout: llama GGUFs store Q and K permuted for llama.cpp's "normal" rotatio
 reorders NEOX models' Q and K rows into pair order (:func:`pair_order`), so one rotation serves both.
 
 Decode speed on the CPU is weight bandwidth: Q/K/V and gate/up are fused linears (fewer, longer products), and
-one-row products are split over the threads (:class:`Weight`).
+one-row products run with the kernel measured fastest on the machine (:class:`Weight`, :mod:`.cpu_matvec`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixrun.backends.torch import quant
+from mixrun.backends.torch import cpu_matvec, quant
+from mixrun.backends.torch.cpu_matvec import column, cpu_chunks
 
 ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -60,10 +61,11 @@ class ModelConfig:
 
 
 class Weight:
-    """A linear's weight and bias as a decode step uses them. On the CPU a one-row product (a decode step) runs as
-    one batched product over ``chunks`` blocks of rows: MKL computes a lone matrix-vector product on a single
-    thread and a batch of them on all, which on a 2-core machine doubles the weight bandwidth (14 -> 28 GB/s), and
-    decode speed is weight bandwidth. Plain ``F.linear`` otherwise."""
+    """A linear's weight and bias as a decode step uses them. With ``chunks`` > 1 (the ``rowblock`` kernel of
+    :mod:`.cpu_matvec`, CPU only) a one-row product (a decode step) runs as one batched product over that many
+    blocks of rows: where MKL computes a lone matrix-vector product on a single thread and a batch of them on all
+    (a 2-core AMD EPYC: 14 -> 28 GB/s), that doubles decode speed, which is weight bandwidth. Plain ``F.linear``
+    otherwise (the ``linear`` kernel: 2.5x faster than row blocks on an Intel Xeon with AVX-512/AMX)."""
 
     __slots__ = ("w", "b", "blocks")
 
@@ -86,19 +88,6 @@ class Weight:
         else:
             y = F.linear(x, self.w, b)
         return y if add is None else y + add
-
-
-def column(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """One row ``x`` (1, cols) as the column every row block of ``blocks`` (c, rows, cols) multiplies: (c, cols, 1)
-    with strides (0, 1, cols), which MKL's batched product takes as it is (a contiguous column is 4x slower)."""
-    c, _r, k = blocks.shape
-    return x.as_strided((c, k, 1), (0, 1, k))
-
-
-def cpu_chunks(rows: int, threads: int) -> int:
-    """Row blocks for :class:`Weight` on the CPU: one per thread (2 to 32 blocks measured: one per thread streams
-    fastest), or 1 when the threads do not divide the rows."""
-    return threads if threads > 1 and rows % threads == 0 else 1
 
 
 class BlockWeight:
@@ -258,9 +247,10 @@ class LayerTensors:
     scale: torch.Tensor  # 1/sqrt(head_dim), a tensor (see Norm)
 
 
-def weight(m: nn.Module, device: torch.device, threads: int) -> Weight | BlockWeight:
+def weight(m: nn.Module, device: torch.device, split: int) -> Weight | BlockWeight:
     """How a step computes with ``m``'s weight (a linear, or the embedding table as a tied output): from GGUF
-    blocks when the loader kept them, else dense."""
+    blocks when the loader kept them, else dense, its one-row products on the CPU in row blocks over ``split``
+    threads (1: ``F.linear``)."""
     bias = getattr(m, "bias", None)
     blocks = getattr(m, "blocks", None)
     if blocks:
@@ -269,7 +259,7 @@ def weight(m: nn.Module, device: torch.device, threads: int) -> Weight | BlockWe
             return BlockWeight(blocks, m.block_cols, m.block_dtype, bias)
         return BlockWeight(blocks, m.block_cols, m.block_dtype, bias, k.matvec, k.MAX_ROWS)
     w = m.weight
-    return Weight(w, bias, cpu_chunks(w.shape[0], threads) if device.type == "cpu" else 1)
+    return Weight(w, bias, cpu_chunks(w.shape[0], split) if device.type == "cpu" else 1)
 
 
 class Block(nn.Module):
@@ -285,16 +275,16 @@ class Block(nn.Module):
         self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.t: LayerTensors | None = None
 
-    def setup_cache(self, max_pos: int, dtype: torch.dtype, device: torch.device, threads: int) -> None:
+    def setup_cache(self, max_pos: int, dtype: torch.dtype, device: torch.device, split: int) -> None:
         a, f = self.attn, self.ffn
         kv = torch.zeros(2, a.n_kv, max_pos, a.head_dim, dtype=dtype, device=device)
         self.t = LayerTensors(
             n_head=a.n_head, n_kv=a.n_kv, head_dim=a.head_dim,
-            attn_norm=Norm(self.attn_norm), wqkv=weight(a.wqkv, device, threads),
+            attn_norm=Norm(self.attn_norm), wqkv=weight(a.wqkv, device, split),
             q_norm=Norm(a.q_norm) if a.q_norm is not None else None,
             k_norm=Norm(a.k_norm) if a.k_norm is not None else None,
-            wo=weight(a.wo, device, threads), ffn_norm=Norm(self.ffn_norm), w13=weight(f.w13, device, threads),
-            w2=weight(f.w2, device, threads), kv_cache=kv, k_cache=kv[0], v_cache=kv[1],
+            wo=weight(a.wo, device, split), ffn_norm=Norm(self.ffn_norm), w13=weight(f.w13, device, split),
+            w2=weight(f.w2, device, split), kv_cache=kv, k_cache=kv[0], v_cache=kv[1],
             scale=torch.tensor(1.0 / math.sqrt(a.head_dim), dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor, pos: int | torch.Tensor, rope: Rope) -> torch.Tensor:
@@ -400,17 +390,32 @@ class Transformer(nn.Module):
         self._output: Weight | BlockWeight | None = None
         self._norm: Norm | None = None
         self.step: Callable[[torch.Tensor, int], torch.Tensor] | None = None  # one-token steps, when faster
+        self.matvec: cpu_matvec.Choice | None = None  # the CPU's one-row product kernel (None off the CPU)
 
-    def setup_cache(self, dtype: torch.dtype, device: torch.device, threads: int | None = None) -> None:
-        """KV caches and RoPE table on ``device``, once the weights are loaded; on the CPU, the one-row products'
-        split over ``threads``."""
+    def setup_cache(self, dtype: torch.dtype, device: torch.device, threads: int | None = None,
+                    matvec: str | None = None) -> None:
+        """KV caches and RoPE table on ``device``, once the weights are loaded; on the CPU, the kernel of the
+        one-row products over ``threads``: ``matvec`` (``"linear"`` or ``"rowblock"``) or else the one
+        :func:`.cpu_matvec.choose` finds fastest here (or ``MIXRUN_TORCH_CPU_MATVEC`` forces)."""
         threads = threads or torch.get_num_threads()
         self.rope.build(device)
-        for blk in self.layers:
-            blk.setup_cache(self.max_pos, dtype, device, threads)
         head = self.output if self.output is not None else self.embed  # a tied output is the embedding table
+        linears = [m for blk in self.layers for m in (blk.attn.wqkv, blk.attn.wo, blk.ffn.w13, blk.ffn.w2)]
+        linears += [head] if head is not None else []
+        if device.type != "cpu":
+            self.matvec = None
+        elif matvec is not None:
+            if matvec not in cpu_matvec.KERNELS:
+                raise ValueError(f"matvec: {matvec!r} is not one of {', '.join(cpu_matvec.KERNELS)}")
+            self.matvec = cpu_matvec.Choice(matvec, "forced")
+        else:
+            self.matvec = cpu_matvec.choose([m.weight.detach() for m in linears if not getattr(m, "blocks", None)],
+                                            threads)
+        split = threads if self.matvec is not None and self.matvec.kernel == cpu_matvec.ROWBLOCK else 1
+        for blk in self.layers:
+            blk.setup_cache(self.max_pos, dtype, device, split)
         if head is not None:
-            self._output = weight(head, device, threads)
+            self._output = weight(head, device, split)
         if self.norm is not None:
             self._norm = Norm(self.norm)
         from mixrun.backends.torch import step

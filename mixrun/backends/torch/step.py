@@ -10,7 +10,9 @@ and the SwiGLU's two in-place operations.
 
 Used by :meth:`Transformer.forward` for one-token steps on float32 CPU parts whose weights are dense; it computes
 what the eager step computes, in the same order except that the norms' sum of squares is a dot product and the
-attention scale is folded into the score product.
+attention scale is folded into the score product. The products use the part's kernel (:mod:`.cpu_matvec`):
+``torch.mm`` of the row and the transposed weight (``F.linear``'s product), or ``torch.bmm`` of the row blocks and
+the row as a strided column.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from mixrun.backends.torch.model import LayerTensors, Norm, Weight, column
+from mixrun.backends.torch.cpu_matvec import ROWBLOCK, column
+from mixrun.backends.torch.model import LayerTensors, Norm, Weight
 
 if TYPE_CHECKING:
     from mixrun.backends.torch.model import Transformer
@@ -43,8 +46,11 @@ def usable(model: Transformer, dtype: torch.dtype, device: torch.device) -> bool
     return True
 
 
-def _batched(w: Weight) -> torch.Tensor:
-    """The weight as (row blocks, rows, cols): the shape one batched product takes (see :class:`Weight`)."""
+def _operand(w: Weight, rowblock: bool) -> torch.Tensor:
+    """The weight as its kernel takes it: (row blocks, rows, cols) for one batched product (see :class:`Weight`),
+    or (cols, rows), the transposed view ``F.linear`` multiplies by."""
+    if not rowblock:
+        return w.w.t()
     return w.blocks if w.blocks is not None else w.w.unsqueeze(0)
 
 
@@ -54,7 +60,7 @@ class _Layer:
     ffn_norm: Norm
     q_norm: Norm | None
     k_norm: Norm | None
-    wqkv: torch.Tensor  # (blocks, rows, cols) views of the weights
+    wqkv: torch.Tensor  # views of the weights, as the kernel takes them (see _operand)
     qkv_bias: torch.Tensor | None
     wo: torch.Tensor
     w13: torch.Tensor
@@ -66,7 +72,8 @@ class _Layer:
 
 class DecodeStep:
     """One-token steps through ``model``'s layers (plus the all-reduces of ``reduce``, a stage's TP group, when
-    set). All layers of a part have the same shapes, so one set of buffers serves them in turn.
+    set), with the one-row product kernel of ``model.matvec``. All layers of a part have the same shapes, so one
+    set of buffers serves them in turn.
 
     The result is a copy: the buffers belong to the next step."""
 
@@ -75,14 +82,14 @@ class DecodeStep:
         nh, nkv, hd = t0.n_head, t0.n_kv, t0.head_dim
         dim, rope = model.cfg.dim, model.rope
         self.rope, self.reduce = rope, reduce
-        self.layers = [self._layer(blk.t) for blk in model.layers]
+        self.rowblock = rowblock = model.matvec is not None and model.matvec.kernel == ROWBLOCK
+        self.layers = [self._layer(blk.t, rowblock) for blk in model.layers]
         first = self.layers[0]
         self.x = torch.zeros(1, dim)  # the residual stream
         self.x_t = self.x.t()
         self.h = torch.zeros(1, dim)  # a norm's output: the next products' input
         self.sumsq = torch.zeros(1, 1)
-        self.qkv3 = torch.zeros(first.wqkv.shape[0], first.wqkv.shape[1], 1)
-        qkv = self.qkv3.view(nh + 2 * nkv, hd)
+        qkv = torch.zeros(nh + 2 * nkv, hd)
         self.qkv_flat = qkv.view(-1)
         self.q_heads, self.k_heads = qkv.narrow(0, 0, nh), qkv.narrow(0, nh, nkv)
         qk = qkv.narrow(0, 0, nh + nkv)
@@ -94,24 +101,34 @@ class DecodeStep:
         self.scale = 1.0 / math.sqrt(hd)
         self.zero = torch.zeros(1, 1, 1)
         self.attn_out = torch.zeros(nkv, nh // nkv, hd)
-        self.attn_col = column(self.attn_out.view(1, nh * hd), first.wo)
-        self.qkv_col = column(self.h, first.wqkv)
-        self.w13_col = column(self.h, first.w13)
-        ffn = first.w13.shape[0] * first.w13.shape[1] // 2
-        self.gu3 = torch.zeros(first.w13.shape[0], first.w13.shape[1], 1)
-        gu = self.gu3.view(2, ffn)
+        ffn = t0.w13.w.shape[0] // 2
+        gu = torch.zeros(2, ffn)
         self.gate, self.up = gu[0], gu[1]
-        self.gate_col = column(self.gate.view(1, ffn), first.w2)
-        # the row-parallel products add into the residual in place, or into ``partial`` for the all-reduce
+        # each product's input and output as its kernel takes them: a row (1, n) for torch.mm; for torch.bmm the
+        # input as a column over the row blocks, the output as (row blocks, rows, 1). The row-parallel products
+        # add into the residual in place, or write into ``partial`` for the all-reduce.
         self.partial = torch.zeros(1, dim)
-        self.wo_out = (self.partial if reduce else self.x).view(first.wo.shape[0], first.wo.shape[1], 1)
-        self.w2_out = (self.partial if reduce else self.x).view(first.w2.shape[0], first.w2.shape[1], 1)
+        acc = self.partial if reduce else self.x
+        ins = {"wqkv": self.h, "wo": self.attn_out.view(1, nh * hd), "w13": self.h, "w2": self.gate.view(1, ffn)}
+        outs = {"wqkv": qkv.view(1, -1), "wo": acc, "w13": gu.view(1, -1), "w2": acc}
+        if rowblock:
+            ins = {k: column(v, getattr(first, k)) for k, v in ins.items()}
+            outs = {k: v.view(getattr(first, k).shape[0], -1, 1) for k, v in outs.items()}
+        self.qkv_in, self.attn_in, self.w13_in, self.gate_in = ins["wqkv"], ins["wo"], ins["w13"], ins["w2"]
+        self.qkv_out, self.wo_out, self.gu_out, self.w2_out = outs["wqkv"], outs["wo"], outs["w13"], outs["w2"]
 
     @staticmethod
-    def _layer(t: LayerTensors) -> _Layer:
+    def _layer(t: LayerTensors, rowblock: bool) -> _Layer:
         return _Layer(attn_norm=t.attn_norm, ffn_norm=t.ffn_norm, q_norm=t.q_norm, k_norm=t.k_norm,
-                      wqkv=_batched(t.wqkv), qkv_bias=t.wqkv.b, wo=_batched(t.wo), w13=_batched(t.w13),
-                      w2=_batched(t.w2), kv_cache=t.kv_cache, k_cache=t.k_cache, v_cache=t.v_cache)
+                      wqkv=_operand(t.wqkv, rowblock), qkv_bias=t.wqkv.b, wo=_operand(t.wo, rowblock),
+                      w13=_operand(t.w13, rowblock), w2=_operand(t.w2, rowblock), kv_cache=t.kv_cache,
+                      k_cache=t.k_cache, v_cache=t.v_cache)
+
+    def _product(self, w: torch.Tensor, inp: torch.Tensor, out: torch.Tensor) -> None:
+        if self.rowblock:
+            torch.bmm(w, inp, out=out)
+        else:
+            torch.mm(inp, w, out=out)
 
     def _norm(self, n: Norm) -> None:
         """``h = x * rsqrt(sum(x^2) + n eps) * (sqrt(n) w)`` (:class:`Norm`), the sum as a dot product."""
@@ -119,22 +136,24 @@ class DecodeStep:
         torch.mul(self.x, self.sumsq.rsqrt_(), out=self.h)
         self.h.mul_(n.w)
 
-    def _row_parallel(self, w: torch.Tensor, col: torch.Tensor, out: torch.Tensor) -> None:
-        if self.reduce is None:
-            out.baddbmm_(w, col)  # into the residual
-        else:
-            torch.bmm(w, col, out=out)
+    def _row_parallel(self, w: torch.Tensor, inp: torch.Tensor, out: torch.Tensor) -> None:
+        if self.reduce is not None:
+            self._product(w, inp, out)
             self.x.add_(self.reduce(self.partial))
+        elif self.rowblock:
+            out.baddbmm_(w, inp)  # into the residual
+        else:
+            out.addmm_(inp, w)
 
     def __call__(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """Hidden state ``x`` (1, dim) at position ``pos`` through the layers."""
         self.x.copy_(x)
         rot = self.rope.freqs[pos]  # (1, rope_dim / 2)
         span = pos + 1
-        bmm = torch.bmm
+        product = self._product
         for t in self.layers:
             self._norm(t.attn_norm)
-            bmm(t.wqkv, self.qkv_col, out=self.qkv3)
+            product(t.wqkv, self.qkv_in, self.qkv_out)
             if t.qkv_bias is not None:
                 self.qkv_flat.add_(t.qkv_bias)
             if t.q_norm is not None and t.k_norm is not None:
@@ -144,10 +163,10 @@ class DecodeStep:
             t.kv_cache.select(2, pos).copy_(self.kv_new)
             keys = t.k_cache.narrow(1, 0, span).transpose(1, 2)
             scores = torch.baddbmm(self.zero, self.q, keys, beta=0, alpha=self.scale)  # (nkv, group, span)
-            bmm(torch.softmax(scores, dim=-1), t.v_cache.narrow(1, 0, span), out=self.attn_out)
-            self._row_parallel(t.wo, self.attn_col, self.wo_out)
+            torch.bmm(torch.softmax(scores, dim=-1), t.v_cache.narrow(1, 0, span), out=self.attn_out)
+            self._row_parallel(t.wo, self.attn_in, self.wo_out)
             self._norm(t.ffn_norm)
-            bmm(t.w13, self.w13_col, out=self.gu3)
+            product(t.w13, self.w13_in, self.gu_out)
             F.silu(self.gate, inplace=True).mul_(self.up)
-            self._row_parallel(t.w2, self.gate_col, self.w2_out)
+            self._row_parallel(t.w2, self.gate_in, self.w2_out)
         return self.x.clone()

@@ -313,7 +313,8 @@ def run(args: argparse.Namespace) -> int:
         dist.barrier(group=r.ctrl)
         link.send({"ready": {"rank": rank, "load_s": r.load_s, "weight_bytes": r.weight_bytes,
                              "rss_anon_load_bytes": r.rss_anon_load_bytes, "cuda_graph": r.graphed is not None,
-                             "fused_kernels": r.fused, "note": "; ".join(r.notes)}})
+                             "fused_kernels": r.fused, "note": "; ".join(r.notes),
+                             "cpu_matvec": r.model.matvec.to_json() if r.model.matvec is not None else None}})
         if rank == r.layout.driver:
             r.drive()
         else:
