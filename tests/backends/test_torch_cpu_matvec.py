@@ -16,6 +16,7 @@ from mixrun.backends.torch import cpu_matvec, weights
 from mixrun.backends.torch.cpu_matvec import ENV, LINEAR, ROWBLOCK, Choice
 from mixrun.backends.torch.model import ModelConfig, Transformer
 from mixrun.backends.torch.parallel import Comm, Stage
+from mixrun.backends.torch.step import decode_step
 from mixrun.gguf_spec import TensorFile
 
 CPU = torch.device("cpu")
@@ -71,6 +72,7 @@ def test_both_kernels_give_the_same_logits(which: str, smollm2: str, tmp_path: P
     for kernel in (LINEAR, ROWBLOCK):
         for buffered in (True, False):
             model.setup_cache(torch.float32, CPU, threads=2, matvec=kernel)
+            model.step = decode_step(model, torch.float32, CPU)
             assert model.matvec == Choice(kernel, "forced")
             blocks = model.layers[0].t.w13.blocks
             assert (blocks is not None and blocks.shape[0] == 2) if kernel == ROWBLOCK else blocks is None

@@ -28,8 +28,6 @@ from torch import nn
 from mixrun.backends.torch import cpu_matvec, quant
 from mixrun.backends.torch.cpu_matvec import column, cpu_chunks
 
-ARCHS = ("llama", "qwen2", "qwen3")
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -380,7 +378,7 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layers: tuple[int, int], head: bool, max_pos: int) -> None:
         super().__init__()
-        self.cfg, self.layer_range, self.max_pos = cfg, layers, max_pos
+        self.cfg, self.max_pos = cfg, max_pos
         self.layers = nn.ModuleList(Block(cfg) for _ in range(layers[1] - layers[0]))
         self.rope = Rope(cfg, max_pos)
         self.embed = Embedding(cfg.vocab, cfg.dim) if head else None
@@ -389,7 +387,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab, bias=False) if head and not cfg.tied else None
         self._output: Weight | BlockWeight | None = None
         self._norm: Norm | None = None
-        self.step: Callable[[torch.Tensor, int], torch.Tensor] | None = None  # one-token steps, when faster
+        # one-token steps, when faster: chosen by the builder (weights.build_part), not by the model
+        self.step: Callable[[torch.Tensor, int], torch.Tensor] | None = None
         self.matvec: cpu_matvec.Choice | None = None  # the CPU's one-row product kernel (None off the CPU)
 
     def setup_cache(self, dtype: torch.dtype, device: torch.device, threads: int | None = None,
@@ -418,9 +417,7 @@ class Transformer(nn.Module):
             self._output = weight(head, device, split)
         if self.norm is not None:
             self._norm = Norm(self.norm)
-        from mixrun.backends.torch import step
-
-        self.step = step.DecodeStep(self, self.layers[0].reduce) if step.usable(self, dtype, device) else None
+        self.step = None  # the builder installs a faster one-token step where one fits (step.decode_step)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         assert self.embed is not None

@@ -32,6 +32,11 @@ if TYPE_CHECKING:
     from mixrun.backends.torch.model import Transformer
 
 
+def decode_step(model: Transformer, dtype: torch.dtype, device: torch.device) -> DecodeStep | None:
+    """The buffered one-token step for ``model`` (after its ``setup_cache``), or None where the eager step serves."""
+    return DecodeStep(model, model.layers[0].reduce) if usable(model, dtype, device) else None
+
+
 def usable(model: Transformer, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether :class:`DecodeStep` can run ``model``'s layers: float32 on the CPU with dense weights and without
     biases on the row-parallel products (the eager step serves everything else)."""

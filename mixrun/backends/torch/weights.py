@@ -240,6 +240,7 @@ def build_part(tf: Any, cfg: Any, stage: Any, member: int, comm: Any, *, head: b
     the GGUF and given its caches. Returns the part and the bytes of weights it holds."""
     from mixrun.backends.torch.model import Transformer, pair_order
     from mixrun.backends.torch.parallel import apply_tp
+    from mixrun.backends.torch.step import decode_step
 
     with torch.device("meta"):
         model = Transformer(cfg, stage.layers, head=head, max_pos=max_pos).to(dtype)
@@ -247,4 +248,5 @@ def build_part(tf: Any, cfg: Any, stage: Any, member: int, comm: Any, *, head: b
     held = load(model, tf, shards, first_layer=stage.layers[0], tied=cfg.tied, dtype=dtype, device=device,
                 order=pair_order(cfg), blocks=blocks, progress=progress)
     model.setup_cache(dtype, device)
+    model.step = decode_step(model, dtype, device)
     return model.eval(), held
