@@ -40,14 +40,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import gguf_factory  # noqa: E402
-from mixrun.gguf_spec import read_spec  # noqa: E402
-from mixrun.model_spec import ModelSpec  # noqa: E402
+from mixrun.model.gguf import read_spec  # noqa: E402
+from mixrun.model.spec import ModelSpec  # noqa: E402
 from mixrun.planner import PlanRequest, build_candidates, scaled_spec  # noqa: E402
 from mixrun.planner.evaluate import Context, evaluate_pipeline  # noqa: E402
 from mixrun.planner.memory import ModelFacts  # noqa: E402
 from mixrun.planner.search import kv_head_counts  # noqa: E402
 from mixrun.planner.types import Group  # noqa: E402
-from mixrun.profile import FORMAT, Device, Host, Link, RigProfile  # noqa: E402
+from mixrun.rig.profile import FORMAT, Device, Host, Link, RigProfile  # noqa: E402
 
 DATA = ROOT / "docs" / "cost-model-data.toml"
 GIB = 1 << 30

@@ -21,8 +21,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 import llamacpp_memory  # noqa: E402
 
 from mixrun.bundled import default_model  # noqa: E402
-from mixrun.gguf_spec import read_spec  # noqa: E402
-from mixrun.model_spec import ModelSpec  # noqa: E402
+from mixrun.model.gguf import read_spec  # noqa: E402
+from mixrun.model.spec import ModelSpec  # noqa: E402
 from mixrun.planner.memory import ModelFacts, compute_bytes  # noqa: E402
 
 RESULTS = HERE / "llamacpp_memory_results.json"

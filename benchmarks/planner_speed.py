@@ -17,9 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import gguf_factory  # noqa: E402
-from mixrun.gguf_spec import read_spec  # noqa: E402
+from mixrun.model.gguf import read_spec  # noqa: E402
 from mixrun.planner import PlanRequest, plan  # noqa: E402
-from mixrun.profile import FORMAT, Device, Host, Link, RigProfile, load_profile  # noqa: E402
+from mixrun.rig.profile import FORMAT, Device, Host, Link, RigProfile, load_profile  # noqa: E402
 
 
 def many_hosts(n_hosts: int = 8, per_host: int = 8) -> RigProfile:

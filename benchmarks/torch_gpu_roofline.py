@@ -66,8 +66,8 @@ def gpu_path_agrees(model: str, label: str, toks: list[int], min_same: int, devi
     from mixrun.backends.base import Sampling
     from mixrun.backends.torch.engine import TorchEngine
     from mixrun.backends.torch.parallel import Layout, Stage
-    from mixrun.gguf_spec import read_spec
-    from mixrun.profile import Device, RigProfile
+    from mixrun.model.gguf import read_spec
+    from mixrun.rig.profile import Device, RigProfile
 
     spec = read_spec(model)
     greedy = Sampling(temperature=0.0, max_tokens=16)
@@ -135,7 +135,7 @@ def main() -> int:
     from mixrun.backends.base import Sampling
     from mixrun.backends.torch.engine import TorchEngine
     from mixrun.backends.torch.parallel import Layout, Stage
-    from mixrun.profile import Device, RigProfile
+    from mixrun.rig.profile import Device, RigProfile
 
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mixrun-1b-"))
     if not gpu_path_agrees(*check_model(folder)):

@@ -28,7 +28,7 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from mixrun.gguf_spec import read_spec
+    from mixrun.model.gguf import read_spec
 
     spec = read_spec(args.model or default_model())
     if args.json:
@@ -41,15 +41,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_profile_list(args: argparse.Namespace) -> int:
-    from mixrun.profile import bundled_profiles, user_profile_dir, user_profiles
     from mixrun.render import render_profile_list
+    from mixrun.rig.profile import bundled_profiles, user_profile_dir, user_profiles
 
     render_profile_list(list(bundled_profiles()), list(user_profiles()), user_profile_dir())
     return 0
 
 
 def cmd_profile_show(args: argparse.Namespace) -> int:
-    from mixrun.profile import dump_profile, load_profile
+    from mixrun.rig.profile import dump_profile, load_profile
 
     prof = load_profile(args.profile)
     if args.json:
@@ -65,7 +65,7 @@ def cmd_profile_show(args: argparse.Namespace) -> int:
 
 def cmd_profile_validate(args: argparse.Namespace) -> int:
     from mixrun.errors import ProfileError
-    from mixrun.profile import load_profile
+    from mixrun.rig.profile import load_profile
 
     failed = 0
     for ref in args.files:
@@ -80,15 +80,15 @@ def cmd_profile_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_profile_schema(args: argparse.Namespace) -> int:
-    from mixrun.profile import RigProfile
+    from mixrun.rig.profile import RigProfile
 
     _print_json(RigProfile.model_json_schema())
     return 0
 
 
 def cmd_profile_detect(args: argparse.Namespace) -> int:
-    from mixrun.profile import dump_profile, save_profile
     from mixrun.render import progress_status
+    from mixrun.rig.profile import dump_profile, save_profile
     from mixrun.run import detect_here
 
     with progress_status() as progress:
@@ -105,9 +105,9 @@ def cmd_profile_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from mixrun.gguf_spec import read_spec
+    from mixrun.model.gguf import read_spec
     from mixrun.planner import PlanRequest, plan
-    from mixrun.profile import load_profile
+    from mixrun.rig.profile import load_profile
 
     prof = load_profile(args.profile)
     spec = read_spec(args.model or default_model())
@@ -126,9 +126,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _plan_for_chat(args: argparse.Namespace, model: str) -> tuple[Any, Any]:
     """Plan the model on ``--profile`` (or on this machine, detected) and return the profile and the candidate to
     run (:func:`mixrun.run.choose`: refused when it does not fit, unless ``--force``)."""
-    from mixrun.gguf_spec import read_spec
+    from mixrun.model.gguf import read_spec
     from mixrun.planner import PlanRequest, plan
-    from mixrun.profile import load_profile
+    from mixrun.rig.profile import load_profile
     from mixrun.run import choose, detect_here
 
     if args.profile:

@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mixrun.model_spec import ModelSpec
-from mixrun.profile import RigProfile
+from mixrun.model.spec import ModelSpec
+from mixrun.rig.profile import RigProfile
 from mixrun.vocab import KVType
 
 GIB = 1 << 30
@@ -91,7 +91,7 @@ def render_profile_list(bundled: list[tuple[str, Any]], user: list[tuple[str, Pa
     from rich.table import Table
 
     from mixrun.errors import ProfileError
-    from mixrun.profile import load_profile_file
+    from mixrun.rig.profile import load_profile_file
 
     t = Table(show_edge=False)
     t.add_column("name", no_wrap=True)

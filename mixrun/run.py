@@ -18,7 +18,7 @@ from typing import Any
 from mixrun.backends.base import Engine
 from mixrun.errors import MixrunError
 from mixrun.planner.types import Candidate, PlanReport
-from mixrun.profile import RigProfile
+from mixrun.rig.profile import RigProfile
 from mixrun.vocab import Backend
 
 # Backend -> "module:Engine class". The modules import torch or llama.cpp; they are imported on first use.
@@ -64,10 +64,10 @@ class Choice:
 
 
 def detect_here(**kwargs: Any) -> tuple[RigProfile, list[str]]:
-    """This machine's profile (:func:`mixrun.discover.detect`, same arguments), with what llama.cpp's CPU probe
+    """This machine's profile (:func:`mixrun.rig.discover.detect`, same arguments), with what llama.cpp's CPU probe
     found for its host (run once per machine in a child process, then cached)."""
     from mixrun.backends.llamacpp_cpu import finding
-    from mixrun.discover import detect
+    from mixrun.rig.discover import detect
 
     cpu = finding()
     prof, notes = detect(llamacpp_extra_buffers=cpu.buffer_types if cpu.extra_buffers else (), **kwargs)

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ["MIXRUN_CACHE_DIR"] = tempfile.mkdtemp(prefix="mixrun-test-cache-")
 
 import gguf_factory  # noqa: E402
-from mixrun.gguf_spec import read_spec  # noqa: E402
-from mixrun.model_spec import ModelSpec  # noqa: E402
+from mixrun.model.gguf import read_spec  # noqa: E402
+from mixrun.model.spec import ModelSpec  # noqa: E402
 
 
 @pytest.fixture(scope="session")

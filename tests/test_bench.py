@@ -17,10 +17,10 @@ from mixrun.backends.base import Sampling, Stats
 from mixrun.bench import command, measure, results
 from mixrun.bench import record as bench_record
 from mixrun.cli import main
-from mixrun.gguf_spec import read_spec
-from mixrun.model_spec import ModelSpec
+from mixrun.model.gguf import read_spec
+from mixrun.model.spec import ModelSpec
 from mixrun.planner import plan
-from mixrun.profile import load_profile, load_profile_file, save_profile
+from mixrun.rig.profile import load_profile, load_profile_file, save_profile
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

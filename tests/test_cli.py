@@ -87,7 +87,7 @@ def test_wheel_ships_profiles_and_tui(tmp_path: Path) -> None:
     assert "mixrun/tui/__init__.py" in names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("import mixrun, mixrun.profile as p; print(mixrun.__file__); "
+    code = ("import mixrun, mixrun.rig.profile as p; print(mixrun.__file__); "
             "print(len(list(p.bundled_profiles())), p.load_profile('cpu-only').name)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
                        env={**os.environ, "PYTHONPATH": str(site)})

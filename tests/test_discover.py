@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from mixrun.cli import main
-from mixrun.discover import detect, normalize_bus_id
-from mixrun.profile import load_profile_file
+from mixrun.rig.discover import detect, normalize_bus_id
+from mixrun.rig.profile import load_profile_file
 
 
 class FakeNVML:

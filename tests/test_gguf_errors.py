@@ -14,7 +14,7 @@ import pytest
 import gguf_factory
 from mixrun.cli import main
 from mixrun.errors import GGUFError
-from mixrun.gguf_spec import read_spec
+from mixrun.model.gguf import read_spec
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import gguf
 import pytest
 
 import gguf_factory
-from mixrun.gguf_spec import read_spec, split_parts
+from mixrun.model.gguf import read_spec, split_parts
 
 
 def test_smollm2_facts(smollm2: str) -> None:
@@ -122,7 +122,7 @@ def test_split_smollm2_copy_matches_single(smollm2: str, tmp_path: Path) -> None
 
 def test_metadata_arrays_read_back(tmp_path: Path, smollm2: str) -> None:
     """Array values and lengths from the bounded reader equal gguf-py's own, for scalar and string arrays."""
-    from mixrun.gguf_spec import parse_part
+    from mixrun.model.gguf import parse_part
 
     part = parse_part(smollm2)
     stock = gguf.GGUFReader(smollm2)

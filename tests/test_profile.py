@@ -15,7 +15,7 @@ import tomli_w
 
 from mixrun.cli import main
 from mixrun.errors import ProfileError
-from mixrun.profile import (
+from mixrun.rig.profile import (
     RigProfile,
     bundled_profiles,
     dump_profile,

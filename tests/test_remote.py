@@ -13,7 +13,7 @@ import pytest
 
 import gguf_factory
 from mixrun.errors import GGUFError
-from mixrun.gguf_spec import read_spec
+from mixrun.model.gguf import read_spec
 
 
 class _RangeHandler(http.server.BaseHTTPRequestHandler):

@@ -20,7 +20,7 @@ from textual.binding import Binding, BindingType
 
 from mixrun.backends.base import Sampling
 from mixrun.planner.types import Candidate, PlanRequest
-from mixrun.profile import RigProfile
+from mixrun.rig.profile import RigProfile
 from mixrun.tui.plan_screen import PlanScreen
 from mixrun.tui.profiles_screen import ProfilesScreen
 from mixrun.tui.run_screen import RunScreen
@@ -88,7 +88,7 @@ def make_app(model: str | None = None, profile: str | RigProfile | None = None, 
     """The app for ``mixrun tui`` and the tests. ``profile`` is a name, a path, a RigProfile, or None for this
     machine (detected without measuring). Raises :class:`~mixrun.errors.MixrunError` for a bad model, profile
     or request, before any screen exists."""
-    from mixrun.gguf_spec import read_spec
+    from mixrun.model.gguf import read_spec
     from mixrun.planner import plan
 
     if model is None:
@@ -108,7 +108,7 @@ def make_app(model: str | None = None, profile: str | RigProfile | None = None, 
         prof, ref = profile, DETECTED + profile.name
         extra[ref] = prof
     else:
-        from mixrun.profile import load_profile
+        from mixrun.rig.profile import load_profile
 
         prof, ref = load_profile(profile), profile
     req = request or PlanRequest(ctx=ctx)

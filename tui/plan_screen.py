@@ -18,8 +18,8 @@ from textual.widgets import DataTable, Footer, Input, Label, Select, Static
 
 from mixrun.errors import MixrunError
 from mixrun.planner.types import PlanReport, PlanRequest
-from mixrun.profile import RigProfile
 from mixrun.render import fmt_bytes
+from mixrun.rig.profile import RigProfile
 from mixrun.tui.state import PlanState, shared
 from mixrun.tui.views import candidate_detail, commands_text, memory_table, rig_diagram
 from mixrun.tui.widgets import CandidateTable, MemoryBars

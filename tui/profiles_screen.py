@@ -21,7 +21,7 @@ from textual.widgets.option_list import Option
 
 from mixrun.errors import MixrunError
 from mixrun.planner.types import PlanReport
-from mixrun.profile import RigProfile
+from mixrun.rig.profile import RigProfile
 from mixrun.tui.state import DETECTED, PlanState, shared
 from mixrun.tui.views import compare_table, profile_detail, profile_summary
 
@@ -42,7 +42,7 @@ def load_entries(extra: dict[str, RigProfile]) -> list[Entry]:
     from importlib import resources
 
     from mixrun.errors import ProfileError
-    from mixrun.profile import bundled_profiles, load_profile_file, user_profiles
+    from mixrun.rig.profile import bundled_profiles, load_profile_file, user_profiles
 
     out: list[Entry] = []
     users = list(user_profiles())
@@ -113,7 +113,7 @@ class ProfilesScreen(Screen[None]):
         self._load("")
 
     def _title(self, status: str) -> None:
-        from mixrun.profile import user_profile_dir
+        from mixrun.rig.profile import user_profile_dir
 
         out = Text.assemble(("Profiles", "bold"), (f"  user dir {user_profile_dir()}", "dim"))
         if status:
@@ -261,7 +261,7 @@ class ProfilesScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="profiles")
     def _save(self, e: Entry) -> None:
-        from mixrun.profile import save_profile, user_profile_dir
+        from mixrun.rig.profile import save_profile, user_profile_dir
 
         assert e.profile is not None
         try:

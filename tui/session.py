@@ -19,7 +19,7 @@ from mixrun.telemetry import Snapshot
 
 if TYPE_CHECKING:
     from mixrun.planner.types import Candidate
-    from mixrun.profile import RigProfile
+    from mixrun.rig.profile import RigProfile
     from mixrun.run import Launcher, LaunchOptions
 
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
 
-from mixrun.model_spec import ModelSpec
+from mixrun.model.spec import ModelSpec
 from mixrun.planner.types import Candidate, PlanReport, PlanRequest
-from mixrun.profile import RigProfile
+from mixrun.rig.profile import RigProfile
 
 if TYPE_CHECKING:
     from textual.app import App
@@ -53,13 +53,13 @@ class PlanState:
         """A profile by ref (blocking on a file read for names and paths: call from a worker)."""
         if ref in self.extra_profiles:
             return self.extra_profiles[ref]
-        from mixrun.profile import load_profile
+        from mixrun.rig.profile import load_profile
 
         return load_profile(ref)
 
     def profile_choices(self) -> list[tuple[str, str]]:
         """(label, ref) for the profile picker: user, bundled (unless shadowed), detected, and the current one."""
-        from mixrun.profile import bundled_profiles, user_profiles
+        from mixrun.rig.profile import bundled_profiles, user_profiles
 
         users = [(n, n) for n, _ in user_profiles()]
         taken = {n for n, _ in users}

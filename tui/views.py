@@ -15,8 +15,8 @@ from rich.table import Table
 from rich.text import Text
 
 from mixrun.planner.types import Candidate, PlanReport
-from mixrun.profile import Device, Link, RigProfile
 from mixrun.render import fmt_bytes
+from mixrun.rig.profile import Device, Link, RigProfile
 from mixrun.vocab import shown
 
 LINK_STYLE = {"nvlink": "bold green", "nvswitch": "bold green", "infiniband": "cyan", "pcie": "yellow",

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixrun.discover import cpu_info
 from mixrun.errors import MixrunError
+from mixrun.rig.discover import cpu_info
 
 ENV = "MIXRUN_LLAMA_REPACK"
 CACHE_FILE = "llamacpp-cpu.json"

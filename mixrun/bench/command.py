@@ -91,9 +91,9 @@ def bench_command(model: str, profile_ref: str, cfg: BenchConfig, *, splits: str
     import json
 
     from mixrun.backends.loading import free_memory
-    from mixrun.gguf_spec import read_spec
+    from mixrun.model.gguf import read_spec
     from mixrun.planner import PlanRequest, plan
-    from mixrun.profile import load_profile
+    from mixrun.rig.profile import load_profile
 
     cfg.check()
     if record and cfg.simulate:

@@ -12,7 +12,7 @@ from mixrun.errors import MixrunError
 if TYPE_CHECKING:
     from mixrun.backends.base import Engine
     from mixrun.planner.types import Candidate
-    from mixrun.profile import RigProfile
+    from mixrun.rig.profile import RigProfile
     from mixrun.run import LaunchOptions
 
 # Each prompt starts with a different word, so no prompt shares a prefix with the one before.

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from mixrun import __version__
-from mixrun import profile as _profile
 from mixrun.bench.results import BenchReport, Measured
 from mixrun.errors import ProfileError, where
-from mixrun.profile import Result, RigProfile
+from mixrun.rig import profile as _profile
+from mixrun.rig.profile import Result, RigProfile
 
 
 def results_of(rep: BenchReport, date: str | None = None) -> list[Result]:

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from pathlib import PurePath
 
 from mixrun.errors import MixrunError
-from mixrun.model_spec import ModelSpec, with_tensors
+from mixrun.model.spec import ModelSpec, with_tensors
 from mixrun.planner import candidates as cands
 from mixrun.planner.evaluate import Context
 from mixrun.planner.memory import ModelFacts
 from mixrun.planner.types import Candidate, PlanReport, PlanRequest, Suggestion
-from mixrun.profile import RigProfile
+from mixrun.rig.profile import RigProfile
 from mixrun.vocab import Backend, KVType, Split
 
 __all__ = ["PlanRequest", "PlanReport", "Candidate", "Split", "Backend", "KVType", "plan", "PlanError", "spec_at_bpw",

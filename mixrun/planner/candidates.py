@@ -10,13 +10,13 @@ import math
 from collections.abc import Callable, Sequence
 
 from mixrun.alloc import allocate, shares_of
-from mixrun.model_spec import ModelSpec, with_tensors
+from mixrun.model.spec import ModelSpec, with_tensors
 from mixrun.planner.cost import QUANT_KERNEL_EFF, allreduce_s, costs, quant_kernel_bytes, read_time_s, transfer_s
 from mixrun.planner.evaluate import Context, Evaluation, evaluate_pipeline, evaluate_row, planned_capacity
 from mixrun.planner.memory import F32, GPU_OVERHEAD_BYTES, ModelFacts, compute_bytes
 from mixrun.planner.search import StageCosts, Unit, best_layout, exact_boundaries, kv_head_counts, tp_cliques
 from mixrun.planner.types import Candidate, Group
-from mixrun.profile import Device
+from mixrun.rig.profile import Device
 from mixrun.vocab import BACKEND_ARCHS, LLAMACPP_TENSOR_ARCHS, Backend, KVType, Split
 
 GGML_TYPE = {KVType.F16: 1, KVType.Q4_0: 2, KVType.Q8_0: 8}  # llama.cpp's -ctk/-ctv element types (ggml_type)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mixrun.profile import Device, RigProfile
+from mixrun.rig.profile import Device, RigProfile
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,11 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from mixrun.model_spec import ModelSpec
+from mixrun.model.spec import ModelSpec
 from mixrun.planner.cost import allreduce_s, costs, flop_time_s, quant_kernel_bytes, read_time_s, transfer_s
 from mixrun.planner.memory import GPU_OVERHEAD_BYTES, ExtraBuffers, ModelFacts, compute_bytes, output_buffer_bytes
 from mixrun.planner.types import DeviceUse, Group, PlanRequest, Timing
-from mixrun.profile import Device, RigProfile
+from mixrun.rig.profile import Device, RigProfile
 
 F32 = 4
 

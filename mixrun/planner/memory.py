@@ -25,7 +25,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cached_property
 
-from mixrun.model_spec import ModelSpec, TensorSpec
+from mixrun.model.spec import ModelSpec, TensorSpec
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mixrun.alloc import allocate, shares_of
-from mixrun.profile import Device, RigProfile
+from mixrun.rig.profile import Device, RigProfile
 
 FAST_LINKS = ("nvlink", "nvswitch")
 

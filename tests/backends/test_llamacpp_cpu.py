@@ -19,7 +19,7 @@ import pytest
 import gguf_factory
 from mixrun.backends import llamacpp_cpu as guard
 from mixrun.backends.llamacpp_cpu import CpuFinding, LlamaCppCpuError, ProbeRun, probe, run_child
-from mixrun.discover import cpu_info
+from mixrun.rig.discover import cpu_info
 
 X86 = frozenset({"pni", "ssse3", "avx", "avx2", "f16c", "fma", "bmi2", "avx512f", "avx512_vnni"})
 INFO = json.dumps({"system_info": "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | FMA = 1 | LLAMAFILE = 1 | REPACK = 1 | "})

@@ -15,9 +15,9 @@ import pytest
 from mixrun.backends.llamacpp import LlamaCppEngine, llama_kwargs
 from mixrun.backends.loading import LoadProgress, free_memory, preflight
 from mixrun.errors import MixrunError
-from mixrun.model_spec import ModelSpec
+from mixrun.model.spec import ModelSpec
 from mixrun.planner import PlanRequest, plan
-from mixrun.profile import load_profile
+from mixrun.rig.profile import load_profile
 
 LLAMA_PARAMS = set(inspect.signature(llama_cpp.Llama.__init__).parameters)
 

@@ -31,7 +31,7 @@ from mixrun.backends.torch.model import ModelConfig, Norm, RMSNorm, Rope, Transf
 from mixrun.backends.torch.parallel import Comm, Layout, Stage, vocab_sizes
 from mixrun.backends.torch.weights import materialize
 from mixrun.errors import MixrunError, RuntimeFailure
-from mixrun.gguf_spec import TensorFile
+from mixrun.model.gguf import TensorFile
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=64)
 
@@ -153,10 +153,10 @@ def test_layouts_from_plans_and_checks() -> None:
 def test_tp_layout_from_a_plan_takes_its_kv_heads(smollm2: str) -> None:
     """The runtime takes a plan's KV heads as they are, and sizes FFN and vocabulary shards with the planner's own
     allocator (no float shares, no second allocator)."""
-    from mixrun.gguf_spec import read_spec
+    from mixrun.model.gguf import read_spec
     from mixrun.planner import PlanRequest, plan
     from mixrun.planner.types import Group
-    from mixrun.profile import load_profile
+    from mixrun.rig.profile import load_profile
 
     spec = read_spec(smollm2)
     c = plan(load_profile("dual-3090-nvlink-plus-3060"), spec, PlanRequest(backend="torch", split="hybrid")).best
@@ -335,7 +335,7 @@ def test_gguf_blocks_kept_on_the_device_equal_dense_weights(smollm2: str) -> Non
     """GPU ranks keep quantized matrices in their GGUF blocks and dequantize each right before its product (torch
     code, so it runs on CPU ranks too): the same logits and tokens as float32 weights, TP=1 and the hybrid, at
     exactly the GGUF bytes the planner counts (the tied output is the embedding table, held once)."""
-    from mixrun.gguf_spec import read_spec
+    from mixrun.model.gguf import read_spec
 
     toks = [504, 3575, 282, 4649, 314, 7042, 30]
     dense_logits, dense_tokens, _t, dense_ready = _run(smollm2, None, toks)
@@ -355,7 +355,7 @@ def test_gguf_blocks_kept_on_the_device_equal_dense_weights(smollm2: str) -> Non
 def test_gguf_blocks_with_bias_and_untied_output_at_tp2(tmp_path: Path) -> None:
     """A Q8_0 qwen2 (QKV bias, its own output matrix) at TP=2 keeps every matrix in blocks: logits equal to dense
     weights, and each rank holds half the matrices and biases plus the replicated norm weights."""
-    from mixrun.gguf_spec import read_spec
+    from mixrun.model.gguf import read_spec
 
     path = str(gguf_factory.write_model(tmp_path / "q8.gguf", "qwen2", n_layers=2, n_embd=128, n_head=4,
                                         n_head_kv=2, n_ff=256, n_vocab=64, tied=False, merges=True, seed=3,
@@ -390,7 +390,7 @@ def test_two_hosts_on_loopback_through_torchrun(smollm2: str) -> None:
     """A plan over two hosts of a profile: each host's torchrun command (c10d rendezvous) runs on loopback, the
     workers connect back and get their ranks; the answer equals the single-process one."""
     from mixrun.backends.torch.launch import Slot, torchrun_commands
-    from mixrun.profile import load_profile
+    from mixrun.rig.profile import load_profile
 
     prof = load_profile("two-hosts-2x3090-10gbe")
     slots = [Slot(0, "a.gpu0", "a", 0, "cuda:0"), Slot(1, "a.gpu1", "a", 1, "cuda:1"), Slot(2, "b.gpu0", "b", 0, "cuda:0")]

@@ -17,7 +17,7 @@ from mixrun.backends.torch.cpu_matvec import ENV, LINEAR, ROWBLOCK, Choice
 from mixrun.backends.torch.model import ModelConfig, Transformer
 from mixrun.backends.torch.parallel import Comm, Stage
 from mixrun.backends.torch.step import decode_step
-from mixrun.gguf_spec import TensorFile
+from mixrun.model.gguf import TensorFile
 
 CPU = torch.device("cpu")
 

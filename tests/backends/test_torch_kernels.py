@@ -123,7 +123,7 @@ def _part(path, blocks: bool):
     from mixrun.backends.torch import weights
     from mixrun.backends.torch.model import ModelConfig
     from mixrun.backends.torch.parallel import Comm, Stage
-    from mixrun.gguf_spec import TensorFile
+    from mixrun.model.gguf import TensorFile
 
     tf = TensorFile(str(path))
     cfg = ModelConfig.from_gguf(tf.spec, tf.fields)

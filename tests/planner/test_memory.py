@@ -13,8 +13,8 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 import gguf_factory
-from mixrun.gguf_spec import read_spec
-from mixrun.model_spec import ModelSpec, TensorSpec
+from mixrun.model.gguf import read_spec
+from mixrun.model.spec import ModelSpec, TensorSpec
 from mixrun.planner import PlanRequest, plan
 from mixrun.planner.memory import (
     GIB,
@@ -26,7 +26,7 @@ from mixrun.planner.memory import (
     extra_copy_bytes,
 )
 from mixrun.planner.types import Candidate, DeviceUse
-from mixrun.profile import RigProfile
+from mixrun.rig.profile import RigProfile
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 RESULTS = BENCHMARKS / "llamacpp_memory_results.json"

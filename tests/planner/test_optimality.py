@@ -7,12 +7,12 @@ import random
 
 import pytest
 
-from mixrun.model_spec import ModelSpec
+from mixrun.model.spec import ModelSpec
 from mixrun.planner.candidates import torch_plan, torch_units
 from mixrun.planner.evaluate import Context, evaluate_pipeline
 from mixrun.planner.memory import ModelFacts
 from mixrun.planner.types import Group, PlanRequest
-from mixrun.profile import FORMAT, Device, Link, RigProfile
+from mixrun.rig.profile import FORMAT, Device, Link, RigProfile
 
 CARDS = [("RTX 3090", 24.0, 936.0, 71.0), ("RTX 3060", 12.0, 360.0, 25.6), ("RTX 4090", 24.0, 1008.0, 165.0),
          ("Tesla P40", 24.0, 346.0, 11.8), ("RTX A4000", 16.0, 448.0, 76.7)]

@@ -11,11 +11,11 @@ import pytest
 
 import gguf_factory
 from mixrun.cli import main
-from mixrun.gguf_spec import read_spec
-from mixrun.model_spec import ModelSpec
+from mixrun.model.gguf import read_spec
+from mixrun.model.spec import ModelSpec
 from mixrun.planner import PlanError, PlanRequest, cost, plan, scaled_spec, spec_at_bpw
 from mixrun.planner.types import Candidate, Group, Split
-from mixrun.profile import Result, load_profile
+from mixrun.rig.profile import Result, load_profile
 
 
 def _assert_hybrid_shape(c: Candidate) -> None:
@@ -142,7 +142,7 @@ def two_host(device_id: str) -> str:
 
 def test_not_plannable_and_bad_request(tmp_path, llama70b: ModelSpec) -> None:
     import gguf_factory
-    from mixrun.gguf_spec import read_spec
+    from mixrun.model.gguf import read_spec
 
     mamba = read_spec(gguf_factory.write_model(tmp_path / "m.gguf", "mamba"))
     with pytest.raises(PlanError, match="not plannable yet"):
@@ -217,7 +217,7 @@ def test_kv_suggestions_only_offer_smaller_caches(llama70b: ModelSpec) -> None:
 def test_torch_on_a_cpu_counts_the_float32_copies_it_holds(smollm2: str) -> None:
     """CPU ranks dequantize once to float32: the torch candidate on a CPU-only rig holds (and streams) 4 bytes per
     weight, where llama.cpp holds the Q4_1 file's bytes."""
-    from mixrun.gguf_spec import read_spec
+    from mixrun.model.gguf import read_spec
 
     spec = read_spec(smollm2)
     rep = plan(load_profile("cpu-only"), spec, PlanRequest(ctx=4096))

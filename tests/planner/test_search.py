@@ -11,12 +11,12 @@ import pytest
 
 from mixrun.planner.candidates import llamacpp_layer_map, ts_for_counts
 from mixrun.planner.search import Unit, exact_boundaries, kv_head_counts, tp_cliques
-from mixrun.profile import load_profile
+from mixrun.rig.profile import load_profile
 
 
 def test_planner_is_pure() -> None:
     code = ("import sys, mixrun.planner, mixrun.planner.candidates; "
-            "print(sorted(m for m in ('torch', 'textual', 'pynvml', 'llama_cpp', 'mixrun.gguf_spec', 'rich') "
+            "print(sorted(m for m in ('torch', 'textual', 'pynvml', 'llama_cpp', 'mixrun.model.gguf', 'rich') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -8,7 +8,7 @@ from typing import Any
 from textual.widgets import OptionList
 from tui_helpers import asynctest, plain, wait_for
 
-from mixrun.profile import bundled_profiles
+from mixrun.rig.profile import bundled_profiles
 from mixrun.tui import make_app
 from mixrun.tui.plan_screen import PlanScreen
 from mixrun.tui.profiles_screen import ProfilesScreen

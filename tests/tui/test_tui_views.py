@@ -9,9 +9,9 @@ import pytest
 from tui_helpers import FakeEngine, FakeLauncher, plain
 
 from mixrun.backends.base import Sampling
-from mixrun.gguf_spec import read_spec
+from mixrun.model.gguf import read_spec
 from mixrun.planner import PlanRequest, plan
-from mixrun.profile import load_profile
+from mixrun.rig.profile import load_profile
 from mixrun.run import LaunchOptions
 from mixrun.telemetry import LinkSample, Snapshot
 from mixrun.tui import meter, views

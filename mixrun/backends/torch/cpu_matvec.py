@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from mixrun.discover import cpu_info
+from mixrun.rig.discover import cpu_info
 
 LINEAR, ROWBLOCK = "linear", "rowblock"
 KERNELS = (LINEAR, ROWBLOCK)

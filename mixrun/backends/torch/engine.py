@@ -58,7 +58,7 @@ class TorchEngine:
         self._sampler: DeviceSampler | None = None
         from mixrun.backends.torch.launch import Slot, start_hosts, start_local
         from mixrun.backends.torch.parallel import Layout, Stage
-        from mixrun.gguf_spec import read_spec
+        from mixrun.model.gguf import read_spec
 
         if not os.path.isfile(model):
             raise GGUFError(where(model, "no such file"))

@@ -50,7 +50,7 @@ class Rank:
         from mixrun.backends.torch import weights
         from mixrun.backends.torch.model import ModelConfig, fused_kernels
         from mixrun.backends.torch.parallel import Comm, Layout, vocab_sizes
-        from mixrun.gguf_spec import TensorFile
+        from mixrun.model.gguf import TensorFile
 
         self.torch, self.dist, self.link, self.rank, self.world = torch, dist, link, rank, world
         self.layout = Layout.from_json(job["layout"])

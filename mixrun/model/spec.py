@@ -3,7 +3,7 @@
 Conventions:
 - Tensor shapes are in row-major (PyTorch/NumPy) order, outermost first: ``token_embd.weight`` is
   ``(n_vocab, n_embd)`` and ``blk.0.attn_q.weight`` is ``(n_head * head_dim, n_embd)``. GGML's ne0-first order
-  is reversed once, in ``gguf_spec.parse_part``.
+  is reversed once, in ``mixrun.model.gguf.parse_part``.
 - Bytes are ints named ``*_bytes``. Layer indices are 0-based.
 """
 

@@ -2,7 +2,7 @@
 read before downloading it.
 
 The bytes fetched so far are written at their offsets into a sparse temporary file as large as the remote file.
-The GGUF reader (:mod:`mixrun.gguf_spec`) parses that file up to what was fetched and asks for more where the header
+The GGUF reader (:mod:`mixrun.model.gguf`) parses that file up to what was fetched and asks for more where the header
 runs past it; this module only fetches. Tensor data is never downloaded.
 """
 

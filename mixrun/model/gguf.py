@@ -22,7 +22,7 @@ from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, Keys
 from gguf.constants import GGUF_MAGIC
 
 from mixrun.errors import GGUFError, where
-from mixrun.model_spec import KVLayer, ModelSpec, RopeSpec, TensorSpec, build_spec
+from mixrun.model.spec import KVLayer, ModelSpec, RopeSpec, TensorSpec, build_spec
 
 SUPPORTED_VERSIONS = (2, 3)
 # Smallest on-disk size of one metadata entry (key length u64 + empty key + type u32 + one u8 value) and of one
@@ -307,7 +307,7 @@ def split_urls(url: str) -> list[str]:
 def _read_remote_parts(url: str) -> list[_Part]:
     """Parse the header of each part of a remote model, fetching only as much of each as its header needs: a parse
     that runs past the fetched bytes says how far it needs to get, and only the missing bytes are fetched."""
-    from mixrun.remote import FIRST_WINDOW_BYTES, RangeReader
+    from mixrun.model.remote import FIRST_WINDOW_BYTES, RangeReader
 
     out = []
     with tempfile.TemporaryDirectory(prefix="mixrun-remote-") as tmp:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mixrun import __version__
-from mixrun.profile import FORMAT, GIB, Device, Host, Link, RigProfile
+from mixrun.rig.profile import FORMAT, GIB, Device, Host, Link, RigProfile
 
 # One-direction PCIe rate per lane in GB/s by generation (after 8b/10b or 128b/130b encoding).
 PCIE_LANE_GBS = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}

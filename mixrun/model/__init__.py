@@ -1,0 +1,2 @@
+"""Models: the spec values (:mod:`.spec`), the one bounded GGUF reader (:mod:`.gguf`) and its HTTP byte source
+(:mod:`.remote`)."""
