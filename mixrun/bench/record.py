@@ -15,6 +15,7 @@ from typing import Any
 from mixrun import __version__
 from mixrun.bench.results import BenchReport, Measured
 from mixrun.errors import ProfileError, where
+from mixrun.planner.types import Candidate
 from mixrun.rig import profile as _profile
 from mixrun.rig.profile import Result, RigProfile
 
@@ -26,20 +27,22 @@ def results_of(rep: BenchReport, date: str | None = None) -> list[Result]:
     for m in rep.results:
         if m.decode is None:
             continue
-        for label, split, backend in _targets(m):
-            out.append(_result(m, rep, label, split, backend, date))
+        for c in _targets(m):
+            out.append(_result(m, rep, c, date))
     return out
 
 
-def _targets(m: Measured) -> list[tuple[str, str, str]]:
-    return [(c.label, c.split.value, c.backend.value) for c in (m.candidate, *m.twins)]
+def _targets(m: Measured) -> list[Candidate]:
+    return [m.candidate, *m.twins]
 
 
-def _result(m: Measured, rep: BenchReport, label: str, split: str, backend: str, date: str) -> Result:
+def _result(m: Measured, rep: BenchReport, c: Candidate, date: str) -> Result:
     d, p = m.decode, m.prefill
     assert d is not None
     runs = [r for r in m.runs if r.decode_tok_s > 0]
-    return Result(model=Path(rep.model).name, split=split, backend=backend, label=label,
+    return Result(model=Path(rep.model).name, split=c.split, backend=c.backend, label=c.label,
+                  predicted_decode_tok_s=round(c.model_decode_tok_s, 2) or None,
+                  predicted_prefill_tok_s=round(c.model_prefill_tok_s, 1) or None,
                   decode_tok_s=round(d.median, 2), decode_tok_s_min=round(d.lo, 2), decode_tok_s_max=round(d.hi, 2),
                   prefill_tok_s=round(p.median, 2) if p else None, prefill_tok_s_min=round(p.lo, 2) if p else None,
                   prefill_tok_s_max=round(p.hi, 2) if p else None, model_bytes=rep.model_bytes, ctx=rep.config.ctx,

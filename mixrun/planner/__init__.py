@@ -54,22 +54,39 @@ def build_candidates(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> 
 
 
 def _apply_measured(profile: RigProfile, spec: ModelSpec, out: list[Candidate]) -> list[Candidate]:
-    """Use the profile's recorded results for this model file, split and backend in place of predictions.
+    """Use the profile's recorded results (``mixrun bench --record``) in place of predictions.
 
-    A result that names the file's size, or the candidate's label (two llama.cpp layer candidates share a split),
-    applies only when those match too; the last matching result wins."""
+    A result of this model file, split and backend replaces the candidate's figures. A result that names the file's
+    size, or the candidate's label (two llama.cpp layer candidates share a split), applies only when those match too;
+    the last matching result wins. Otherwise the newest result of the same layout (backend and label) on another
+    model, if it recorded what was predicted, scales the prediction by measured / predicted: the cost model's
+    constants are averages, and a rig's own CPU or GPUs may run a backend faster or slower (the torch backend's
+    CPU products, for one, differ 2.5x between an AMD EPYC and an Intel Xeon)."""
     name = PurePath(spec.source).name
     done = []
     for c in out:
-        hits = [r for r in profile.results if r.model == name and r.split == c.split.value
-                and (r.backend is None or r.backend == c.backend.value)
+        hits = [r for r in profile.results if r.model == name and r.split == c.split
+                and (r.backend is None or r.backend == c.backend)
                 and (r.label is None or r.label == c.label)
                 and (r.model_bytes is None or r.model_bytes == spec.file_bytes)]
+        scale = [r for r in profile.results if r.model != name and r.backend == c.backend and r.label == c.label
+                 and r.predicted_decode_tok_s]
         if hits:
             r = hits[-1]
             c = dataclasses.replace(c, decode_tok_s=r.decode_tok_s, prefill_tok_s=r.prefill_tok_s or c.prefill_tok_s,
-                                    measured=True, why=c.why + f"; measured {r.decode_tok_s:g} tok/s"
+                                    measured=True, predicted_decode_tok_s=c.decode_tok_s,
+                                    predicted_prefill_tok_s=c.prefill_tok_s,
+                                    why=c.why + f"; measured {r.decode_tok_s:g} tok/s"
                                     + (f" on {r.date}" if r.date else ""))
+        elif scale:
+            r = scale[-1]
+            k = r.decode_tok_s / r.predicted_decode_tok_s
+            kp = r.prefill_tok_s / r.predicted_prefill_tok_s if r.prefill_tok_s and r.predicted_prefill_tok_s else 1.0
+            if abs(k - 1) > 0.05 or abs(kp - 1) > 0.05:
+                c = dataclasses.replace(c, decode_tok_s=c.decode_tok_s * k, prefill_tok_s=c.prefill_tok_s * kp,
+                                        predicted_decode_tok_s=c.decode_tok_s, predicted_prefill_tok_s=c.prefill_tok_s,
+                                        why=c.why + f"; x{k:.2f} as measured on {r.model}"
+                                        + (f" ({r.date[:10]})" if r.date else ""))
         done.append(c)
     return done
 

@@ -147,10 +147,23 @@ class Candidate:
     commands: dict[str, str] = field(default_factory=dict)
     llama_kwargs: dict[str, Any] = field(default_factory=dict)
     measured: bool = False  # decode/prefill figures come from the profile's recorded results
+    # the cost model's own figures where recorded results replaced or scaled them (None: decode_tok_s is the model's)
+    predicted_decode_tok_s: float | None = None
+    predicted_prefill_tok_s: float | None = None
 
     @property
     def fits(self) -> bool:
         return all(d.fits for d in self.devices)
+
+    @property
+    def model_decode_tok_s(self) -> float:
+        """The cost model's decode prediction, before any recorded result replaced or scaled it."""
+        return self.predicted_decode_tok_s if self.predicted_decode_tok_s is not None else self.decode_tok_s
+
+    @property
+    def model_prefill_tok_s(self) -> float:
+        return self.predicted_prefill_tok_s if self.predicted_prefill_tok_s is not None else self.prefill_tok_s
+
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -163,6 +176,9 @@ class Candidate:
             out["llama_cpp_kwargs"] = dict(self.llama_kwargs)
         if self.measured:
             out["measured"] = True
+        if self.predicted_decode_tok_s is not None:  # the cost model's own figures, before recorded results
+            out["predicted_decode_tok_s"] = round(self.predicted_decode_tok_s, 2)
+            out["predicted_prefill_tok_s"] = round(self.model_prefill_tok_s, 1)
         return out
 
 

@@ -131,6 +131,9 @@ class Result(_Strict):
     decode_tok_s_max: Annotated[float, Field(gt=0, le=1e7)] | None = None
     prefill_tok_s_min: Annotated[float, Field(gt=0, le=1e9)] | None = None
     prefill_tok_s_max: Annotated[float, Field(gt=0, le=1e9)] | None = None
+    # what the planner predicted for this run: other models' plans on this rig are scaled by measured / predicted
+    predicted_decode_tok_s: Annotated[float, Field(gt=0, le=1e7)] | None = None
+    predicted_prefill_tok_s: Annotated[float, Field(gt=0, le=1e9)] | None = None
 
 
 class RigProfile(_Strict):

@@ -109,6 +109,41 @@ def test_measured_results_win(llama70b: ModelSpec) -> None:
     assert rep.best.decode_tok_s == 99.0 and "measured" in rep.best.why
 
 
+def test_a_backend_measured_on_another_model_scales_its_predictions(smollm2: str) -> None:
+    """`mixrun bench --record` stores what was predicted beside what was measured; on the same rig, the same layout
+    of another model is then predicted at that ratio (the torch backend's CPU products run 2.5x slower on an Intel
+    Xeon than the constants assume, for one). The other backend, and the measured model itself, keep theirs."""
+    spec = read_spec(smollm2)
+    prof = load_profile("cpu-only")
+    before = {c.label: c for c in plan(prof, spec).candidates}
+    torch_label = next(lbl for lbl, c in before.items() if c.backend == "torch")
+    intel = Result(model="other.gguf", split="none", backend="torch", label=torch_label, decode_tok_s=14.8,
+                   predicted_decode_tok_s=43.5, prefill_tok_s=200.0, predicted_prefill_tok_s=400.0,
+                   date="2026-12-03T10:00:00Z")
+    after = {c.label: c for c in plan(prof.model_copy(update={"results": (intel,)}), spec).candidates}
+    t0, t1 = before[torch_label], after[torch_label]
+    assert t1.decode_tok_s == pytest.approx(t0.decode_tok_s * 14.8 / 43.5) and not t1.measured
+    assert t1.prefill_tok_s == pytest.approx(t0.prefill_tok_s * 0.5)
+    assert t1.model_decode_tok_s == t0.decode_tok_s and "x0.34 as measured on other.gguf (2026-12-03)" in t1.why
+    assert t1.to_json()["predicted_decode_tok_s"] == round(t0.decode_tok_s, 2)
+    llama = next(lbl for lbl, c in before.items() if c.backend == "llama.cpp")
+    assert after[llama].decode_tok_s == before[llama].decode_tok_s
+    # a result without the prediction (older mixrun) scales nothing; within 5% is noise
+    for r in (intel.model_copy(update={"predicted_decode_tok_s": None, "predicted_prefill_tok_s": None}),
+              intel.model_copy(update={"decode_tok_s": 42.0, "prefill_tok_s": 390.0})):
+        same = {c.label: c for c in plan(prof.model_copy(update={"results": (r,)}), spec).candidates}
+        assert same[torch_label].decode_tok_s == t0.decode_tok_s
+    # bench --record writes the prediction, the cost model's own even where a recorded figure replaced it
+    from mixrun.bench.record import _result
+    from mixrun.bench.results import BenchConfig, BenchReport, Measured, Run
+
+    m = Measured(candidate=t1, runs=[Run(32, 32, 8, 0.1, 0.5, "length")])
+    rep = BenchReport(model=smollm2, model_bytes=spec.file_bytes, profile="cpu-only", config=BenchConfig(),
+                      results=[m])
+    rec = _result(m, rep, t1, "2026-12-03")
+    assert rec.predicted_decode_tok_s == round(t0.decode_tok_s, 2) and rec.decode_tok_s == m.decode.median
+
+
 def test_fewer_devices_can_be_faster(small_spec: ModelSpec) -> None:
     """A model that fits one card: a layer split gains nothing, so the optimized -ts uses the faster card alone,
     while llama.cpp's default split also drags in the slower one."""
