@@ -30,3 +30,12 @@ class RuntimeFailure(MixrunError):
 def where(path: object, problem: str) -> str:
     """The canonical ``FILE: problem`` message."""
     return f"{path}: {problem}"
+
+
+def read_problem(e: OSError, what: str) -> str:
+    """The problem, in words, of an OSError raised reading a file that should be ``what`` ("a GGUF file")."""
+    if isinstance(e, FileNotFoundError):
+        return "no such file"
+    if isinstance(e, IsADirectoryError):
+        return f"is a directory, not {what}"
+    return f"cannot read ({e.strerror})"

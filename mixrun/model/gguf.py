@@ -21,7 +21,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, Keys
 from gguf.constants import GGUF_MAGIC
 
-from mixrun.errors import GGUFError, where
+from mixrun.errors import GGUFError, read_problem, where
 from mixrun.model.spec import KVLayer, ModelSpec, RopeSpec, TensorSpec, build_spec
 
 SUPPORTED_VERSIONS = (2, 3)
@@ -183,12 +183,8 @@ def parse_part(path: str, *, header_limit: int | None = None, display: str | Non
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             pre = f.read(24)
-    except FileNotFoundError:
-        raise GGUFError(where(name, "no such file")) from None
-    except IsADirectoryError:
-        raise GGUFError(where(name, "is a directory, not a GGUF file")) from None
     except OSError as e:
-        raise GGUFError(where(name, f"cannot read ({e.strerror})")) from None
+        raise GGUFError(where(name, read_problem(e, "a GGUF file"))) from None
     version = _check_preamble(name, pre, size)
     try:
         reader = _BoundedReader(path, header_limit)

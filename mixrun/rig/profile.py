@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from mixrun import vocab
-from mixrun.errors import ProfileError, where
+from mixrun.errors import ProfileError, read_problem, where
 
 FORMAT = "mixrun-profile/1"
 GIB = 1 << 30
@@ -279,14 +279,10 @@ def load_profile_file(path: str | os.PathLike[str]) -> RigProfile:
         if size > MAX_PROFILE_BYTES:
             raise ProfileError(where(p, f"{size:,} bytes is too large for a profile (limit {MAX_PROFILE_BYTES:,})"))
         text = p.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ProfileError(where(p, "no such file")) from None
-    except IsADirectoryError:
-        raise ProfileError(where(p, "is a directory, not a profile")) from None
     except UnicodeDecodeError:
         raise ProfileError(where(p, "not UTF-8 text")) from None
     except OSError as e:
-        raise ProfileError(where(p, f"cannot read ({e.strerror})")) from None
+        raise ProfileError(where(p, read_problem(e, "a profile"))) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
