@@ -88,7 +88,7 @@ def _raw_child(cfg_json: str) -> None:
     import llama_cpp
 
     from mixrun.backends.llamacpp_cpu import finding
-    from mixrun.backends.loading import llama_params
+    from mixrun.backends.llamacpp_load import llama_params
 
     cfg = json.loads(cfg_json)
     with llama_params(llama_cpp, extra_buffers=finding().extra_buffers):  # what mixrun chat loads with on this CPU

@@ -76,7 +76,7 @@ def kernel_bandwidth(threads: int, rounds: int = 5) -> dict[str, float]:
     import torch.nn.functional as F
 
     from mixrun.backends.torch.cpu_matvec import cpu_chunks
-    from mixrun.backends.torch.model import Weight
+    from mixrun.backends.torch.linear import Weight
     from mixrun.backends.torch.weights import materialize
 
     torch.set_num_threads(threads)

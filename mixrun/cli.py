@@ -18,6 +18,83 @@ from mixrun.vocab import AUTO, Backend, KVType, Split, choices
 
 SPLITS = choices(Split, auto=True)
 BACKENDS = choices(Backend, auto=True)
+# Piped input is a prompt, not a corpus: more than this is refused before anything is tokenized.
+MAX_STDIN_BYTES = 4 * 1024 * 1024
+# ggml's GGML_MAX_N_THREADS: more threads crash or hang inside llama.cpp.
+MAX_THREADS = 512
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``mixrun chat: error: argument --top-p: ...``) and exit 2."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        from mixrun.fsutil import shown
+
+        self.exit(2, f"{self.prog}: error: {shown(message, 500)} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Any:
+    """An argparse ``type=`` for a finite ``kind`` (int or float) within ``[lo, hi]`` (``(lo, hi]`` with
+    ``lo_open``); the error names the bound."""
+    import math
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+        if low_bad or (hi is not None and value > hi):
+            low = "" if lo is None else f"{'over' if lo_open else 'at least'} {show(lo)}"
+            high = "" if hi is None else f"at most {show(hi)}"
+            must = " and ".join(x for x in (low, high) if x)
+            raise argparse.ArgumentTypeError(f"{show(value)} is out of range (must be {must})")
+        return value
+
+    def show(x: float) -> str:
+        return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+def _text(limit: int, *, empty: bool = True) -> Any:
+    """An argparse ``type=`` for text: valid UTF-8 (argv bytes that are not arrive as surrogates), at most ``limit``
+    characters, and not empty unless ``empty``."""
+
+    def parse(text: str) -> str:
+        if not text and not empty:
+            raise argparse.ArgumentTypeError("must not be empty")
+        try:
+            text.encode("utf-8")
+        except UnicodeError:
+            raise argparse.ArgumentTypeError("not valid UTF-8 text") from None
+        if len(text) > limit:
+            raise argparse.ArgumentTypeError(f"{len(text):,} characters is too long (limit {limit:,})")
+        return text
+
+    parse.__name__ = "text"
+    return parse
+
+
+def read_stdin_prompt(limit: int = MAX_STDIN_BYTES) -> str:
+    """The prompt piped on stdin: UTF-8, at most ``limit`` bytes (read no further), not empty. MixrunError if not."""
+    from mixrun.errors import MixrunError
+
+    stream = getattr(sys.stdin, "buffer", None)
+    data = stream.read(limit + 1) if stream is not None else sys.stdin.read(limit + 1).encode("utf-8", "replace")
+    if len(data) > limit:
+        raise MixrunError(f"stdin: more than {limit:,} bytes of input (the limit for a prompt); give a shorter one")
+    try:
+        prompt = data.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise MixrunError(f"stdin: not valid UTF-8 text (byte {e.start:,})") from None
+    if not prompt:
+        raise MixrunError("stdin: no prompt given (empty input)")
+    return prompt
 
 
 def _print_json(obj: Any) -> None:
@@ -157,12 +234,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
                         repeat_penalty=args.repeat_penalty, seed=args.seed, max_tokens=args.max_tokens,
                         stop=tuple(args.stop or ()))
     prompt = args.prompt
-    if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read().strip()
-        if not prompt:
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.closed:
             from mixrun.errors import MixrunError
 
-            raise MixrunError("stdin: no prompt given (empty input)")
+            raise MixrunError("stdin: closed, and no --prompt given")
+        if not sys.stdin.isatty():
+            prompt = read_stdin_prompt()
     model = args.model or default_model()
     profile, candidate = _plan_for_chat(args, model)
     opts = LaunchOptions(n_ctx=args.ctx, n_threads=args.threads, seed=args.seed, simulate=args.simulate,
@@ -197,7 +275,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mixrun", description="Plan and run GGUF models on asymmetric multi-GPU rigs.")
+    p = _Parser(prog="mixrun", description="Plan and run GGUF models on asymmetric multi-GPU rigs.")
     p.add_argument("--version", action="version", version=f"mixrun {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -232,18 +310,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="load even when the plan does not fit")
     c.add_argument("--simulate", action="store_true",
                    help="torch backend: one CPU process stands in for each planned device (any plan runs here)")
-    c.add_argument("--prompt", help="answer this once and exit (stdin that is not a terminal works too)")
-    c.add_argument("--system", help="system prompt")
-    c.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
-    c.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)")
-    c.add_argument("--max-tokens", type=int, default=512)
-    c.add_argument("--temperature", type=float, default=0.7, help="0 is greedy and deterministic")
-    c.add_argument("--top-p", type=float, default=0.95)
-    c.add_argument("--top-k", type=int, default=40)
-    c.add_argument("--min-p", type=float, default=0.05)
-    c.add_argument("--repeat-penalty", type=float, default=1.1)
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--stop", action="append", help="stop at this text (repeatable)")
+    c.add_argument("--prompt", type=_text(MAX_STDIN_BYTES),
+                   help="answer this once and exit (stdin that is not a terminal works too, up to 4 MiB)")
+    c.add_argument("--system", type=_text(MAX_STDIN_BYTES), help="system prompt")
+    c.add_argument("--ctx", type=_number(int, 16, 1 << 24), default=4096,
+                   help="context length in tokens, 16 to 16,777,216 (default 4096)")
+    c.add_argument("--threads", type=_number(int, 1, MAX_THREADS), default=None,
+                   help=f"CPU threads, 1 to {MAX_THREADS} (default: llama.cpp's choice)")
+    c.add_argument("--max-tokens", type=_number(int, 1, 1 << 24), default=512, help="at least 1 (default 512)")
+    c.add_argument("--temperature", type=_number(float, 0, 100), default=0.7,
+                   help="0 to 100; 0 is greedy and deterministic")
+    c.add_argument("--top-p", type=_number(float, 0, 1), default=0.95, help="0 to 1")
+    c.add_argument("--top-k", type=_number(int, 0, 1 << 20), default=40, help="0 (off) or more")
+    c.add_argument("--min-p", type=_number(float, 0, 1), default=0.05, help="0 to 1")
+    c.add_argument("--repeat-penalty", type=_number(float, 0, 100, lo_open=True), default=1.1,
+                   help="over 0, at most 100; 1 is off")
+    c.add_argument("--seed", type=_number(int, 0, (1 << 32) - 1), default=None, help="0 to 4294967295")
+    c.add_argument("--stop", action="append", type=_text(1000, empty=False), help="stop at this text (repeatable)")
     c.add_argument("--json", action="store_true", help="with --prompt or piped input: print answer and stats as JSON")
     c.add_argument("--quiet", action="store_true", help="no stats line")
     c.set_defaults(func=cmd_chat)
@@ -257,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=int, default=256, help="prompt length in tokens (default 256)")
     b.add_argument("--repeats", type=int, default=3, help="measured runs per candidate (default 3)")
     b.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
-    b.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: as `mixrun chat`, the backend's own choice)")
+    b.add_argument("--threads", type=_number(int, 1, MAX_THREADS), default=None,
+                   help=f"CPU threads, 1 to {MAX_THREADS} (default: as `mixrun chat`, the backend's own choice)")
     b.add_argument("--simulate", action="store_true",
                    help="run the torch candidates on CPU processes, one per planned device (llama.cpp ones are skipped)")
     b.add_argument("--record", action="store_true",

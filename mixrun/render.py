@@ -1,4 +1,5 @@
-"""Human output for the CLI (rich). The only place bytes become GiB."""
+"""Human output for the CLI (rich): models, profiles and plans as tables. Byte counts become text through
+:mod:`mixrun.units`."""
 
 from __future__ import annotations
 
@@ -11,22 +12,16 @@ from typing import Any
 
 from mixrun.model.spec import ModelSpec
 from mixrun.rig.profile import RigProfile
+from mixrun.units import fmt_bytes
 from mixrun.vocab import KVType
 
-GIB = 1 << 30
-MIB = 1 << 20
 
+def safe(text: object) -> str:
+    """Untrusted text (a GGUF's name, architecture, tensor names) made inert for a terminal: control and other
+    non-printable characters (ESC/OSC sequences, bidi overrides) escaped as ``\\x1b``, and rich markup escaped."""
+    from rich.markup import escape
 
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    if abs(n) >= GIB:
-        return f"{n / GIB:.2f} GiB"
-    if abs(n) >= MIB:
-        return f"{n / MIB:.1f} MiB"
-    if abs(n) >= 1024:
-        return f"{n / 1024:.1f} KiB"
-    return f"{n} B"
+    return escape("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)))
 
 
 def _console(stderr: bool = False) -> Any:
@@ -39,24 +34,26 @@ def render_spec(spec: ModelSpec, show_tensors: bool = False) -> None:
     from rich.table import Table
 
     con = _console()
-    title = spec.name or Path(spec.source).name
-    con.print(f"[bold]{title}[/]  [dim]{spec.source}" + (f" ({len(spec.files)} parts)" if len(spec.files) > 1 else ""))
+    title = safe(spec.name or Path(spec.source).name)
+    con.print(f"[bold]{title}[/]  [dim]{safe(spec.source)}"
+              + (f" ({len(spec.files)} parts)" if len(spec.files) > 1 else ""))
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="dim")
     facts.add_column()
     rows = [
-        ("architecture", spec.arch + ("" if spec.plannable else f"  [yellow]({spec.not_plannable})[/]")),
-        ("file type", spec.file_type or "n/a"),
+        ("architecture", safe(spec.arch) + ("" if spec.plannable else f"  [yellow]({safe(spec.not_plannable)})[/]")),
+        ("file type", safe(spec.file_type or "n/a")),
         ("layers", str(spec.n_layers)),
         ("embedding", str(spec.n_embd)),
         ("heads / KV heads", f"{spec.n_head} / {spec.n_head_kv}  (head dim {spec.head_dim}"
                              + (f", V {spec.head_dim_v}" if spec.head_dim_v != spec.head_dim else "") + ")"),
         ("FFN", str(spec.n_ff)),
-        ("vocabulary", f"{spec.n_vocab:,}  ({spec.tokenizer_model or 'n/a'} tokenizer"
+        ("vocabulary", f"{spec.n_vocab:,}  ({safe(spec.tokenizer_model or 'n/a')} tokenizer"
                        + (", chat template" if spec.has_chat_template else ", no chat template") + ")"),
         ("training context", f"{spec.n_ctx_train:,}"),
         ("RoPE", f"dim {spec.rope.dim}, base {spec.rope.freq_base:g}"
-                 + (f", {spec.rope.scaling_type} x{spec.rope.scaling_factor:g}" if spec.rope.scaling_factor else "")),
+                 + (f", {safe(spec.rope.scaling_type)} x{spec.rope.scaling_factor:g}" if spec.rope.scaling_factor
+                    else "")),
         ("output", "tied to token_embd" if spec.tied_output else "separate output.weight"),
         ("parameters", f"{spec.n_params / 1e9:.3f} B  ({spec.bits_per_weight:.2f} bits per weight)"),
         ("weights", f"{fmt_bytes(spec.total_bytes)}  ({spec.total_bytes:,} bytes; "
@@ -83,7 +80,7 @@ def render_spec(spec: ModelSpec, show_tensors: bool = False) -> None:
         for col in ("name", "type", "shape", "bytes"):
             t.add_column(col, justify="right" if col == "bytes" else "left")
         for ts in spec.tensors:
-            t.add_row(ts.name, ts.qtype, " x ".join(map(str, ts.shape)), f"{ts.n_bytes:,}")
+            t.add_row(safe(ts.name), ts.qtype, " x ".join(map(str, ts.shape)), f"{ts.n_bytes:,}")
         con.print(t)
 
 

@@ -18,7 +18,9 @@ from typing import Any
 from mixrun.backends.base import Engine
 from mixrun.errors import MixrunError
 from mixrun.planner.types import Candidate, PlanReport
+from mixrun.rig.probe import Nvml, host_available_bytes
 from mixrun.rig.profile import RigProfile
+from mixrun.units import fmt_gib, shortfalls
 from mixrun.vocab import Backend
 
 # Backend -> "module:Engine class". The modules import torch or llama.cpp; they are imported on first use.
@@ -90,8 +92,7 @@ def choose(report: PlanReport, model: str, *, force: bool = False, simulate: boo
     if best is None or not best.fits:
         closest = best or min(report.candidates, key=lambda c: sum(d.shortfall_bytes for d in c.devices),
                               default=None)
-        short = "" if closest is None else "; ".join(f"{d.id} short by {d.shortfall_bytes / 2**30:.2f} GiB"
-                                                     for d in closest.devices if not d.fits)
+        short = "" if closest is None else shortfalls(closest.devices)
         hint = f" ({report.suggestions[0].what})" if report.suggestions else ""
         msg = (f"{model}: does not fit {report.profile} at context {req.ctx}"
                + (f": {closest.label}: {short}" if short else ""))
@@ -108,14 +109,80 @@ def choose(report: PlanReport, model: str, *, force: bool = False, simulate: boo
     return Choice(best, tuple(notes))
 
 
+# ---- preflight: the plan against the memory free now ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FreeNow:
+    """Free bytes now per planned device id; devices of the plan this machine does not have are listed apart."""
+
+    free_bytes: dict[str, int]
+    absent: tuple[str, ...]
+
+
+def free_memory(profile: RigProfile, plan: Candidate, nvml: Any = None) -> FreeNow:
+    """Free bytes of the plan's devices on this machine now: NVML for GPUs, the OS's available memory for the CPU
+    host. The first host's GPUs (:meth:`RigProfile.host_gpus`) map to local GPUs by their order (the order
+    llama.cpp and torch number them); a device past the local count is absent, one NVML cannot read is left out.
+    ``nvml`` is an NVML module to use instead of ``pynvml`` (tests pass a double)."""
+    gpus = [d.id for d in profile.host_gpus()]
+    planned = [d.id for d in plan.devices]
+    local: list[int | None] = []
+    if any(p in gpus for p in planned):
+        with Nvml(nvml) as nv:
+            local = nv.free_bytes()
+    free: dict[str, int] = {}
+    absent: list[str] = []
+    for dev_id in planned:
+        if profile.device(dev_id).backend == "cpu":
+            free[dev_id] = host_available_bytes()
+        elif dev_id in gpus and gpus.index(dev_id) < len(local):
+            gpu_free = local[gpus.index(dev_id)]
+            if gpu_free is not None:
+                free[dev_id] = gpu_free
+        else:
+            absent.append(dev_id)
+    return FreeNow(free, tuple(absent))
+
+
+def preflight(profile: RigProfile, plan: Candidate, *, force: bool = False, nvml: Any = None,
+              warn: Callable[[str], None] = lambda m: None) -> list[str]:
+    """Refuse a plan that does not fit the memory free now (``force`` turns the refusal into a warning).
+
+    The planner works from the profile's capacities; by the time a model loads, other programs may hold memory.
+    Returns notes for the user (devices of the plan that are not on this machine). When none of the plan's GPUs is
+    here the whole model runs in host memory, so the sum of the plan is checked against the host's free memory.
+    """
+    now = free_memory(profile, plan, nvml)
+    notes, short = [], []
+    for use in plan.devices:
+        free = now.free_bytes.get(use.id)
+        if free is not None and use.total_bytes > free:
+            short.append(f"{use.id} needs {fmt_gib(use.total_bytes)}, {fmt_gib(free)} free now")
+    if now.absent:
+        notes.append(f"{', '.join(now.absent)} of {profile.name} not found on this machine: running on what is here")
+        if not any(d for d in now.free_bytes if profile.device(d).backend != "cpu"):
+            need = sum(u.weights_bytes + u.kv_bytes + u.compute_bytes for u in plan.devices)
+            avail = host_available_bytes()
+            if need > avail:
+                short.append(f"this machine's memory: needs {fmt_gib(need)}, {fmt_gib(avail)} free now")
+    if short:
+        msg = "does not fit the memory free now: " + "; ".join(short)
+        if not force:
+            raise MixrunError(msg + "; --force loads it anyway")
+        warn(msg)
+    return notes
+
+
+# ---- launch --------------------------------------------------------------------------------------------------------
+
+
 def launch(model: str, candidate: Candidate | None, profile: RigProfile | None,
            options: LaunchOptions = LaunchOptions(), *, backend: Backend | None = None) -> Engine:
     """Start the engine that runs ``candidate`` on ``profile``'s devices (``backend`` when there is no candidate).
 
     Before loading, the candidate is checked against the memory free on this machine now; with ``simulate`` the
     devices are CPU processes and nothing is checked. The preflight's notes are the engine's first notes."""
-    from mixrun.backends.loading import preflight
-
     backend = candidate.backend if candidate is not None else Backend(backend or Backend.LLAMACPP)
     notes: list[str] = []
     if candidate is not None and profile is not None and not options.simulate:

@@ -1,16 +1,15 @@
 """Telemetry snapshots: plain values a running engine hands to the chat ``/stats``, the TUI and ``mixrun bench``.
 
 Engines count what they do (per-stage compute time, bytes all-reduced inside a TP group, bytes sent between
-stages, tokens); :class:`DeviceSampler` adds what the hardware says (NVML for GPUs when present, the processes'
-RSS and CPU for CPU devices). Counters are cumulative so a reader can difference two snapshots for rates.
-A metric that is not available is ``None`` and renders as "n/a".
+stages, tokens); :class:`mixrun.rig.sampler.DeviceSampler` adds what the hardware says as :class:`DeviceSample`
+values. Counters are cumulative so a reader can difference two snapshots for rates. A metric that is not available
+is ``None`` and renders as "n/a". Values only: reading the hardware is the rig layer's job.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -65,69 +64,6 @@ class Snapshot:
         return asdict(self)
 
 
-@dataclass
-class DeviceSampler:
-    """Samples planned devices: ``cuda_index`` maps a device id to its NVML index; ``pids`` maps a device id to
-    the processes standing in for it (CPU devices, or ``--simulate`` ranks). NVML is tried once."""
-
-    cuda_index: dict[str, int] = field(default_factory=dict)
-    pids: dict[str, list[int]] = field(default_factory=dict)
-    _nvml: Any = None
-    _procs: dict[int, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.cuda_index:
-            try:
-                import pynvml
-
-                pynvml.nvmlInit()
-                self._nvml = pynvml
-            except Exception:  # no driver, no library: GPU figures become n/a
-                self._nvml = None
-
-    def sample(self) -> tuple[DeviceSample, ...]:
-        out = []
-        for dev, idx in self.cuda_index.items():
-            out.append(self._cuda(dev, idx))
-        for dev, pids in self.pids.items():
-            if dev not in self.cuda_index:
-                out.append(self._cpu(dev, pids))
-        return tuple(out)
-
-    def _cuda(self, dev: str, idx: int) -> DeviceSample:
-        nv = self._nvml
-        if nv is None:
-            return DeviceSample(dev, "cuda")
-        try:
-            h = nv.nvmlDeviceGetHandleByIndex(idx)
-            mem = nv.nvmlDeviceGetMemoryInfo(h)
-            util = nv.nvmlDeviceGetUtilizationRates(h).gpu
-            return DeviceSample(dev, "cuda", int(mem.used), int(mem.total), float(util))
-        except Exception:
-            return DeviceSample(dev, "cuda")
-
-    def _cpu(self, dev: str, pids: list[int]) -> DeviceSample:
-        import psutil
-
-        rss, cpu = 0, 0.0
-        for pid in pids:
-            proc = self._procs.get(pid)
-            try:
-                if proc is None:
-                    proc = self._procs[pid] = psutil.Process(pid)
-                    proc.cpu_percent(None)  # the first call primes the counter
-                rss += proc.memory_info().rss
-                cpu += proc.cpu_percent(None)
-            except psutil.Error:
-                continue
-        return DeviceSample(dev, "cpu", rss, psutil.virtual_memory().total, cpu)
-
-    def close(self) -> None:
-        if self._nvml is not None:
-            with contextlib.suppress(Exception):
-                self._nvml.nvmlShutdown()
-            self._nvml = None
-
-
 def now() -> float:
+    """A snapshot's time: ``time.monotonic`` seconds."""
     return time.monotonic()

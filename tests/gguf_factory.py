@@ -8,6 +8,7 @@ differences (qwen2 QKV bias, qwen3 QK norm and explicit head dim, gemma post-nor
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +98,11 @@ def write_model(path: str | os.PathLike[str], arch: str = "llama", *, n_layers: 
                 n_head: int = 4, n_head_kv: int = 2, head_dim: int | None = None, n_ff: int = 128, n_vocab: int = 64,
                 n_ctx: int = 2048, tied: bool = True, qtype: str = "F32", sparse: bool = False,
                 sliding_window: int | None = None, extra_kv: dict[str, Any] | None = None,
-                split_max_tensors: int = 0, seed: int = 0, merges: bool = False) -> Path:
+                split_max_tensors: int = 0, seed: int = 0, merges: bool = False,
+                chat_template: str | None = None) -> Path:
     """Write a model; returns the path (the first part's when split). ``qtype`` is a GGML type name or
-    ``Q4_K_M`` (llama.cpp's mix of Q4_K and Q6_K). ``merges`` makes the file loadable by llama.cpp."""
+    ``Q4_K_M`` (llama.cpp's mix of Q4_K and Q6_K). ``merges`` makes the file loadable by llama.cpp.
+    ``chat_template`` replaces the default one (which prints the messages' contents)."""
     head_dim = head_dim or n_embd // n_head
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     w = GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
@@ -125,7 +128,8 @@ def write_model(path: str | os.PathLike[str], arch: str = "llama", *, n_layers: 
     w.add_token_types([1] * n_vocab)
     if merges:  # llama.cpp refuses a "gpt2" vocabulary without merges; one is enough to load
         w.add_token_merges(["t 0"])
-    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    w.add_chat_template(chat_template if chat_template is not None else
+                        "{% for m in messages %}{{ m['content'] }}{% endfor %}")
     for k, v in (extra_kv or {}).items():
         if isinstance(v, str):
             w.add_string(k, v)
@@ -211,3 +215,42 @@ def dequantized_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
     w.write_tensors_to_file()
     w.close()
     return Path(dst)
+
+
+def raw_gguf(path: str | os.PathLike[str], *, kv: list[tuple[str, int, bytes]] | None = None,
+             tensors: list[tuple[str, tuple[int, ...], int, int]] | None = None, n_kv: int | None = None,
+             n_tensors: int | None = None, size: int | None = None, version: int = 3) -> Path:
+    """Write a GGUF byte by byte, for hostile headers GGUFWriter will not write (or writes too slowly).
+
+    ``kv`` holds (key, GGUF value type, encoded value bytes); ``tensors`` holds (name, ne0-first dims, GGML type,
+    data offset). ``n_kv``/``n_tensors`` override the counts in the preamble; ``size`` extends the file with a hole
+    (a sparse file: no disk used, reads as zeros)."""
+    kv, tensors = kv or [], tensors or []
+    out = bytearray(struct.pack("<IIQQ", gguf.GGUF_MAGIC, version,
+                                len(tensors) if n_tensors is None else n_tensors, len(kv) if n_kv is None else n_kv))
+    for key, vtype, value in kv:
+        k = key.encode()
+        out += struct.pack("<Q", len(k)) + k + struct.pack("<I", vtype) + value
+    for name, dims, qtype, offset in tensors:
+        n = name.encode()
+        out += struct.pack(f"<Q{len(n)}sI{len(dims)}QIQ", len(n), n, len(dims), *dims, qtype, offset)
+    with open(path, "wb") as f:
+        f.write(out)
+        if size is not None and size > len(out):
+            f.truncate(size)
+    return Path(path)
+
+
+def kv_str(text: str | bytes) -> bytes:
+    """A GGUF string value (u64 length, bytes)."""
+    b = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(b)) + b
+
+
+def kv_u32(value: int) -> bytes:
+    return struct.pack("<I", value)
+
+
+def kv_array(item_type: int, count: int, items: bytes = b"") -> bytes:
+    """A GGUF array value header (item type, count) followed by ``items`` (the caller's encoded elements)."""
+    return struct.pack("<IQ", item_type, count) + items

@@ -17,6 +17,7 @@ from mixrun.backends.base import Sampling, Stats
 from mixrun.bench import command, measure, results
 from mixrun.bench import record as bench_record
 from mixrun.cli import main
+from mixrun.errors import ProfileError
 from mixrun.model.gguf import read_spec
 from mixrun.model.spec import ModelSpec
 from mixrun.planner import plan
@@ -200,9 +201,9 @@ def test_simulate_runs_torch_only_and_never_records(fake: dict[str, Any], capsys
 
 
 def test_gpu_profile_without_the_gpus_is_refused(fake: dict[str, Any], capsys, monkeypatch) -> None:
-    from mixrun.backends import loading
+    from mixrun import run
 
-    monkeypatch.setattr(loading, "free_memory", lambda prof, c: loading.FreeNow({}, tuple(d.id for d in c.devices)))
+    monkeypatch.setattr(run, "free_memory", lambda prof, c: run.FreeNow({}, tuple(d.id for d in c.devices)))
     rc = main(["bench", "-p", "dual-3090-nvlink-plus-3060", "--tokens", "4"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "nothing to measure on this machine" in err
@@ -266,3 +267,82 @@ def test_run_all_docs_section_replaced_or_appended(tmp_path: Path) -> None:
     assert second.count(run_all.BEGIN) == 1 and "| a | fast | z | 1 |" in second and "x \\| y" not in second
     assert second.endswith("\n## later section\n")
     assert run_all.run_one(run_all.Bench("gone", [], "", str, 10, script="no_such.py"), 10, {})["status"] == "absent"
+
+
+# ---- --record never loses the user's work ------------------------------------------------------------------------
+
+
+def test_results_are_printed_when_the_record_fails(fake: dict[str, Any], capsys, monkeypatch,
+                                                   _isolated_config: Path) -> None:
+    import errno
+    import os
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    rc = main(["bench", "-p", "cpu-only", "--tokens", "4", "--prompt-tokens", "16", "--repeats", "1", "--record",
+               "--json"])
+    cap = capsys.readouterr()
+    errors = [ln for ln in cap.err.splitlines() if ln.startswith("mixrun: ")]  # the rest is progress
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in cap.err
+    assert errors[0].endswith("cpu-only.toml: results not recorded: cannot write (No space left on device)")
+    out = json.loads(cap.out)  # the measured figures came first
+    assert out["candidates"][0]["decode_tok_s"]["median"] == 100.0
+    folder = _isolated_config / "profiles"
+    assert not list(folder.iterdir())  # no half-written profile, no temporary file
+
+
+def _one(model: str) -> Any:
+    from mixrun.rig.profile import Result
+
+    return Result(model=model, split="none", backend="llama.cpp", decode_tok_s=10.0, source="measured")
+
+
+def test_record_writes_through_a_symlink_keeps_the_mode_and_refuses_special_files(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    real = tmp_path / "rigs" / "mine.toml"
+    real.parent.mkdir()
+    save_profile(load_profile("cpu-only"), real)
+    real.chmod(0o644)
+    link = tmp_path / "link.toml"
+    link.symlink_to(real)
+    bench_record.record(str(link), [_one("a.gguf")])
+    assert link.is_symlink() and stat.S_IMODE(real.stat().st_mode) == 0o644
+    assert [r.model for r in load_profile_file(real).results][-1] == "a.gguf"
+    assert sorted(p.name for p in real.parent.iterdir()) == ["mine.toml"]
+    fresh = bench_record.record("cpu-only", [_one("b.gguf")])  # a bundled profile: copied to the user dir
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~mask
+    dev = tmp_path / "dev.toml"
+    dev.symlink_to("/dev/null")
+    with pytest.raises(ProfileError, match=r"dev\.toml: not a regular file"):
+        bench_record.record(str(dev), [_one("c.gguf")])
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_concurrent_records_lose_nothing(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "p.toml"
+    save_profile(load_profile("cpu-only"), path)
+    before = len(load_profile_file(path).results)
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            bench_record.record(str(path), [_one(f"m{i}.gguf")])
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    got = {r.model for r in load_profile_file(path).results}
+    assert {f"m{i}.gguf" for i in range(8)} <= got and len(load_profile_file(path).results) == before + 8

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -159,3 +161,148 @@ def test_plan_that_does_not_fit_is_refused_before_loading(tmp_path: Path) -> Non
     ok = _chat("--profile", "cpu-only", "--prompt", "Say hi.", "--temperature", "0", "--max-tokens", "8")
     assert ok.returncode == 0 and ok.stdout.strip()
     assert "mixrun: plan: llama.cpp, CPU only" in ok.stderr
+
+
+# ---- hostile paths and input: the session and the user's work survive --------------------------------------------
+
+
+class _Info:
+    model, backend, plan, n_ctx, notes = "m.gguf", "fake", None, 256, ()
+
+
+class _Template:
+    def render(self, messages: list[dict[str, str]]) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages)
+
+
+class _Engine:
+    """Counts a token per character and answers "ok": enough to drive the chat loop without a model."""
+
+    info, template = _Info(), _Template()
+
+    def count_tokens(self, text: str) -> int:
+        return len(text)
+
+    def generate(self, prompt: str, sampling, stats):
+        stats.completion_tokens = 1
+        yield "ok"
+
+    def telemetry(self):  # pragma: no cover - /stats is not driven here
+        raise NotImplementedError
+
+
+def _session(monkeypatch: pytest.MonkeyPatch, lines: list[str]) -> tuple[int, Conversation, str]:
+    import io
+
+    from mixrun.backends.base import Sampling
+    from mixrun.chat import repl
+
+    feed = iter(lines)
+
+    def fake_input(prompt: str = "") -> str:
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    conv = Conversation()
+    code = repl.interactive(_Engine(), conv, Sampling(max_tokens=8), quiet=True)
+    return code, conv, out.getvalue()
+
+
+def test_failed_save_and_load_keep_the_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    bad = [str(tmp_path), "/proc/version", str(tmp_path / ("x" * 300)), str(tmp_path / "no" / "dir" / "t.json"),
+           "/dev/null", f"{tmp_path}/nul\0name"]
+    lines = ["hello", *(f"/save {b}" for b in bad), f"/load {deep}", f"/load {fifo}", "/load /dev/zero", "again"]
+    code, conv, out = _session(monkeypatch, lines)
+    assert code == 0
+    assert [m["content"] for m in conv.turns] == ["hello", "ok", "again", "ok"]  # nothing lost
+    assert out.count("mixrun: ") == len(bad) + 3 and "Traceback" not in out
+    assert "nested too deeply" in out and "not a regular file" in out
+    assert not (tmp_path / "no").exists()  # /save creates no folders
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_save_writes_through_a_symlink_and_keeps_the_mode(tmp_path: Path) -> None:
+    from mixrun.chat.repl import save_transcript
+
+    target = tmp_path / "real.json"
+    target.write_text("{}")
+    target.chmod(0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    conv = Conversation(system="s", turns=[{"role": "user", "content": "hi"}])
+    save_transcript(str(link), conv)
+    assert link.is_symlink() and load_transcript(str(link)).turns == conv.turns
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "real.json"]  # no temporary file left
+    fresh = tmp_path / "fresh.json"
+    save_transcript(str(fresh), conv)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_message_longer_than_the_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    code, conv, out = _session(monkeypatch, ["x" * 1000, "short"])
+    assert code == 0 and "too long for the context" in out
+    assert [m["content"] for m in conv.turns] == ["short", "ok"]
+
+
+def test_long_history_is_trimmed_in_few_renders() -> None:
+    from mixrun.backends.base import Sampling
+    from mixrun.chat.conversation import fit_prompt
+
+    renders = []
+
+    class Counting(_Template):
+        def render(self, messages):
+            renders.append(len(messages))
+            return super().render(messages)
+
+    engine = _Engine()
+    engine.template = Counting()
+    conv = Conversation(turns=[{"role": r, "content": "abcd"} for _ in range(5000) for r in ("user", "assistant")])
+    conv.add("user", "last")
+    notes: list[str] = []
+    prompt = fit_prompt(engine, conv, Sampling(max_tokens=8), notes.append)
+    assert len(prompt) + 8 <= 256 and conv.turns[-1]["content"] == "last"
+    assert len(renders) < 20 and len(notes) == 1 and "dropped the oldest" in notes[0]
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["--threads", "65536"], "--threads"), (["--threads", "16384"], "--threads"), (["--temperature", "-1"],
+    "--temperature"), (["--top-p", "2"], "--top-p"), (["--max-tokens", "0"], "--max-tokens"),
+    (["--min-p", "nan"], "--min-p"), (["--top-k", "-1"], "--top-k"), (["--repeat-penalty", "0"], "--repeat-penalty"),
+    (["--seed", "-5"], "--seed"), (["--ctx", "0"], "--ctx"), (["--stop", ""], "--stop"),
+])
+def test_bad_arguments_one_line_naming_the_flag(args: list[str], flag: str) -> None:
+    r = _chat(*args, "--prompt", "hi")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"mixrun chat: error: argument {flag}: "), r.stderr
+
+
+def test_hostile_stdin_is_one_line() -> None:
+    r = subprocess.run([sys.executable, "-m", "mixrun.cli", "chat", "--quiet"], input=b"hi \xff\xfe there",
+                       capture_output=True, timeout=180)
+    assert r.returncode == 2 and r.stderr == b"mixrun: stdin: not valid UTF-8 text (byte 3)\n"
+    r = subprocess.run([sys.executable, "-m", "mixrun.cli", "chat", "--quiet"], input=b"a" * (5 << 20),
+                       capture_output=True, timeout=180)
+    assert r.returncode == 2 and r.stderr.count(b"\n") == 1 and b"more than 4,194,304 bytes" in r.stderr
+
+
+def test_prompt_longer_than_the_context_is_an_error() -> None:
+    r = _chat("--quiet", "--ctx", "256", stdin="hello world " * 300)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("mixrun: prompt: too long for the context")

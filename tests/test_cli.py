@@ -96,3 +96,14 @@ def test_wheel_ships_profiles_and_tui(tmp_path: Path) -> None:
     assert where.startswith(str(site))
     count, name = line.split()
     assert int(count) >= 11 and name == "cpu-only"
+
+
+@pytest.mark.parametrize(("args", "start"), [
+    (["plan"], "mixrun plan: error: the following arguments are required: --profile/-p"),
+    (["chat", "--top-p", "2"], "mixrun chat: error: argument --top-p: 2 is out of range"),
+    (["nosuch"], "mixrun: error: argument COMMAND: invalid choice: 'nosuch'"),
+])
+def test_usage_errors_are_one_line(args: list[str], start: str) -> None:
+    r = run(*args)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(start), r.stderr

@@ -36,7 +36,7 @@ class FakeNVML:
     def nvmlDeviceGetName(self, h: int) -> bytes:
         return self.GPUS[h][0].encode()
     def nvmlDeviceGetMemoryInfo(self, h: int) -> SimpleNamespace:
-        return SimpleNamespace(total=self.GPUS[h][1] << 30)
+        return SimpleNamespace(total=self.GPUS[h][1] << 30, used=0, free=self.GPUS[h][1] << 30)
     def nvmlDeviceGetPciInfo(self, h: int) -> SimpleNamespace:
         return SimpleNamespace(busId=self.GPUS[h][2])
     def nvmlDeviceGetMaxClockInfo(self, h: int, kind: int) -> int:

@@ -3,8 +3,12 @@ never allocates anywhere near what a corrupt count or length asks for."""
 
 from __future__ import annotations
 
+import os
 import struct
+import threading
+import time
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import gguf
@@ -14,7 +18,9 @@ import pytest
 import gguf_factory
 from mixrun.cli import main
 from mixrun.errors import GGUFError
-from mixrun.model.gguf import read_spec
+from mixrun.model import gguf as budget
+from mixrun.model.gguf import parse_part, read_spec
+from mixrun.vocab import PLANNABLE_ARCHS
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +238,217 @@ def test_per_layer_list_with_bad_items(tmp_path: Path, values: list, words: str)
     w.write_tensors_to_file()
     w.close()
     _expect_error(p, words)
+
+
+# --- budgets: bounded work for any header -------------------------------------------------------------------------
+
+def _bounded(path: Path, *needles: str, peak_bytes: int = 4 << 20, seconds: float = 2.0) -> str:
+    """One clean error within ``seconds`` and a ``peak_bytes`` tracemalloc peak, whatever the header asks for."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        msg = _expect_error(path, *needles)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    elapsed = time.perf_counter() - start
+    assert peak < peak_bytes, f"{msg}: peak {peak:,} bytes"
+    assert elapsed < seconds, f"{msg}: {elapsed:.2f} s"
+    return msg
+
+
+_ARCH = ("general.architecture", gguf.GGUFValueType.STRING, gguf_factory.kv_str("llama"))
+
+
+@pytest.mark.parametrize("layer", ["50000000", "1000000000", "99999999999999999999"])
+def test_huge_layer_index_without_block_count(tmp_path: Path, layer: str) -> None:
+    """n_layers comes from the largest blk.N only within the layer budget; past it, one line at once."""
+    p = gguf_factory.raw_gguf(tmp_path / "layer.gguf", kv=[_ARCH],
+                              tensors=[(f"blk.{layer}.attn_norm.weight", (32,), 0, 0)], size=400_000)
+    _bounded(p, f"tensor blk.{layer} is past mixrun's limit of 4,096 layers")
+
+
+def test_layer_index_at_the_budget(tmp_path: Path) -> None:
+    p = gguf_factory.raw_gguf(tmp_path / "layer.gguf", kv=[_ARCH], tensors=[("blk.4095.attn_norm.weight", (32,), 0, 0)],
+                              size=4096)
+    assert read_spec(p).n_layers == 4096
+
+
+@pytest.mark.parametrize("count", [3_000_000, 30_000_000])
+def test_huge_tensor_count_in_sparse_file(tmp_path: Path, count: int) -> None:
+    """Millions of zero-filled tensor infos that the file's (sparse) size could hold: refused before any is read."""
+    p = gguf_factory.raw_gguf(tmp_path / "many.gguf", kv=[_ARCH], n_tensors=count, size=count * 34)
+    _bounded(p, f"too many tensors ({count:,}; mixrun reads at most {budget.MAX_TENSORS:,})")
+
+
+def test_huge_kv_count_in_sparse_file(tmp_path: Path) -> None:
+    p = gguf_factory.raw_gguf(tmp_path / "kv.gguf", n_kv=10_000_000, size=200_000_000)
+    _bounded(p, f"too many metadata entries (10,000,000; mixrun reads at most {budget.MAX_KV:,})")
+
+
+def test_tensor_count_within_budget_is_linear(tmp_path: Path) -> None:
+    """Parsing n tensor infos costs time and memory proportional to n (well under 1 KiB of Python objects per
+    tensor), so the budget itself bounds a header's cost."""
+    costs = []
+    for n in (4_000, 16_000):
+        tensors = [(f"blk.{i % 100}.t{i}.weight", (32,), 0, 128 * i) for i in range(n)]
+        p = gguf_factory.raw_gguf(tmp_path / f"n{n}.gguf", kv=[_ARCH], tensors=tensors)
+        with open(p, "r+b") as f:
+            f.truncate(p.stat().st_size + 128 * n + 64)
+        tracemalloc.start()
+        start = time.perf_counter()
+        spec = read_spec(p)
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(spec.tensors) == n
+        costs.append((elapsed, peak))
+    (t1, m1), (t4, m4) = costs
+    assert m4 < 16_000 * 1024, f"{m4:,} bytes for 16,000 tensors"
+    assert m4 < 6 * m1 and t4 < 8 * t1 + 0.5, costs
+
+
+def test_huge_metadata_array_is_not_materialized(tmp_path: Path) -> None:
+    """A u8 array of 10^9 items in a 1 GB sparse file: refused by the array budget without touching it."""
+    arr = ("tokenizer.ggml.token_type", gguf.GGUFValueType.ARRAY,
+           gguf_factory.kv_array(gguf.GGUFValueType.UINT8, 10**9))
+    p = gguf_factory.raw_gguf(tmp_path / "arr.gguf", kv=[_ARCH, arr], size=10**9 + 4096)
+    _bounded(p, "absurd metadata array length 1,000,000,000", f"at most {budget.MAX_ARRAY_ITEMS:,} array items")
+
+
+def test_long_array_within_budget_is_kept_as_a_length(tmp_path: Path) -> None:
+    n = budget.MAX_LISTED_ITEMS + 1
+    arr = ("foo.scores", gguf.GGUFValueType.ARRAY, gguf_factory.kv_array(gguf.GGUFValueType.UINT8, n, bytes(n)))
+    p = gguf_factory.raw_gguf(tmp_path / "arr.gguf", kv=[_ARCH, arr], tensors=[("token_embd.weight", (32,), 0, 0)])
+    with open(p, "r+b") as f:
+        f.truncate(p.stat().st_size + 4096)
+    tracemalloc.start()
+    part = parse_part(str(p))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert part.fields["foo.scores"] is None and part.array_lengths["foo.scores"] == n
+    assert peak < 1 << 20
+
+
+def test_huge_string_in_sparse_file(tmp_path: Path) -> None:
+    name = ("general.name", gguf.GGUFValueType.STRING, struct.pack("<Q", 1 << 32))
+    p = gguf_factory.raw_gguf(tmp_path / "str.gguf", kv=[_ARCH, name], size=(1 << 32) + 4096)
+    _bounded(p, "a metadata string of 4,294,967,296 bytes")
+
+
+def test_huge_tensor_name(tmp_path: Path) -> None:
+    p = gguf_factory.raw_gguf(tmp_path / "name.gguf", kv=[_ARCH], tensors=[("x" * 5000, (32,), 0, 0)])
+    _bounded(p, "a tensor name of 5,000 bytes")
+
+
+def test_strings_past_the_total_string_budget(tmp_path: Path) -> None:
+    """Strings each within the per-string budget that add up past the total in a sparse file: refused before they
+    are decoded."""
+    n, big = 6, budget.MAX_STRING_BYTES - 1
+    p = gguf_factory.raw_gguf(tmp_path / "hdr.gguf", kv=[_ARCH], n_kv=1 + n, size=(n + 1) * budget.MAX_STRING_BYTES)
+    with open(p, "r+b") as f:
+        f.seek(0, os.SEEK_END)
+        at = len(gguf_factory.raw_gguf(tmp_path / "pre.gguf", kv=[_ARCH], n_kv=1 + n).read_bytes())
+        for i in range(n):  # key k<i>, a string of `big` zero bytes (the hole), then the next key
+            f.seek(at)
+            f.write(struct.pack("<Q2sIQ", 2, f"k{i}".encode(), gguf.GGUFValueType.STRING, big))
+            at += 8 + 2 + 4 + 8 + big
+    _bounded(p, f"metadata strings total over {budget.MAX_STRING_TOTAL_BYTES:,} bytes", peak_bytes=8 << 20)
+
+
+def test_tensor_offset_at_u64_max_is_one_line_without_warnings(tmp_path: Path) -> None:
+    p = gguf_factory.raw_gguf(tmp_path / "off.gguf", kv=[_ARCH], tensors=[("token_embd.weight", (32,), 0, 2**64 - 1)],
+                              size=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _bounded(p, "tensor 'token_embd.weight' data runs past the end of the file")
+
+
+@pytest.mark.parametrize(("dims", "words"), [
+    ((2**63, 2**63, 2**63, 2**63), "data runs past the end of the file"),
+    ((2**64 - 1,), "data runs past the end of the file"),
+    ((0,), "has a dimension of 0"),
+    ((32, 0), "has a dimension of 0"),
+])
+def test_absurd_dims_are_one_line_without_warnings(tmp_path: Path, dims: tuple[int, ...], words: str) -> None:
+    p = gguf_factory.raw_gguf(tmp_path / "dims.gguf", kv=[_ARCH], tensors=[("token_embd.weight", dims, 0, 0)],
+                              size=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _bounded(p, "tensor 'token_embd.weight'", words)
+
+
+def test_special_files_are_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero"), Path("/dev/null")):
+        result: list[BaseException | None] = []
+
+        def run(p: Path = path, result: list[BaseException | None] = result) -> None:
+            try:
+                read_spec(p)
+                result.append(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                result.append(e)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(5)
+        assert result, f"{path}: still blocked after 5 s"
+        assert isinstance(result[0], GGUFError) and "not a regular file" in str(result[0]), result[0]
+
+
+def test_cli_one_line_for_hostile_headers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cases = [
+        gguf_factory.raw_gguf(tmp_path / "l.gguf", kv=[_ARCH], tensors=[("blk.99999999999999999999.x", (32,), 0, 0)],
+                              size=4096),
+        gguf_factory.raw_gguf(tmp_path / "t.gguf", kv=[_ARCH], n_tensors=3_000_000, size=100_000_000),
+        gguf_factory.raw_gguf(tmp_path / "o.gguf", kv=[_ARCH], tensors=[("a", (32,), 0, 2**64 - 1)], size=4096),
+        Path("/dev/zero"),
+    ]
+    for p in cases:
+        assert main(["inspect", str(p)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"mixrun: {p}: ") and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+# --- shapes that contradict the metadata --------------------------------------------------------------------------
+
+def _set_u32(path: Path, key: str, value: int) -> None:
+    off = gguf.GGUFReader(str(path)).fields[key].offset + 8 + len(key) + 4
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, off, value)
+    path.write_bytes(bytes(data))
+
+
+def test_ffn_width_contradicting_metadata(tmp_path: Path) -> None:
+    p = gguf_factory.write_model(tmp_path / "ff.gguf", n_ff=128)
+    _set_u32(p, "llama.feed_forward_length", 96)
+    _expect_error(p, "tensor 'blk.0.ffn_gate.weight' is 128 x 64, but the metadata say 96 x 64",
+                  "llama.feed_forward_length 96")
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("llama.attention.key_length", 0, "llama.attention.key_length is 0, outside 1.."),
+    ("llama.attention.key_length", 8, "tensor 'blk.0.attn_q.weight' is 128 x 64, but the metadata say 32 x 64"),
+    ("llama.attention.head_count_kv", 1, "tensor 'blk.0.attn_k.weight' is 64 x 64, but the metadata say 32 x 64"),
+    ("llama.embedding_length", 48, "tensor 'token_embd.weight' is 64 x 64, but the metadata say * x 48"),
+])
+def test_attention_shapes_contradicting_metadata(tmp_path: Path, key: str, value: int, words: str) -> None:
+    p = gguf_factory.write_model(tmp_path / "att.gguf", n_embd=64, n_head=4, n_head_kv=2, head_dim=32)
+    _set_u32(p, key, value)
+    _expect_error(p, words)
+
+
+def test_unknown_architecture_shapes_still_inspect(tmp_path: Path) -> None:
+    """Contradictions are only checked where mixrun knows the layout; other architectures still inspect."""
+    p = gguf_factory.write_model(tmp_path / "foo.gguf", arch="mamba", n_ff=128)
+    _set_u32(p, "mamba.feed_forward_length", 96)
+    spec = read_spec(p)
+    assert not spec.plannable and spec.n_ff == 96
+
+
+@pytest.mark.parametrize("arch", sorted(PLANNABLE_ARCHS))
+def test_consistent_shapes_pass_for_every_plannable_arch(tmp_path: Path, arch: str) -> None:
+    spec = read_spec(gguf_factory.write_model(tmp_path / f"{arch}.gguf", arch, head_dim=32, n_ff=96, sparse=True))
+    assert spec.plannable, spec.not_plannable

@@ -148,3 +148,21 @@ def test_metadata_arrays_read_back(tmp_path: Path, smollm2: str) -> None:
     spec = read_spec(q)
     assert [kv.n_head_kv for kv in spec.kv_layers] == [4, 2, 1] and spec.n_head_kv == 4
     assert spec.kv_bytes_per_token("f16") == (4 + 2 + 1) * 16 * 2 * 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "evil\x1b[2J\x1b]0;title\x07"])
+def test_inspect_escapes_untrusted_strings(tmp_path: Path, arch: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file's name, architecture and tensor names reach the terminal inert: no ESC/OSC/BEL, no rich markup."""
+    from mixrun.cli import main
+
+    s = gguf.GGUFValueType.STRING
+    kv = [("general.architecture", s, gguf_factory.kv_str(arch)),
+          ("general.name", s, gguf_factory.kv_str("\x1b]8;;http://x\x07[bold red]pwn[/]\x9b31m\u202eevil")),
+          ("tokenizer.ggml.model", s, gguf_factory.kv_str("gpt2\x1b[5m"))]
+    p = gguf_factory.raw_gguf(tmp_path / "esc.gguf", kv=kv, tensors=[("token_embd\x1b[31m.weight", (32,), 0, 0)],
+                              size=4096)
+    assert main(["inspect", "--tensors", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\x9b\u202e"), repr(out)
+    assert "\\x1b]8;;http://x\\x07[bold red]pwn[/]\\x9b31m\\u202eevil" in out
+    assert "token_embd\\x1b[31m.weight" in out and "gpt2\\x1b[5m" in out

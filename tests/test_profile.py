@@ -16,6 +16,8 @@ import tomli_w
 from mixrun.cli import main
 from mixrun.errors import ProfileError
 from mixrun.rig.profile import (
+    MAX_DEVICES,
+    MAX_LINKS,
     RigProfile,
     bundled_profiles,
     dump_profile,
@@ -171,3 +173,88 @@ def test_capacity_and_default_links() -> None:
     assert prof.link("gpu0", "gpu1").kind == "nvlink"
     assert prof.link("gpu1", "gpu0").bandwidth_gbs == 56.25
     assert isinstance(prof, RigProfile)
+
+
+# ---- hostile files: bounded, one clean error, no hang ------------------------------------------------------------
+
+
+def test_special_files_are_refused_without_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # opening it to read would block until a writer came
+    for f in (fifo, Path("/dev/zero"), Path("/dev/urandom"), tmp_path):
+        with pytest.raises(ProfileError, match=r"(not a regular file|is a directory)"):
+            load_profile_file(f)
+    user = user_profile_dir()
+    user.mkdir(parents=True)
+    (user / "zero.toml").symlink_to("/dev/zero")
+    with pytest.raises(ProfileError, match=r"zero\.toml: not a regular file"):
+        load_profile("zero")
+
+
+def test_nesting_and_long_dotted_keys_are_refused_cheaply(tmp_path: Path) -> None:
+    import time
+
+    head = 'format = "mixrun-profile/1"\n[extra]\n'
+    cases = {
+        "arrays": head + "x = " + "[" * 1000 + "]" * 1000 + "\n",
+        "tables": head + "x = " + "{a = " * 1000 + "1" + "}" * 1000 + "\n",
+        "dotted": head + ".".join(["a"] * 100_000) + " = 1\n",
+        "quoted": head + ".".join(['"a.b"'] * 40) + " = 1\n",
+        "headers": "[" + ".".join(["t"] * 50) + "]\n",
+        "moderate": head + "x = " + "[" * 40 + "]" * 40 + "\n",
+    }
+    for name, text in cases.items():
+        f = tmp_path / f"{name}.toml"
+        f.write_text(text)
+        t0 = time.monotonic()
+        with pytest.raises(ProfileError, match="nested more than 32 deep"):
+            load_profile_file(f)
+        assert time.monotonic() - t0 < 2, name
+    ok = _base()
+    ok["extra"] = {"floats": [1.5] * 10_000, "note": "a.b.c." * 100, "deep": {"a": {"b": {"c": [[1, 2]]}}}}
+    f = tmp_path / "ok.toml"
+    f.write_text(tomli_w.dumps(ok))
+    assert load_profile_file(f).extra["deep"]["a"]["b"]["c"] == [[1, 2]]
+
+
+def test_huge_names_and_denormals(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match=r"\(5,000 characters\): not a profile name or path"):
+        load_profile("x" * 5000)
+    with pytest.raises(ProfileError, match="file name too long"):
+        load_profile(str(tmp_path / ("y" * 300)) + ".toml")
+    data = copy.deepcopy(_base())
+    data["devices"][0]["mem_bandwidth_gbs"] = 5e-324
+    with pytest.raises(ProfileError, match=r"devices\[0\]\.mem_bandwidth_gbs: 4\.94066e-324 is below 0\.1 GB/s"):
+        parse_profile(data, "p.toml")
+    for field, value in (("fp16_tflops", 1e-6), ("vram_gib", 1e-9)):
+        data = copy.deepcopy(_base())
+        data["devices"][1][field] = value
+        with pytest.raises(ProfileError, match=rf"devices\[1\]\.{field}: .* is below"):
+            parse_profile(data, "p.toml")
+
+
+def _many_devices(n: int) -> dict:
+    devices = [{"id": f"gpu{i}", "backend": "cuda", "name": f"GPU {i % 5}", "vram_gib": 8.0 + 4 * (i % 5),
+                "mem_bandwidth_gbs": 300.0 + 50 * (i % 3), "fp16_tflops": 20.0 + i % 7} for i in range(n)]
+    links = [{"between": [f"gpu{i}", f"gpu{(i + k) % n}"], "kind": "nvlink", "bandwidth_gbs": 50.0}
+             for k in range(1, 9) for i in range(n) if k < n - k or (k == n - k and i < k)]
+    return {"format": "mixrun-profile/1", "name": f"big{n}", "devices": devices, "links": links[:MAX_LINKS]}
+
+
+def test_the_largest_profile_plans_within_seconds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The schema's maximum is what the planner handles: MAX_DEVICES devices and MAX_LINKS links plan in a few
+    seconds (about 1.4 s here); one device more is refused by validation."""
+    import time
+
+    f = tmp_path / "big.toml"
+    f.write_text(tomli_w.dumps(_many_devices(MAX_DEVICES)))
+    t0 = time.monotonic()
+    rc = main(["plan", "-p", str(f), "--json"])
+    elapsed = time.monotonic() - t0
+    assert rc in (0, 3) and json.loads(capsys.readouterr().out)["candidates"]
+    assert elapsed < 10, elapsed
+    f.write_text(tomli_w.dumps(_many_devices(MAX_DEVICES + 1)))
+    with pytest.raises(ProfileError, match=f"at most {MAX_DEVICES} items"):
+        load_profile_file(f)

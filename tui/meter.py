@@ -10,9 +10,9 @@ from typing import Any
 
 from rich.text import Text
 
-from mixrun.render import fmt_bytes
 from mixrun.tui.session import Sample
 from mixrun.tui.views import fmt_rate, fmt_tok_s
+from mixrun.units import fmt_bytes
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ from textual.widgets import DataTable, Footer, Input, Label, Select, Static
 
 from mixrun.errors import MixrunError
 from mixrun.planner.types import PlanReport, PlanRequest
-from mixrun.render import fmt_bytes
 from mixrun.rig.profile import RigProfile
 from mixrun.tui.state import PlanState, shared
 from mixrun.tui.views import candidate_detail, commands_text, memory_table, rig_diagram
 from mixrun.tui.widgets import CandidateTable, MemoryBars
+from mixrun.units import fmt_bytes, shortfalls
 from mixrun.vocab import Backend, KVType, Split, choices, shown
 
 SPLITS = tuple(choices(Split, auto=True))
@@ -291,8 +291,7 @@ class PlanScreen(Screen[None]):
             self.notify("nothing to run: no candidate matches the request", severity="warning")
             return
         if not cand.fits:
-            short = ", ".join(f"{d.id} short by {fmt_bytes(d.shortfall_bytes)}" for d in cand.devices if not d.fits)
-            self.notify(f"{cand.label} does not fit ({short}): pick one that fits, or change the request",
-                        severity="error")
+            self.notify(f"{cand.label} does not fit ({shortfalls(cand.devices, ', ')}): pick one that fits, or change "
+                        "the request", severity="error")
             return
         shared(self.app).request_run(cand)

@@ -15,8 +15,8 @@ from rich.table import Table
 from rich.text import Text
 
 from mixrun.planner.types import Candidate, PlanReport
-from mixrun.render import fmt_bytes
 from mixrun.rig.profile import Device, Link, RigProfile
+from mixrun.units import fmt_bytes, shortfalls
 from mixrun.vocab import shown
 
 LINK_STYLE = {"nvlink": "bold green", "nvswitch": "bold green", "infiniband": "cyan", "pcie": "yellow",
@@ -189,8 +189,7 @@ def candidate_detail(report: PlanReport, index: int | None) -> Text:
         out.append("\n")
         out.append(cand.why)
         if not cand.fits and "does not fit" not in cand.why:
-            short = ", ".join(f"{d.id} short by {fmt_bytes(d.shortfall_bytes)}" for d in cand.devices if not d.fits)
-            out.append(f"\ndoes not fit: {short}", style="bold red")
+            out.append(f"\ndoes not fit: {shortfalls(cand.devices, ', ')}", style="bold red")
     if report.best is None:
         req = report.request
         if any(c.fits for c in report.candidates):

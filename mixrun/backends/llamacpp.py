@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from mixrun.backends.base import EngineInfo, Sampling, Stats
 from mixrun.backends.llamacpp_cpu import finding
-from mixrun.backends.loading import LoadProgress, interruptible, llama_params
-from mixrun.backends.text import Vocab, stream_text
+from mixrun.backends.llamacpp_load import LoadProgress, interruptible, llama_params
+from mixrun.backends.text import Vocab, stream_text, without_chat_handlers
 from mixrun.errors import GGUFError, MixrunError, where
-from mixrun.telemetry import DeviceSampler, Snapshot, now
+from mixrun.rig.sampler import DeviceSampler
+from mixrun.telemetry import Snapshot, now
 from mixrun.vocab import Backend, Split
 
 if TYPE_CHECKING:
@@ -59,7 +60,8 @@ class LlamaCppEngine:
         kwargs = {**(llama_kwargs(plan, llama_cpp) if plan is not None else {}), **(kwargs or {})}
         progress = progress or LoadProgress(os.path.basename(model), out=None if show_progress else io.StringIO())
         try:
-            with interruptible(progress), llama_params(llama_cpp, progress, extra_buffers=cpu.extra_buffers):
+            with interruptible(progress), llama_params(llama_cpp, progress, extra_buffers=cpu.extra_buffers), \
+                    without_chat_handlers(llama_cpp):
                 self.llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_threads=n_threads,
                                            seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
                                            verbose=False, **kwargs)
@@ -74,7 +76,11 @@ class LlamaCppEngine:
         self._tokens_total = 0
         self._last = Stats()
         self._sampler: DeviceSampler | None = None
-        self.vocab = Vocab(self.llm, model)
+        try:
+            self.vocab = Vocab(self.llm, model)  # compiles the chat template: TemplateError if it is unusable
+        except BaseException:
+            self.close()
+            raise
         self.template = self.vocab.template
 
     def tokenize(self, text: str) -> list[int]:
@@ -85,6 +91,8 @@ class LlamaCppEngine:
 
     def generate(self, prompt: str, sampling: Sampling, stats: Stats) -> Iterator[str]:
         tokens = self.tokenize(prompt)
+        if not tokens:  # llama-cpp-python asserts on an empty prompt; fit_prompt refuses one before this
+            raise GGUFError(where(self.info.model, "the prompt is no tokens at all in this model's vocabulary"))
         stats.prompt_tokens = len(tokens)
         room = self.info.n_ctx - len(tokens)
         if room <= 0:

@@ -9,11 +9,47 @@ back so a stop spanning tokens is never shown).
 from __future__ import annotations
 
 import codecs
+import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from mixrun.backends.template import ChatTemplate
+from mixrun.backends.template import ChatTemplate, context_chars
+
+_HANDLERS_LOCK = threading.Lock()
+
+
+class _UnusedChatFormatter:
+    """Stands in for llama-cpp-python's ``Jinja2ChatFormatter`` while a model loads.
+
+    ``Llama.__init__`` compiles every ``tokenizer.chat_template*`` of the file with plain Jinja2, unbounded, so an
+    untrusted template that does not parse raises ``TemplateSyntaxError`` out of the load. mixrun never calls
+    ``create_chat_completion``: it renders with :class:`ChatTemplate`, which reports such a template in one line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def to_chat_handler(self) -> Any:
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("mixrun renders chat templates itself (mixrun.backends.template)")
+
+        return refuse
+
+
+@contextlib.contextmanager
+def without_chat_handlers(llama_cpp: Any) -> Iterator[None]:
+    """Build ``llama_cpp.Llama`` objects inside this: their chat handlers are not compiled (see
+    :class:`_UnusedChatFormatter`). Loads in other threads wait, so the swap is never undone under one of them."""
+    from llama_cpp import llama_chat_format
+
+    with _HANDLERS_LOCK:
+        real = llama_chat_format.Jinja2ChatFormatter
+        llama_chat_format.Jinja2ChatFormatter = _UnusedChatFormatter
+        try:
+            yield
+        finally:
+            llama_chat_format.Jinja2ChatFormatter = real
 
 
 class Vocab:
@@ -24,7 +60,9 @@ class Vocab:
         self._vocab = llm._model.vocab
         self._is_eog = llama_cpp.llama_vocab_is_eog
         bos, eos = self.piece(llm.token_bos()), self.piece(llm.token_eos())
-        self.template = ChatTemplate(llm.metadata.get("tokenizer.chat_template"), model, bos, eos)
+        # a render the context cannot hold is refused before the tokenizer sees it (see context_chars)
+        self.template = ChatTemplate(llm.metadata.get("tokenizer.chat_template"), model, bos, eos,
+                                     max_chars=context_chars(llm.n_ctx() or 4096))
         self._add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
         self._bos_text = bos
 

@@ -10,6 +10,7 @@ from typing import Any
 from mixrun.bench.measure import run_bench
 from mixrun.bench.results import SPLIT_NAMES, BenchConfig, BenchReport, Measured, NothingToBench
 from mixrun.errors import MixrunError
+from mixrun.units import shortfalls
 from mixrun.vocab import AUTO
 
 # ---- which candidates -------------------------------------------------------------------------------------------
@@ -51,7 +52,7 @@ def select(report: Any, splits: set[str] | None, backend: str, simulate: bool,
     fitting = [c for c in pool if c.fits]
     if not fitting:
         c = min(pool, key=lambda c: sum(d.shortfall_bytes for d in c.devices))
-        short = "; ".join(f"{d.id} short by {d.shortfall_bytes / 2**30:.2f} GiB" for d in c.devices if not d.fits)
+        short = shortfalls(c.devices)
         hint = f" ({report.suggestions[0].what})" if getattr(report, "suggestions", ()) else ""
         raise NothingToBench(f"{Path(report.model['path']).name}: does not fit {report.profile} at context "
                              f"{report.request.ctx:,}: {c.label}: {short}{hint}")
@@ -90,10 +91,10 @@ def bench_command(model: str, profile_ref: str, cfg: BenchConfig, *, splits: str
     candidate could be measured, 130 after Ctrl-C (what was measured is still printed and recorded)."""
     import json
 
-    from mixrun.backends.loading import free_memory
     from mixrun.model.gguf import read_spec
     from mixrun.planner import PlanRequest, plan
     from mixrun.rig.profile import load_profile
+    from mixrun.run import free_memory
 
     cfg.check()
     if record and cfg.simulate:
@@ -112,19 +113,26 @@ def bench_command(model: str, profile_ref: str, cfg: BenchConfig, *, splits: str
 
     with progress_bar(chosen, cfg) as step:
         run_bench(rep, profile, step, debug=debug)
+    unrecorded: MixrunError | None = None
     if record:
         from mixrun.bench.record import record as record_results
         from mixrun.bench.record import results_of
 
         results = results_of(rep)
-        if results:
-            rep.recorded = str(record_results(profile_ref, results))
-        else:
-            rep.notes.append("nothing was measured, so nothing was recorded")
+        try:
+            if results:
+                rep.recorded = str(record_results(profile_ref, results))
+            else:
+                rep.notes.append("nothing was measured, so nothing was recorded")
+        except MixrunError as e:
+            unrecorded = e  # the measured figures are printed first: a failed write must not lose the run
     if as_json:
         sys.stdout.write(json.dumps(rep.to_json(), indent=2) + "\n")
     else:
         render_report(rep)
+    if unrecorded is not None:
+        print(f"mixrun: {unrecorded}", file=sys.stderr)
+        return 130 if rep.interrupted else unrecorded.exit_code
     if rep.interrupted:
         print("mixrun: interrupted: kept the figures measured so far", file=sys.stderr)
         return 130

@@ -4,13 +4,20 @@ The profile written is the user's own: a bundled profile is copied into the user
 own name (which then shadows the bundled one), a user profile or a profile given by path is rewritten in place.
 A new result replaces an earlier one of the same model file, split, backend, candidate and context; every other
 result (hand-written ones included) is kept. The planner uses the last result that matches a candidate.
+
+The read-modify-write holds a lock on the profile's folder, so two ``--record`` runs cannot lose one result. A
+symlinked profile is written through (its target is updated, the link stays) and keeps its permission bits;
+anything that is not a regular file is refused. Only the user profile folder is ever created.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import os
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from mixrun import __version__
 from mixrun.bench.results import BenchReport, Measured
@@ -28,7 +35,10 @@ def results_of(rep: BenchReport, date: str | None = None) -> list[Result]:
         if m.decode is None:
             continue
         for c in _targets(m):
-            out.append(_result(m, rep, c, date))
+            try:
+                out.append(_result(m, rep, c, date))
+            except ValidationError:
+                continue  # a figure outside the profile's bounds (0.00 tok/s after rounding) is no evidence
     return out
 
 
@@ -66,12 +76,28 @@ def target_of(ref: str) -> tuple[Path, RigProfile]:
 
 def record(ref: str, new: list[Result]) -> Path:
     """Add ``new`` to profile ``ref`` (replacing earlier results of the same key) and write it atomically."""
+    from mixrun.fsutil import dir_lock, write_problem
+
     if not new:
         raise ProfileError(where(ref, "nothing measured to record"))
-    path, prof = target_of(ref)
-    keys = {_key(r) for r in new}
-    kept = [r for r in prof.results if _key(r) not in keys]
-    data = prof.model_dump(mode="json", exclude_none=True)
-    data["results"] = [r.model_dump(mode="json", exclude_none=True) for r in kept + new]
-    updated = _profile.parse_profile(data, str(path))  # validate the whole profile before anything is written
-    return _profile.save_profile(updated, path)
+    path, _ = _where_to(ref)
+    folder = Path(os.path.realpath(path)).parent
+    try:
+        if folder == Path(os.path.realpath(_profile.user_profile_dir())):
+            folder.mkdir(parents=True, exist_ok=True)
+        with dir_lock(folder):
+            path, prof = target_of(ref)  # read under the lock: another run's result, written meanwhile, is kept
+            keys = {_key(r) for r in new}
+            kept = [r for r in prof.results if _key(r) not in keys]
+            data = prof.model_dump(mode="json", exclude_none=True)
+            data["results"] = [r.model_dump(mode="json", exclude_none=True) for r in kept + new]
+            updated = _profile.parse_profile(data, str(path))  # validate the whole profile before writing
+            return _profile.save_profile(updated, path, parents=False)
+    except OSError as e:
+        raise ProfileError(where(path, f"results not recorded: {write_problem(e)}")) from None
+
+
+def _where_to(ref: str) -> tuple[Path, str]:
+    """The file results for ``ref`` go to, and its kind (as :func:`mixrun.rig.profile.find_profile`)."""
+    origin, kind = _profile.find_profile(ref)
+    return (_profile.user_profile_dir() / f"{ref}.toml" if kind == "bundled" else Path(origin)), kind

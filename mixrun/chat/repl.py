@@ -12,8 +12,12 @@ import sys
 from pathlib import Path
 
 from mixrun.backends.base import Engine, Sampling, Stats
-from mixrun.chat.conversation import Conversation, answer
+from mixrun.chat.conversation import Conversation, PromptTooLong, answer, fit_prompt
 from mixrun.errors import MixrunError, where
+from mixrun.fsutil import shown
+
+# A transcript /load reads at most this much: enough for any conversation a context can hold, many times over.
+MAX_TRANSCRIPT_BYTES = 16 * 1024 * 1024
 
 HELP = """commands:
   /reset          forget the conversation (keeps the system prompt)
@@ -33,7 +37,10 @@ def stats_line(stats: Stats) -> str:
 
 def one_shot(engine: Engine, conv: Conversation, prompt: str, sampling: Sampling, *, as_json: bool,
              quiet: bool) -> int:
+    """Answer ``prompt`` once. A prompt the context cannot hold is an error (exit 2) before anything is printed,
+    never an empty answer."""
     conv.add("user", prompt)
+    fit_prompt(engine, conv, sampling, lambda m: None)  # raises PromptTooLong
     if not quiet:
         for note in engine.info.notes:
             print(f"mixrun: note: {note}", file=sys.stderr)
@@ -66,11 +73,15 @@ def interactive(engine: Engine, conv: Conversation, sampling: Sampling, *, quiet
     while True:
         try:
             line = _read_message()
+            line.encode("utf-8")
         except EOFError:
             print()
             return 0
         except KeyboardInterrupt:
             print()
+            continue
+        except UnicodeError:
+            say("mixrun: input: not valid UTF-8 text, ignored (the conversation is kept)")
             continue
         if not line.strip():
             continue
@@ -82,10 +93,16 @@ def interactive(engine: Engine, conv: Conversation, sampling: Sampling, *, quiet
                 msg = _command(cmd, arg.strip(), conv, last, engine)
             except MixrunError as e:
                 msg = f"mixrun: {e}"
+            except (OSError, ValueError, RecursionError, MemoryError) as e:  # a command fails, the session stays
+                msg = f"mixrun: {cmd}: failed ({e.__class__.__name__}: {shown(e)})"
             say(msg)
             continue
         conv.add("user", line)
-        last = answer(engine, conv, sampling, sys.stdout, say)
+        try:
+            last = answer(engine, conv, sampling, sys.stdout, say)
+        except PromptTooLong as e:
+            say(f"mixrun: {e} (the message was not sent; the conversation is kept)")
+            continue
         try:
             print()
             if last.stop_reason == "interrupted":
@@ -155,9 +172,7 @@ def _command(cmd: str, arg: str, conv: Conversation, last: Stats | None, engine:
         case "/save":
             if not arg:
                 return "usage: /save FILE"
-            from mixrun.fsutil import atomic_write_text
-
-            atomic_write_text(arg, json.dumps(conv.to_json(), indent=2) + "\n")
+            save_transcript(arg, conv)
             return f"saved {len(conv.turns)} messages to {arg}"
         case "/load":
             if not arg:
@@ -169,18 +184,43 @@ def _command(cmd: str, arg: str, conv: Conversation, last: Stats | None, engine:
             return f"unknown command {cmd} (/help lists them)"
 
 
-def load_transcript(path: str) -> Conversation:
+def save_transcript(path: str, conv: Conversation) -> None:
+    """Write ``conv`` as JSON to ``path``: atomically, through a symlink to its target, never over anything that is
+    not a regular file (a directory, /dev/full) and never creating folders. MixrunError when it cannot."""
+    from mixrun.fsutil import atomic_write_text, write_problem
+
+    text = json.dumps(conv.to_json(), indent=2) + "\n"
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        atomic_write_text(path, text, parents=False)
+    except OSError as e:
+        no_folder = isinstance(e, FileNotFoundError) and not Path(path).parent.is_dir()
+        problem = "cannot write (no such folder; /save creates none)" if no_folder else write_problem(e)
+        raise MixrunError(where(shown(path), problem)) from None
+    except ValueError:  # a NUL character in the name
+        raise MixrunError(where(shown(path), "not a usable file name")) from None
+
+
+def load_transcript(path: str) -> Conversation:
+    """The conversation in a file written by ``/save``; at most :data:`MAX_TRANSCRIPT_BYTES`, a regular file only.
+    MixrunError for anything else."""
+    from mixrun.fsutil import read_bounded
+
+    try:
+        data = json.loads(read_bounded(path, MAX_TRANSCRIPT_BYTES).decode("utf-8"))
     except FileNotFoundError:
-        raise MixrunError(where(path, "no such file")) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MixrunError(where(path, f"not a mixrun transcript ({e})")) from None
+        raise MixrunError(where(shown(path), "no such file")) from None
+    except OSError as e:
+        raise MixrunError(where(shown(path), f"cannot read ({e.strerror or e})")) from None
+    except RecursionError:
+        raise MixrunError(where(shown(path), "not a mixrun transcript (nested too deeply)")) from None
+    except (UnicodeDecodeError, ValueError) as e:  # ValueError: JSONDecodeError, or a NUL in the name
+        raise MixrunError(where(shown(path), f"not a mixrun transcript ({shown(e)})")) from None
     msgs = data.get("messages") if isinstance(data, dict) else None
     system = data.get("system") if isinstance(data, dict) else None
     ok = isinstance(msgs, list) and all(
         isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
         for m in msgs)
     if not ok or not (system is None or isinstance(system, str)):
-        raise MixrunError(where(path, "not a mixrun transcript (expected {system, messages: [{role, content}]})"))
+        raise MixrunError(where(shown(path),
+                                "not a mixrun transcript (expected {system, messages: [{role, content}]})"))
     return Conversation(system=system, turns=[{"role": m["role"], "content": m["content"]} for m in msgs])

@@ -8,17 +8,20 @@ Inspecting never reads tensor data: tensors are memory-mapped views that are nev
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import stat
+import struct
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, Keys
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, Keys
 from gguf.constants import GGUF_MAGIC
 
 from mixrun.errors import GGUFError, read_problem, where
@@ -32,6 +35,18 @@ _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 _SPLIT_RE = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
+# Budgets: what any header may make mixrun build, far above every real model (a 235B-class MoE has ~100k tensors,
+# ~60 metadata keys, a 150k-262k-token vocabulary and a header of tens of MiB). Past them a file is refused with one
+# line, so parsing costs memory and time proportional to a sane model whatever the counts in a file say.
+MAX_TENSORS = 1 << 18  # tensor infos
+MAX_KV = 1 << 14  # metadata entries
+MAX_ARRAY_ITEMS = 1 << 22  # elements over all metadata arrays (a vocabulary's tokens, scores, types, merges)
+MAX_LISTED_ITEMS = 1 << 18  # a scalar array longer than this is kept as its length only, never as a list
+MAX_NAME_BYTES = 1024  # a metadata key or tensor name (llama.cpp's GGML_MAX_NAME is 64)
+MAX_STRING_BYTES = 1 << 24  # one metadata string (chat templates are tens of KiB)
+MAX_STRING_TOTAL_BYTES = 1 << 26  # all metadata keys and strings together
+MAX_HEADER_BYTES = 512 * 1024 * 1024  # metadata plus tensor infos
+
 
 class _Truncated(Exception):
     """A read past the readable end. ``need`` is a byte offset the reader must reach to get further."""
@@ -41,34 +56,60 @@ class _Truncated(Exception):
         self.offset, self.end, self.need = offset, end, need
 
 
+class _Info(NamedTuple):
+    """One tensor info as the header states it: GGML type, ne0-first dims, and where its data lies (bytes)."""
+
+    name: str
+    qtype: GGMLQuantizationType
+    dims: tuple[int, ...]
+    n_elements: int
+    n_bytes: int
+    data_offset: int
+
+
 class _BoundedReader(GGUFReader):
-    """``GGUFReader`` that refuses short reads and parses large arrays in one go.
+    """``GGUFReader`` that refuses short reads, enforces the budgets above, and parses large things in one go.
 
-    gguf-py's reader silently returns short arrays when a length runs past the end of the file, and walks arrays one
-    element at a time (seconds for a 150k-token vocabulary). This subclass raises :class:`_Truncated` instead, and
-    reads an array of scalars as one view and an array of strings as one byte region (the field's parts end with
-    ``[item_type, count, values]``; a string array's ``data`` is empty): inspecting needs only their lengths, and it keeps the parse in milliseconds.
+    gguf-py's reader silently returns short arrays when a length runs past the end of the file, walks arrays one
+    element at a time (seconds for a 150k-token vocabulary), and builds several numpy views per tensor info. This
+    subclass raises :class:`_Truncated` instead, reads an array of scalars as one view and an array of strings as one
+    byte region (the field's parts end with ``[item_type, count, values]``; a string array's ``data`` is empty),
+    and reads tensor infos with ``struct`` into :class:`_Info` tuples (Python ints: no overflow, no data views).
 
-    ``header_limit`` is the number of valid bytes while parsing metadata and tensor infos (a remote file is parsed
-    from a partial download); tensor data views are checked against the whole (sparse) file.
+    ``header_limit`` is the number of valid bytes (a remote file is parsed from a partial download); ``size`` is the
+    file's logical size (a remote file's, of which only the first ``header_limit`` bytes are present locally).
     """
 
-    def __init__(self, path: os.PathLike[str] | str, header_limit: int | None = None) -> None:
-        size = os.path.getsize(path)
-        self._limit = size if header_limit is None else min(header_limit, size)
-        self._tensor_data = False
-        super().__init__(path, "r")
+    def __init__(self, source: Any, size: int, header_limit: int | None = None) -> None:
+        self._size = size
+        self._limit = min(size if header_limit is None else header_limit, MAX_HEADER_BYTES)
+        self._array_items = 0
+        self._string_bytes = 0
+        super().__init__(source, "r")
 
     def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
         count = int(count)
         end = offset + np.dtype(dtype).itemsize * count
         if end > self._limit:
-            if self._tensor_data:
-                # Data past the end (or a remote file's hole): a zero-stride placeholder that allocates nothing;
-                # check_tensor_data reports it with the tensor's name.
-                return np.broadcast_to(np.zeros(1, dtype=dtype), (count,))
             raise _Truncated(offset, end, end)
         return super()._get(offset, dtype, count, override_order)
+
+    def _get_str(self, offset: int) -> tuple[np.ndarray, np.ndarray]:
+        slen = self._get(offset, np.uint64)
+        n = int(slen[0])
+        if n > MAX_STRING_BYTES and offset + 8 + n <= self._size:  # one past the file is reported as truncation
+            raise ValueError(f"a metadata string of {n:,} bytes at byte {offset:,} (mixrun reads strings of up to "
+                             f"{MAX_STRING_BYTES:,})")
+        data = self._get(offset + 8, np.uint8, n)
+        self._string_bytes += n
+        if self._string_bytes > MAX_STRING_TOTAL_BYTES:
+            raise ValueError(f"metadata strings total over {MAX_STRING_TOTAL_BYTES:,} bytes")
+        return slen, data
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        if int(count) > MAX_KV:
+            raise ValueError(f"too many metadata entries ({int(count):,}; mixrun reads at most {MAX_KV:,})")
+        return super()._build_fields(offs, count)
 
     def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[np.ndarray], list[int], list[Any]]:
         if raw_type != GGUFValueType.ARRAY:
@@ -77,8 +118,13 @@ class _BoundedReader(GGUFReader):
         alen = self._get(orig_offs + 4, np.uint64)
         n = int(alen[0])
         itype = GGUFValueType(int(raw_itype[0]))
-        offs = orig_offs + 12
         scalar = self.gguf_scalar_to_np.get(itype)
+        self._array_items += n
+        fits = orig_offs + 12 + n * (np.dtype(scalar).itemsize if scalar else 8) <= self._size
+        if self._array_items > MAX_ARRAY_ITEMS and fits:  # one past the file is reported as truncation
+            raise ValueError(f"absurd metadata array length {n:,} at byte {orig_offs:,} (mixrun reads at most "
+                             f"{MAX_ARRAY_ITEMS:,} array items in all)")
+        offs = orig_offs + 12
         if scalar is not None:
             values = self._get(offs, scalar, n)  # raises with the exact end when short
             return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [GGUFValueType.ARRAY, itype]
@@ -91,24 +137,76 @@ class _BoundedReader(GGUFReader):
     def _walk_strings(self, offs: int, n: int) -> int:
         """End offset of ``n`` length-prefixed strings starting at ``offs``; raises :class:`_Truncated` with an
         estimate of the array's end (from the average length so far) when the readable bytes run out first."""
-        if n * 8 > len(self.data) - offs:
+        if n * 8 > self._size - offs:
             raise ValueError(f"truncated header (a string array of {n:,} items is longer than the file)")
         buf = memoryview(self.data)
-        order = "little" if (self.byte_order == "I") == (sys.byteorder == "little") else "big"
+        u64 = struct.Struct(self._order + "Q")
         start, limit = offs, self._limit
         for i in range(n):
             if offs + 8 > limit:
                 raise _Truncated(offs, offs + 8, _estimate_end(start, offs, i, n))
-            slen = int.from_bytes(buf[offs : offs + 8], order)
-            offs += 8 + slen
+            offs += 8 + u64.unpack_from(buf, offs)[0]
             if offs > limit:
-                raise _Truncated(offs - slen, offs, max(offs, _estimate_end(start, offs, i + 1, n)))
+                raise _Truncated(offs, offs, max(offs, _estimate_end(start, offs, i + 1, n)))
         return offs
 
+    @property
+    def _order(self) -> str:
+        return "<" if (self.byte_order == "I") == (sys.byteorder == "little") else ">"
+
+    def _build_tensor_info(self, offs: int, count: int) -> tuple[int, list[tuple[str, tuple[int, ...], int, int]]]:
+        """(name, ne0-first dims, GGML type, data offset) of each tensor info, read with ``struct``."""
+        count = int(count)
+        if count > MAX_TENSORS:
+            raise ValueError(f"too many tensors ({count:,}; mixrun reads at most {MAX_TENSORS:,})")
+        buf = memoryview(self.data)
+        u64, u32 = struct.Struct(self._order + "Q"), struct.Struct(self._order + "I")
+        start, limit, infos = offs, self._limit, []
+        for i in range(count):
+            if offs + 8 > limit:
+                raise _Truncated(offs, offs + 8, _estimate_end(start, offs, i, count))
+            nlen = u64.unpack_from(buf, offs)[0]
+            if nlen > MAX_NAME_BYTES:
+                raise ValueError(f"a tensor name of {nlen:,} bytes at byte {offs:,} (mixrun reads names of up to "
+                                 f"{MAX_NAME_BYTES:,})")
+            p = offs + 8 + nlen
+            if p + 4 > limit:
+                raise _Truncated(offs, p + 4, _estimate_end(start, p + 4, i + 1, count))
+            name = bytes(buf[offs + 8:p]).decode("utf-8")
+            n_dims = u32.unpack_from(buf, p)[0]
+            if not 1 <= n_dims <= _MAX_DIMS:
+                raise ValueError(f"tensor {name!r} has {n_dims:,} dimensions (GGML allows 1 to 4)")
+            end = p + 4 + 8 * n_dims + 12
+            if end > limit:
+                raise _Truncated(offs, end, _estimate_end(start, end, i + 1, count))
+            dims = struct.unpack_from(f"{self._order}{n_dims}Q", buf, p + 4)
+            qtype, data_offs = struct.unpack_from(self._order + "IQ", buf, end - 12)
+            infos.append((name, dims, qtype, data_offs))
+            offs = end
+        return offs, infos
+
     def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
-        self._tensor_data = True
-        self._limit = len(self.data)
-        super()._build_tensors(start_offs, fields)
+        start_offs = int(start_offs)
+        seen: set[str] = set()
+        tensors = []
+        qtypes = {int(q): q for q in GGMLQuantizationType}
+        for name, dims, raw_qtype, data_offs in fields:
+            if name in seen:
+                raise ValueError(f"duplicate tensor name {name!r}")
+            seen.add(name)
+            qtype = qtypes.get(raw_qtype)
+            if qtype is None:
+                raise ValueError(f"unknown tensor quant type {raw_qtype} (tensor {name!r})")
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            if 0 in dims:
+                raise ValueError(f"tensor {name!r} has a dimension of 0 (shape {list(dims)} in GGML order)")
+            if dims[0] % block:
+                raise ValueError(f"tensor {name!r}: row of {dims[0]:,} is not a multiple of the {qtype.name} "
+                                 f"block size {block}")
+            n_elements = math.prod(dims)
+            tensors.append(_Info(name, qtype, dims, n_elements, n_elements // block * type_size,
+                                 start_offs + data_offs))
+        self.tensors = tensors  # type: ignore[assignment]
 
 
 def _estimate_end(start: int, offs: int, done: int, total: int) -> int:
@@ -153,6 +251,10 @@ def _check_preamble(path: str, data: bytes, size: int) -> int:
     if n_tensors * _MIN_TENSOR_INFO_BYTES > body:
         raise GGUFError(where(path, f"absurd tensor count {n_tensors:,} (a {size:,}-byte file holds at most "
                                     f"{body // _MIN_TENSOR_INFO_BYTES:,})"))
+    if n_kv > MAX_KV:
+        raise GGUFError(where(path, f"too many metadata entries ({n_kv:,}; mixrun reads at most {MAX_KV:,})"))
+    if n_tensors > MAX_TENSORS:
+        raise GGUFError(where(path, f"too many tensors ({n_tensors:,}; mixrun reads at most {MAX_TENSORS:,})"))
     return version
 
 
@@ -164,38 +266,55 @@ _ARRAY_COUNT, _ARRAY_VALUES = 4, 5
 def _field_value(field: Any) -> Any:
     t0 = field.types[0]
     if t0 == GGUFValueType.ARRAY:
-        if field.types[-1] == GGUFValueType.STRING:
-            return None  # kept as a byte region; only its length is used
-        return field.parts[_ARRAY_VALUES].tolist()
+        values = field.parts[_ARRAY_VALUES]
+        if field.types[-1] == GGUFValueType.STRING or len(values) > MAX_LISTED_ITEMS:
+            return None  # a byte region, or too long to list: only its length is used
+        return values.tolist()
     if t0 == GGUFValueType.STRING:
         return bytes(field.parts[-1]).decode("utf-8", errors="replace")
     return field.parts[-1].tolist()[0]
 
 
-def parse_part(path: str, *, header_limit: int | None = None, display: str | None = None) -> _Part:
+def parse_part(path: str, *, header_limit: int | None = None, display: str | None = None,
+               size: int | None = None) -> _Part:
     """Parse one GGUF file's header. ``display`` is the name used in errors (a URL for remote files).
 
-    Raises :class:`_Truncated` only when ``header_limit`` is set (the caller fetches more and retries);
+    A remote file is parsed from a local file holding its first ``header_limit`` bytes, ``size`` being the remote
+    file's size. Raises :class:`_Truncated` only when ``header_limit`` is set (the caller fetches more and retries);
     every other failure is a :class:`GGUFError`.
     """
     name = display or path
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            pre = f.read(24)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below like any non-regular file
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        st = os.fstat(fd)
     except OSError as e:
         raise GGUFError(where(name, read_problem(e, "a GGUF file"))) from None
-    version = _check_preamble(name, pre, size)
-    try:
-        reader = _BoundedReader(path, header_limit)
-    except _Truncated as t:
-        if header_limit is not None and header_limit < size:
-            raise
-        raise GGUFError(where(name, _truncation_message(t, size))) from None
-    except KeyError as e:  # gguf-py raises KeyError for a duplicate metadata key
-        raise GGUFError(where(name, f"duplicate metadata key ({e.args[0]})")) from None
-    except (ValueError, UnicodeDecodeError, OverflowError, IndexError, TypeError) as e:
-        raise GGUFError(where(name, _reader_message(e))) from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        what = "is a directory, not a GGUF file" if stat.S_ISDIR(st.st_mode) else \
+            "not a regular file (a GGUF model is a file, not a device, FIFO or socket)"
+        raise GGUFError(where(name, what))
+    with os.fdopen(fd, "rb") as f:
+        try:
+            pre = f.read(24)
+        except OSError as e:
+            raise GGUFError(where(name, read_problem(e, "a GGUF file"))) from None
+        size = st.st_size if size is None else size
+        version = _check_preamble(name, pre, size)
+        try:
+            reader = _BoundedReader(f, size, header_limit)
+        except _Truncated as t:
+            if t.need > MAX_HEADER_BYTES and t.end <= size:
+                raise GGUFError(where(name, f"header larger than {MAX_HEADER_BYTES >> 20} MiB (a read at byte "
+                                            f"{t.offset:,} needs {t.end - t.offset:,} bytes)")) from None
+            if header_limit is not None and header_limit < size:
+                raise
+            raise GGUFError(where(name, _truncation_message(t, size))) from None
+        except KeyError as e:  # gguf-py raises KeyError for a duplicate metadata key
+            raise GGUFError(where(name, f"duplicate metadata key ({_printable(str(e.args[0]))})")) from None
+        except (ValueError, UnicodeDecodeError, OverflowError, IndexError, TypeError) as e:
+            raise GGUFError(where(name, _reader_message(e))) from None
 
     fields: dict[str, Any] = {}
     array_lengths: dict[str, int] = {}
@@ -206,19 +325,18 @@ def parse_part(path: str, *, header_limit: int | None = None, display: str | Non
         if field.types[0] == GGUFValueType.ARRAY:
             array_lengths[key] = int(field.parts[_ARRAY_COUNT][0])
     tensors, ranges = [], []
+    qnames = {q: q.name for q in GGMLQuantizationType}
     for t in reader.tensors:
-        dims = [int(d) for d in t.shape.tolist()]
-        if not 1 <= len(dims) <= _MAX_DIMS:
-            raise GGUFError(where(name, f"tensor {t.name!r} has {len(dims)} dimensions (GGML allows 1 to 4)"))
-        block, _ = GGML_QUANT_SIZES[t.tensor_type]
-        if dims[0] % block:
-            raise GGUFError(where(name, f"tensor {t.name!r}: row of {dims[0]} is not a multiple of the "
-                                        f"{t.tensor_type.name} block size {block}"))
-        tensors.append(TensorSpec(name=t.name, qtype=t.tensor_type.name, shape=tuple(reversed(dims)),
-                                  n_elements=int(t.n_elements), n_bytes=int(t.n_bytes)))
-        ranges.append((t.name, int(t.data_offset), int(t.data_offset) + int(t.n_bytes)))
+        tensors.append(TensorSpec(name=t.name, qtype=qnames[t.qtype], shape=tuple(reversed(t.dims)),
+                                  n_elements=t.n_elements, n_bytes=t.n_bytes))
+        ranges.append((t.name, t.data_offset, t.data_offset + t.n_bytes))
     return _Part(path=name, size=size, version=version, fields=fields, array_lengths=array_lengths,
                  tensors=tensors, tensor_ranges=ranges, header_bytes=int(reader.data_offset))
+
+
+def _printable(text: str) -> str:
+    """``text`` with control and other non-printable characters escaped (untrusted names in one-line errors)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _truncation_message(t: _Truncated, size: int) -> str:
@@ -233,13 +351,11 @@ def _reader_message(e: Exception) -> str:
         return f"unknown tensor quant type ({text})"
     if "GGUFValueType" in text:
         return f"unknown metadata value type ({text})"
-    if "duplicated tensor" in text:
-        return f"duplicate tensor name ({text.split('name ')[-1]})"
     if isinstance(e, UnicodeDecodeError):
         return "a key or tensor name is not valid UTF-8"
     if "cannot reshape" in text or "total size" in text:
         return "tensor shape does not match its data size"
-    return text or type(e).__name__
+    return _printable(text) or type(e).__name__
 
 
 def check_tensor_data(part: _Part) -> None:
@@ -300,27 +416,43 @@ def split_urls(url: str) -> list[str]:
     return [urlunsplit(parts._replace(path=n)) for n in split_parts(str(PurePosixPath(parts.path)))]
 
 
-def _read_remote_parts(url: str) -> list[_Part]:
+def _read_remote_parts(url: str, deadline_s: float | None = None) -> list[_Part]:
     """Parse the header of each part of a remote model, fetching only as much of each as its header needs: a parse
-    that runs past the fetched bytes says how far it needs to get, and only the missing bytes are fetched."""
-    from mixrun.model.remote import FIRST_WINDOW_BYTES, RangeReader
+    that runs past the fetched bytes says how far it needs to get, and only the missing bytes are fetched.
+    ``deadline_s`` bounds the whole read (default: ``MIXRUN_HTTP_DEADLINE_S``, see :mod:`mixrun.model.remote`)."""
+    from mixrun.model.remote import FIRST_WINDOW_BYTES, Deadline, RangeReader
 
+    deadline = Deadline.start(url, deadline_s)
     out = []
     with tempfile.TemporaryDirectory(prefix="mixrun-remote-") as tmp:
         for part_url in split_urls(url):
-            rr = RangeReader(part_url, tmp)
+            rr = RangeReader(part_url, tmp, deadline)
             rr.ensure(FIRST_WINDOW_BYTES)
             while True:
                 try:
-                    part = parse_part(rr.path, header_limit=rr.fetched, display=part_url)
+                    part = parse_part(rr.path, header_limit=rr.fetched, display=part_url, size=rr.total)
                     break
                 except _Truncated as t:
                     if rr.total is not None and rr.fetched >= rr.total:
                         raise GGUFError(where(part_url, "truncated header")) from None
-                    rr.ensure(max(t.need, rr.fetched + rr.fetched // 2))
+                    # at least 1.5x what is there: O(log) re-parses, so the total work is a small multiple of one
+                    need = min(max(t.need, min(rr.fetched + rr.fetched // 2, MAX_HEADER_BYTES)), rr.total or t.need)
+                    if need > MAX_HEADER_BYTES:
+                        raise GGUFError(where(part_url, f"header larger than {MAX_HEADER_BYTES >> 20} MiB; not a "
+                                                        "usable GGUF")) from None
+                    rr.ensure(need)
             check_tensor_data(part)
             out.append(part)
+            _check_total_tensors(out)
     return out
+
+
+def _check_total_tensors(parts: list[_Part]) -> None:
+    """The tensor budget holds for a split model's parts together, checked as each part is read."""
+    total = sum(len(p.tensors) for p in parts)
+    if total > MAX_TENSORS:
+        raise GGUFError(where(parts[-1].path, f"too many tensors over the split parts ({total:,}; mixrun reads at "
+                                              f"most {MAX_TENSORS:,})"))
 
 
 def _read_local_parts(model: str) -> list[_Part]:
@@ -330,9 +462,11 @@ def _read_local_parts(model: str) -> list[_Part]:
     for p in paths:
         if not os.path.exists(p):
             raise GGUFError(where(p, f"missing part of the split model {Path(model).name}"))
-    parts = [parse_part(p) for p in paths]
-    for part in parts:
-        check_tensor_data(part)
+    parts: list[_Part] = []
+    for p in paths:
+        parts.append(parse_part(p))
+        check_tensor_data(parts[-1])
+        _check_total_tensors(parts)
     return parts
 
 
@@ -344,11 +478,12 @@ def _spec(parts: list[_Part]) -> tuple[ModelSpec, dict[str, Any]]:
     return spec, fields
 
 
-def read_spec(model: str | os.PathLike[str]) -> ModelSpec:
-    """Read a local GGUF (single file or any part of a split model), or an ``http(s)://`` URL, into a ModelSpec."""
+def read_spec(model: str | os.PathLike[str], *, http_deadline_s: float | None = None) -> ModelSpec:
+    """Read a local GGUF (single file or any part of a split model), or an ``http(s)://`` URL, into a ModelSpec.
+    ``http_deadline_s`` bounds a remote read in all (default: ``MIXRUN_HTTP_DEADLINE_S``, else 120 s)."""
     model = str(model)
     remote = model.startswith(("http://", "https://"))
-    return _spec(_read_remote_parts(model) if remote else _read_local_parts(model))[0]
+    return _spec(_read_remote_parts(model, http_deadline_s) if remote else _read_local_parts(model))[0]
 
 
 class TensorFile:

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
@@ -35,7 +36,7 @@ class TensorSpec:
     n_elements: int
     n_bytes: int
 
-    @property
+    @cached_property
     def layer(self) -> int | None:
         m = _LAYER_RE.match(self.name)
         return int(m.group(1)) if m else None
@@ -225,6 +226,45 @@ def with_tensors(spec: ModelSpec, tensors: Sequence[TensorSpec]) -> ModelSpec:
                                total_bytes=sum(t.n_bytes for t in tensors))
 
 
+def _check_shapes(source: str, arch: str, meta: _Meta, by_name: dict[str, TensorSpec], n_layers: int, n_embd: int,
+                  kv_heads: list[int], head_dim: int, head_dim_v: int) -> None:
+    """Every tensor the planner sizes from the metadata must have the shape the metadata give it (row-major; ``None``
+    matches any size); a contradiction names the tensor. Only for the plannable architectures."""
+    def expect(name: str, shape: tuple[int | None, ...], why: str) -> None:
+        t = by_name.get(name)
+        if t is None:
+            return
+        if len(t.shape) != len(shape) or any(w is not None and w != d for w, d in zip(shape, t.shape, strict=False)):
+            want = " x ".join("*" if w is None else str(w) for w in shape)
+            got = " x ".join(map(str, t.shape))
+            raise GGUFError(where(source, f"tensor {name!r} is {got}, but the metadata say {want} "
+                                          f"({why})"))
+
+    n_heads = meta.per_layer(Keys.Attention.HEAD_COUNT, n_layers, 0)
+    has_ff = meta.raw(Keys.LLM.FEED_FORWARD_LENGTH) is not None
+    n_ffs = meta.per_layer(Keys.LLM.FEED_FORWARD_LENGTH, n_layers, 0) if has_ff else [None] * n_layers
+    emb = f"{arch}.embedding_length"
+    expect("token_embd.weight", (None, n_embd), emb)
+    expect("output.weight", (None, n_embd), emb)
+    expect("output_norm.weight", (n_embd,), emb)
+    for i in range(n_layers):
+        b, q, kv = f"blk.{i}.", n_heads[i] * head_dim, kv_heads[i]
+        heads = f"{emb}, head_count {n_heads[i]}, head_count_kv {kv}, head dims {head_dim}/{head_dim_v}"
+        expect(b + "attn_norm.weight", (n_embd,), emb)
+        expect(b + "ffn_norm.weight", (n_embd,), emb)
+        expect(b + "attn_q.weight", (q, n_embd), heads)
+        expect(b + "attn_k.weight", (kv * head_dim, n_embd), heads)
+        expect(b + "attn_v.weight", (kv * head_dim_v, n_embd), heads)
+        expect(b + "attn_qkv.weight", (q + kv * (head_dim + head_dim_v), n_embd), heads)
+        expect(b + "attn_output.weight", (n_embd, n_heads[i] * head_dim_v), heads)
+        ff = f"{emb}, {arch}.feed_forward_length {n_ffs[i]}"
+        expect(b + "ffn_gate.weight", (n_ffs[i], n_embd), ff)
+        up = n_ffs[i] * 2 if arch == "phi3" and n_ffs[i] is not None and b + "ffn_gate.weight" not in by_name \
+            else n_ffs[i]
+        expect(b + "ffn_up.weight", (up, n_embd), ff)
+        expect(b + "ffn_down.weight", (n_embd, n_ffs[i]), ff)
+
+
 def build_spec(*, source: str, files: tuple[str, ...], file_bytes: int, fields: dict[str, Any],
                array_lengths: dict[str, int], tensors: list[TensorSpec]) -> ModelSpec:
     if not tensors:
@@ -235,21 +275,25 @@ def build_spec(*, source: str, files: tuple[str, ...], file_bytes: int, fields: 
     meta = _Meta(source, arch, fields)
     by_name = {t.name: t for t in tensors}
 
-    layer_ids = [t.layer for t in tensors if t.layer is not None]
+    top = max((t.layer for t in tensors if t.layer is not None), default=None)
     n_layers = meta.int(Keys.LLM.BLOCK_COUNT, None, lo=1, hi=_MAX_LAYERS)
     missing = [k for k in (Keys.LLM.BLOCK_COUNT, Keys.LLM.EMBEDDING_LENGTH, Keys.Attention.HEAD_COUNT)
                if meta.raw(k) is None]
-    if n_layers is None:
-        n_layers = max(layer_ids) + 1 if layer_ids else 0
-    if layer_ids and max(layer_ids) >= n_layers:
-        raise GGUFError(where(source, f"tensor blk.{max(layer_ids)} is past {arch}.block_count = {n_layers}"))
+    if n_layers is None:  # no block_count: the layers are what the tensors name, within the same bound
+        if top is not None and top >= _MAX_LAYERS:
+            raise GGUFError(where(source, f"tensor blk.{top} is past mixrun's limit of {_MAX_LAYERS:,} layers "
+                                          f"(and there is no {arch}.block_count)"))
+        n_layers = top + 1 if top is not None else 0
+    if top is not None and top >= n_layers:
+        raise GGUFError(where(source, f"tensor blk.{top} is past {arch}.block_count = {n_layers}"))
+    plannable = arch in PLANNABLE_ARCHS
 
     embd = by_name.get("token_embd.weight")
     n_embd = meta.int(Keys.LLM.EMBEDDING_LENGTH, embd.shape[-1] if embd else 0) or 0
     n_head = meta.int(Keys.Attention.HEAD_COUNT, 0) or 0
     n_head_kv = meta.int(Keys.Attention.HEAD_COUNT_KV, n_head) or 0
-    head_dim = meta.int(Keys.Attention.KEY_LENGTH, n_embd // n_head if n_head else 0) or 0
-    head_dim_v = meta.int(Keys.Attention.VALUE_LENGTH, head_dim) or 0
+    head_dim = meta.int(Keys.Attention.KEY_LENGTH, n_embd // n_head if n_head else 0, lo=int(plannable)) or 0
+    head_dim_v = meta.int(Keys.Attention.VALUE_LENGTH, head_dim, lo=int(plannable)) or 0
     n_ff = meta.int(Keys.LLM.FEED_FORWARD_LENGTH, 0) or 0
     n_vocab = meta.int(Keys.LLM.VOCAB_SIZE, array_lengths.get(Keys.Tokenizer.LIST)
                        or (embd.shape[0] if embd else 0), hi=1 << 26) or 0
@@ -267,8 +311,11 @@ def build_spec(*, source: str, files: tuple[str, ...], file_bytes: int, fields: 
                     scaling_factor=meta.float(Keys.Rope.SCALING_FACTOR),
                     original_ctx=meta.int(Keys.Rope.SCALING_ORIG_CTX_LEN, None, hi=1 << 31))
 
+    if plannable and not missing:
+        _check_shapes(source, arch, meta, by_name, n_layers, n_embd, kv_heads, head_dim, head_dim_v)
+
     not_plannable = None
-    if arch not in PLANNABLE_ARCHS:
+    if not plannable:
         not_plannable = f"architecture {arch!r} is not plannable yet (mixrun plans {', '.join(sorted(PLANNABLE_ARCHS))})"
     elif missing:
         not_plannable = "missing metadata: " + ", ".join(k.format(arch=arch) for k in missing)

@@ -17,6 +17,7 @@ from mixrun.planner.memory import F32, GPU_OVERHEAD_BYTES, ModelFacts, compute_b
 from mixrun.planner.search import StageCosts, Unit, best_layout, exact_boundaries, kv_head_counts, tp_cliques
 from mixrun.planner.types import Candidate, Group
 from mixrun.rig.profile import Device
+from mixrun.units import shortfalls
 from mixrun.vocab import BACKEND_ARCHS, LLAMACPP_TENSOR_ARCHS, Backend, KVType, Split
 
 GGML_TYPE = {KVType.F16: 1, KVType.Q4_0: 2, KVType.Q8_0: 8}  # llama.cpp's -ctk/-ctv element types (ggml_type)
@@ -97,8 +98,7 @@ def _why(ctx: Context, groups: list[Group], ev: Evaluation, split: Split, backen
         text += (f"; quantized matrices stream through fused Triton kernels, assumed at {QUANT_KERNEL_EFF:.0%} of the "
                  f"dense rate until measured on a GPU")
     if not ev.fits:
-        short = [f"{d.id} short by {d.shortfall_bytes / 2**30:.2f} GiB" for d in ev.devices if not d.fits]
-        text += "; does not fit: " + ", ".join(short)
+        text += "; does not fit: " + shortfalls(ev.devices, ", ")
     return text
 
 

@@ -27,7 +27,7 @@ class Context:
     @cached_property
     def gpus(self) -> tuple[Device, ...]:
         """GPUs on the first host (llama.cpp runs on one host)."""
-        return tuple(d for d in self.profile.devices if d.backend != "cpu" and self.host_id(d) == self.first_host)
+        return self.profile.host_gpus()
 
     @cached_property
     def all_gpus(self) -> tuple[Device, ...]:

@@ -1,5 +1,6 @@
-"""This machine -> RigProfile: NVIDIA GPUs through NVML (nvidia-ml-py), measured with torch.cuda when present;
-the CPU host is always a device too (its RAM, cores, and memory bandwidth measured with a large copy).
+"""This machine -> RigProfile: NVIDIA GPUs through NVML, measured with torch.cuda when present; the CPU host is
+always a device too (its RAM, cores, and memory bandwidth measured with a large copy). NVML and psutil are read
+through :mod:`mixrun.rig.probe`.
 
 Never raises because a driver or library is missing: what cannot be read is left out and said in ``notes``.
 NVML numbers GPUs physically while CUDA follows ``CUDA_VISIBLE_DEVICES``, so the two are matched by PCI bus id.
@@ -7,7 +8,6 @@ NVML numbers GPUs physically while CUDA follows ``CUDA_VISIBLE_DEVICES``, so the
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mixrun import __version__
+from mixrun.rig.probe import Nvml, host_cores, host_total_bytes
 from mixrun.rig.profile import FORMAT, GIB, Device, Host, Link, RigProfile
 
 # One-direction PCIe rate per lane in GB/s by generation (after 8b/10b or 128b/130b encoding).
@@ -67,15 +68,20 @@ def _tensor_factor(cc: tuple[int, int] | None, name: str) -> float:
     return 2.0 if geforce else 4.0  # Ampere/Ada/Blackwell GeForce halve the FP32-accumulate rate
 
 
-def _nvml_gpus(nvml: Any, notes: list[str]) -> list[GPUInfo]:
-    """Read every GPU through an initialised NVML module (``pynvml`` or a test double)."""
+def _nvml_gpus(nv: Nvml, notes: list[str]) -> list[GPUInfo]:
+    """Read every GPU through an open NVML session (``pynvml`` or a test double); a GPU whose name, memory or bus
+    id NVML cannot give is left out, with a note."""
+    nvml = nv.lib
     gpus: list[GPUInfo] = []
-    for i in range(nvml.nvmlDeviceGetCount()):
-        h = nvml.nvmlDeviceGetHandleByIndex(i)
-        name = nvml.nvmlDeviceGetName(h)
+    for i in range(nv.count()):
+        h, mem = nv.handle(i), nv.memory(i)
+        name = _try(lambda h=h: nvml.nvmlDeviceGetName(h))
+        bus_id = _try(lambda h=h: nvml.nvmlDeviceGetPciInfo(h).busId)
+        if h is None or mem is None or name is None or bus_id is None:
+            notes.append(f"NVML GPU {i}: cannot read its name, memory or PCI bus id; left out")
+            continue
         name = name.decode() if isinstance(name, bytes) else name
-        g = GPUInfo(index=i, name=name, memory_bytes=int(nvml.nvmlDeviceGetMemoryInfo(h).total),
-                    bus_id=normalize_bus_id(nvml.nvmlDeviceGetPciInfo(h).busId))
+        g = GPUInfo(index=i, name=name, memory_bytes=mem.total_bytes, bus_id=normalize_bus_id(bus_id))
         g.compute_capability = _try(lambda h=h: tuple(nvml.nvmlDeviceGetCudaComputeCapability(h)))
         mem_clock = _try(lambda h=h: nvml.nvmlDeviceGetMaxClockInfo(h, nvml.NVML_CLOCK_MEM))
         bus_width = _try(lambda h=h: nvml.nvmlDeviceGetMemoryBusWidth(h))
@@ -279,26 +285,14 @@ def detect(*, nvml: Any = None, measure: bool = True, progress: Progress | None 
     progress = progress or (lambda _msg: None)
     notes: list[str] = []
     gpus: list[GPUInfo] = []
-    if nvml is None:
-        try:
-            import pynvml as nvml
-        except ImportError:
-            notes.append("nvidia-ml-py is not installed: no NVIDIA GPUs looked for")
-    if nvml is not None:
-        try:
-            nvml.nvmlInit()
-        except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
-            notes.append(f"no NVIDIA GPU found (NVML: {e or type(e).__name__})")
+    with Nvml(nvml) as nv:
+        if nv.lib is None:
+            notes.append(nv.why or "NVML is not available")
         else:
-            try:
-                gpus = _nvml_gpus(nvml, notes)
-            finally:
-                _try(nvml.nvmlShutdown)
+            gpus = _nvml_gpus(nv, notes)
 
-    import psutil
-
-    ram = psutil.virtual_memory().total
-    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    ram = host_total_bytes()
+    cores = host_cores()
     host = platform.node() or "local"
     host_id = "".join(c if c.isalnum() or c in "_.-" else "-" for c in host)[:64].strip("-.") or "local"
     cpu_bw, cpu_tflops, cpu_source = 20.0, 0.1, "datasheet"

@@ -7,6 +7,7 @@ within physical bounds, ids must be unique and every reference must resolve. Err
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tomllib
@@ -16,10 +17,20 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from mixrun import vocab
 from mixrun.errors import ProfileError, read_problem, where
+from mixrun.fsutil import shown
 
 FORMAT = "mixrun-profile/1"
 GIB = 1 << 30
@@ -33,12 +44,33 @@ MAX_VRAM_GIB = 1024.0
 MAX_RAM_GIB = 64 * 1024.0
 MAX_BANDWIDTH_GBS = 100_000.0
 MAX_TFLOPS = 100_000.0
-MAX_DEVICES = 4096
+# Lower bounds: a denormal like 5e-324 is finite and > 0, yet the planner would predict 0.0 tok/s from it.
+MIN_GIB = 1 / 1024  # 1 MiB
+MIN_BANDWIDTH_GBS = 0.1
+MIN_NETWORK_GBPS = 0.001  # 1 Mbit/s
+MIN_TFLOPS = 0.001
+MIN_LATENCY_US = 0.001
+MIN_TOK_S = 0.001
+# What the planner handles within a few seconds: `mixrun plan` on a 256-device profile with 2,048 links takes about
+# 1.4 s (512 devices: 4.1 s, 1,024: 15 s; the search grows quadratically in devices).
+MAX_DEVICES = 256
+MAX_LINKS = MAX_DEVICES * 8
 # A host's default GPU<->GPU bandwidth when the profile does not say (PCIe 4.0 x16, one direction, achieved).
 DEFAULT_PCIE_GBS = 25.0
 DEFAULT_PCIE_LATENCY_US = 10.0
 DEFAULT_NETWORK_GBPS = 1.0
 DEFAULT_NETWORK_LATENCY_US = 100.0
+
+
+def _at_least(lo: float, unit: str) -> AfterValidator:
+    """A physical lower bound, checked after ``gt=0``: tinier values (denormals such as 5e-324) are no hardware and
+    would make the planner predict 0.0 tok/s."""
+    def check(value: float) -> float:
+        if value < lo:
+            raise ValueError(f"{value:g} is below {lo:g} {unit}, the smallest figure real hardware has (a typo?)")
+        return value
+
+    return AfterValidator(check)
 
 
 def _member(enum: type[StrEnum]) -> Callable[[Any], Any]:
@@ -52,6 +84,13 @@ def _member(enum: type[StrEnum]) -> Callable[[Any], Any]:
     return convert
 
 
+# bounded positive figures, by unit
+GiBs = Annotated[float, Field(gt=0, le=MAX_RAM_GIB), _at_least(MIN_GIB, "GiB")]
+GBs = Annotated[float, Field(gt=0, le=MAX_BANDWIDTH_GBS), _at_least(MIN_BANDWIDTH_GBS, "GB/s")]
+DecodeTokS = Annotated[float, Field(gt=0, le=1e7), _at_least(MIN_TOK_S, "tok/s")]
+PrefillTokS = Annotated[float, Field(gt=0, le=1e9), _at_least(MIN_TOK_S, "tok/s")]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
@@ -60,10 +99,11 @@ class Host(_Strict):
     """One machine. Devices on different hosts talk over the network."""
 
     id: Id
-    ram_gib: Annotated[float, Field(gt=0, le=MAX_RAM_GIB)] | None = None
+    ram_gib: GiBs | None = None
     cpu_cores: Annotated[int, Field(ge=1, le=4096)] | None = None
-    pcie_gbs: Annotated[float, Field(gt=0, le=MAX_BANDWIDTH_GBS)] = DEFAULT_PCIE_GBS
-    network_gbps: Annotated[float, Field(gt=0, le=100_000.0)] = DEFAULT_NETWORK_GBPS
+    pcie_gbs: GBs = DEFAULT_PCIE_GBS
+    network_gbps: Annotated[float, Field(gt=0, le=100_000.0), _at_least(MIN_NETWORK_GBPS, "Gbit/s")] = (
+        DEFAULT_NETWORK_GBPS)
     # llama.cpp's CPU "extra" buffer types in use on this host, as its load report names them ("AMX", "CPU_REPACK"):
     # weights repacked into a CPU-specific layout, held beside the mapped file. [] when they are off (they crashed a
     # batched decode here, or the user turned them off); absent when unknown (the planner then counts none).
@@ -78,10 +118,10 @@ class Device(_Strict):
     host: Id | None = None
     backend: Backend
     name: Annotated[str, Field(min_length=1, max_length=200)]
-    vram_gib: Annotated[float, Field(gt=0, le=MAX_RAM_GIB)]
+    vram_gib: GiBs
     reserved_gib: Annotated[float, Field(ge=0, le=MAX_RAM_GIB)] = 0.0
-    mem_bandwidth_gbs: Annotated[float, Field(gt=0, le=MAX_BANDWIDTH_GBS)]
-    fp16_tflops: Annotated[float, Field(gt=0, le=MAX_TFLOPS)]
+    mem_bandwidth_gbs: GBs
+    fp16_tflops: Annotated[float, Field(gt=0, le=MAX_TFLOPS), _at_least(MIN_TFLOPS, "TFLOP/s")]
     pci_bus_id: Annotated[str, Field(max_length=64)] | None = None
     source: Source | None = None
 
@@ -104,8 +144,8 @@ class Link(_Strict):
 
     between: Annotated[tuple[Id, Id], Field(strict=False)]
     kind: LinkKind
-    bandwidth_gbs: Annotated[float, Field(gt=0, le=MAX_BANDWIDTH_GBS)]
-    latency_us: Annotated[float, Field(gt=0, le=1e6)] | None = None
+    bandwidth_gbs: GBs
+    latency_us: Annotated[float, Field(gt=0, le=1e6), _at_least(MIN_LATENCY_US, "us")] | None = None
     source: Source | None = None
 
 
@@ -115,8 +155,8 @@ class Result(_Strict):
     model: Annotated[str, Field(min_length=1, max_length=500)]
     split: Annotated[vocab.Split, BeforeValidator(_member(vocab.Split))]
     backend: Annotated[vocab.Backend, BeforeValidator(_member(vocab.Backend))] | None = None
-    decode_tok_s: Annotated[float, Field(gt=0, le=1e7)]
-    prefill_tok_s: Annotated[float, Field(gt=0, le=1e9)] | None = None
+    decode_tok_s: DecodeTokS
+    prefill_tok_s: PrefillTokS | None = None
     model_bytes: Annotated[int, Field(gt=0)] | None = None
     ctx: Annotated[int, Field(gt=0, le=1 << 31)] | None = None
     date: Annotated[str, Field(max_length=40)] | None = None
@@ -127,13 +167,13 @@ class Result(_Strict):
     prompt_tokens: Annotated[int, Field(gt=0, le=1 << 31)] | None = None
     decode_tokens: Annotated[int, Field(gt=0, le=1 << 31)] | None = None
     repeats: Annotated[int, Field(ge=1, le=10_000)] | None = None
-    decode_tok_s_min: Annotated[float, Field(gt=0, le=1e7)] | None = None
-    decode_tok_s_max: Annotated[float, Field(gt=0, le=1e7)] | None = None
-    prefill_tok_s_min: Annotated[float, Field(gt=0, le=1e9)] | None = None
-    prefill_tok_s_max: Annotated[float, Field(gt=0, le=1e9)] | None = None
+    decode_tok_s_min: DecodeTokS | None = None
+    decode_tok_s_max: DecodeTokS | None = None
+    prefill_tok_s_min: PrefillTokS | None = None
+    prefill_tok_s_max: PrefillTokS | None = None
     # what the planner predicted for this run: other models' plans on this rig are scaled by measured / predicted
-    predicted_decode_tok_s: Annotated[float, Field(gt=0, le=1e7)] | None = None
-    predicted_prefill_tok_s: Annotated[float, Field(gt=0, le=1e9)] | None = None
+    predicted_decode_tok_s: DecodeTokS | None = None
+    predicted_prefill_tok_s: PrefillTokS | None = None
 
 
 class RigProfile(_Strict):
@@ -143,9 +183,9 @@ class RigProfile(_Strict):
     name: Id
     description: Annotated[str, Field(max_length=2000)] = ""
     source: Source = "datasheet"
-    hosts: Annotated[tuple[Host, ...], Field(strict=False, max_length=1024)] = ()
+    hosts: Annotated[tuple[Host, ...], Field(strict=False, max_length=MAX_DEVICES)] = ()
     devices: Annotated[tuple[Device, ...], Field(strict=False, min_length=1, max_length=MAX_DEVICES)]
-    links: Annotated[tuple[Link, ...], Field(strict=False, max_length=MAX_DEVICES * 8)] = ()
+    links: Annotated[tuple[Link, ...], Field(strict=False, max_length=MAX_LINKS)] = ()
     results: Annotated[tuple[Result, ...], Field(strict=False, max_length=10_000)] = ()
     extra: dict[str, Any] = Field(default_factory=dict)
 
@@ -193,6 +233,12 @@ class RigProfile(_Strict):
     def host_of(self, device: Device) -> Host | None:
         hid = device.host or (self.hosts[0].id if self.hosts else None)
         return self._lookup()["hosts"].get(hid)
+
+    def host_gpus(self, of: Device | None = None) -> tuple[Device, ...]:
+        """The GPUs on the host of ``of`` (default: the first device's host, where llama.cpp runs), in profile
+        order: the order llama.cpp and torch number that host's GPUs (``cuda:k`` is the k-th)."""
+        host = self.host_of(of if of is not None else self.devices[0])
+        return tuple(d for d in self.devices if d.backend != "cpu" and self.host_of(d) == host)
 
     def link(self, a: str, b: str) -> Link:
         """The link between two devices: the profile's own, or the host default (PCIe, or the network)."""
@@ -261,6 +307,60 @@ _FIELD_PREFIX = re.compile(r"^[a-z_]+: ")
 # ---- load / save ------------------------------------------------------------------------------------------------
 
 MAX_PROFILE_BYTES = 4 * 1024 * 1024
+# Tables and arrays nest at most this deep ([extra] included): tomllib recurses per level, and a dotted key of N
+# parts costs it O(N^2) time and memory, so both are refused before anything deep is built.
+MAX_NESTING = 32
+MAX_REF_CHARS = 1024
+
+_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def _too_deep(text: str) -> bool:
+    """Whether a key in TOML ``text`` has more than :data:`MAX_NESTING` dotted parts.
+
+    A linear scan of the lines with that many dots (a key never spans lines): strings count as one key part, a
+    comment ends the line, whitespace around a dot is allowed, anything else ends the run. A float or a time has
+    one dot, so only keys come near the limit."""
+    if text.count(".") < MAX_NESTING:
+        return False
+    for line in text.splitlines():
+        if line.count(".") < MAX_NESTING:
+            continue
+        dots, part, quote, i, n = 0, False, "", 0, len(line)
+        while i < n:
+            ch = line[i]
+            if quote:
+                if ch == "\\" and quote == '"':
+                    i += 1
+                elif ch == quote:
+                    quote, part = "", True
+            elif ch in "\"'":
+                quote = ch
+            elif ch in _KEY_CHARS:
+                part = True
+            elif ch == "." and part:
+                dots, part = dots + 1, False
+                if dots >= MAX_NESTING:
+                    return True
+            elif ch == "#":
+                break
+            elif ch not in " \t":
+                dots, part = 0, False
+            i += 1
+    return False
+
+
+def _depth(data: Any) -> int:
+    """How deep tables and arrays nest in parsed TOML (iteratively: no recursion to exhaust)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, d = stack.pop()
+        deepest = max(deepest, d)
+        if d > MAX_NESTING:
+            break
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, d + 1) for c in children if isinstance(c, dict | list))
+    return deepest
 
 
 def parse_profile(data: dict[str, Any], origin: str) -> RigProfile:
@@ -273,21 +373,36 @@ def parse_profile(data: dict[str, Any], origin: str) -> RigProfile:
 
 
 def load_profile_file(path: str | os.PathLike[str]) -> RigProfile:
+    from mixrun.fsutil import read_bounded
+
     p = Path(path)
     try:
-        size = p.stat().st_size
-        if size > MAX_PROFILE_BYTES:
-            raise ProfileError(where(p, f"{size:,} bytes is too large for a profile (limit {MAX_PROFILE_BYTES:,})"))
-        text = p.read_bytes().decode("utf-8")
+        text = read_bounded(p, MAX_PROFILE_BYTES).decode("utf-8")
     except UnicodeDecodeError:
         raise ProfileError(where(p, "not UTF-8 text")) from None
     except OSError as e:
-        raise ProfileError(where(p, read_problem(e, "a profile"))) from None
+        if e.errno == errno.EFBIG:
+            problem = f"too large for a profile (limit {MAX_PROFILE_BYTES:,} bytes)"
+        elif e.errno == errno.EINVAL:
+            problem = "not a regular file (a profile must be a .toml file)"
+        elif e.errno == errno.ENAMETOOLONG:
+            problem = "file name too long"
+        else:
+            problem = read_problem(e, "a profile")
+        raise ProfileError(where(shown(p), problem)) from None
+    nested = ProfileError(where(p, f"tables or arrays nested more than {MAX_NESTING} deep"))
+    if _too_deep(text):
+        raise nested
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(where(p, f"not valid TOML ({e})")) from None
+    except RecursionError:
+        raise nested from None
+    if _depth(data) > MAX_NESTING:
+        raise nested
     return parse_profile(data, str(p))
+
 
 
 def dump_profile(profile: RigProfile) -> str:
@@ -302,10 +417,12 @@ def dump_profile(profile: RigProfile) -> str:
     return tomli_w.dumps(data)
 
 
-def save_profile(profile: RigProfile, path: str | os.PathLike[str]) -> Path:
+def save_profile(profile: RigProfile, path: str | os.PathLike[str], *, parents: bool = True) -> Path:
+    """Write ``profile`` atomically (:func:`mixrun.fsutil.atomic_write_text`: a symlink's target is updated, a
+    non-regular file refused); ``parents``: create missing folders. OSError when it cannot be written."""
     from mixrun.fsutil import atomic_write_text
 
-    return atomic_write_text(path, dump_profile(profile))
+    return atomic_write_text(path, dump_profile(profile), parents=parents)
 
 
 def user_profile_dir() -> Path:
@@ -337,7 +454,13 @@ def find_profile(ref: str) -> tuple[str, str]:
 
     A user profile shadows a bundled one of the same name, so a user's copy (with recorded results) wins.
     """
-    if os.sep in ref or ref.endswith(".toml") or Path(ref).exists():
+    if len(ref) > MAX_REF_CHARS or "\0" in ref:
+        raise ProfileError(where(shown(ref), "not a profile name or path (too long, or a NUL character)"))
+    try:
+        exists = Path(ref).exists()
+    except (OSError, ValueError):
+        exists = False
+    if os.sep in ref or ref.endswith(".toml") or exists:
         return ref, "file"
     for name, path in user_profiles():
         if name == ref:
@@ -346,7 +469,7 @@ def find_profile(ref: str) -> tuple[str, str]:
         if name == ref:
             return str(entry), "bundled"
     names = sorted({n for n, _ in bundled_profiles()} | {n for n, _ in user_profiles()})
-    raise ProfileError(where(ref, "no such profile file or name (try `mixrun profile list`; known: "
+    raise ProfileError(where(shown(ref), "no such profile file or name (try `mixrun profile list`; known: "
                                   + ", ".join(names) + ")"))
 
 

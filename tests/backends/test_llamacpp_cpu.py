@@ -171,7 +171,7 @@ def test_the_engine_loads_without_extra_buffers_when_they_crash(smollm2: str, mo
 
 PLUMBING = textwrap.dedent("""
     import sys, llama_cpp
-    from mixrun.backends.loading import llama_params
+    from mixrun.backends.llamacpp_load import llama_params
     with llama_params(llama_cpp, extra_buffers=sys.argv[2] == "on"):
         llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, verbose=True)
 """)

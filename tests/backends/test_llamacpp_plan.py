@@ -13,11 +13,12 @@ import llama_cpp
 import pytest
 
 from mixrun.backends.llamacpp import LlamaCppEngine, llama_kwargs
-from mixrun.backends.loading import LoadProgress, free_memory, preflight
+from mixrun.backends.llamacpp_load import LoadProgress
 from mixrun.errors import MixrunError
 from mixrun.model.spec import ModelSpec
 from mixrun.planner import PlanRequest, plan
 from mixrun.rig.profile import load_profile
+from mixrun.run import free_memory, preflight
 
 LLAMA_PARAMS = set(inspect.signature(llama_cpp.Llama.__init__).parameters)
 

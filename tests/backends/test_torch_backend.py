@@ -5,6 +5,7 @@ Every multi-device layout runs as gloo CPU processes, one per planned device, ex
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,10 +25,12 @@ import gguf_factory
 from mixrun.alloc import allocate
 from mixrun.backends.base import Sampling
 from mixrun.backends.llamacpp_cpu import finding
-from mixrun.backends.loading import llama_params
+from mixrun.backends.llamacpp_load import llama_params
 from mixrun.backends.torch import parallel, weights
+from mixrun.backends.torch.cpu_matvec import cpu_chunks
 from mixrun.backends.torch.engine import TorchEngine
-from mixrun.backends.torch.model import ModelConfig, Norm, RMSNorm, Rope, Transformer, Weight, cpu_chunks, pair_order
+from mixrun.backends.torch.linear import Norm, Weight
+from mixrun.backends.torch.model import ModelConfig, RMSNorm, Rope, Transformer, pair_order
 from mixrun.backends.torch.parallel import Comm, Layout, Stage, vocab_sizes
 from mixrun.backends.torch.weights import materialize
 from mixrun.errors import MixrunError, RuntimeFailure
@@ -418,6 +421,7 @@ def test_two_hosts_on_loopback_through_torchrun(smollm2: str) -> None:
 # Rank processes import this at start-up (the test puts its folder first on PYTHONPATH): rank N fails after loading,
 # at its first barrier, while its peers wait for it. Production code has no hook for it.
 FAIL_RANK_SITECUSTOMIZE = """
+import contextlib
 import os
 if os.environ.get("MIXRUN_TEST_FAIL_RANK"):
     import torch.distributed as dist
@@ -485,3 +489,79 @@ def test_ctrl_c_stops_every_rank(tmp_path: Path) -> None:
             proc.kill()
     assert proc.returncode == 130
     assert _gone(ranks, 10)
+
+
+def _rank_process(rank: int, within_s: float) -> psutil.Process:
+    """This test's local rank ``rank`` once it has connected to the controller."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        for p in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error, ValueError, IndexError):
+                cmd = p.cmdline()
+                if "mixrun.backends.torch.worker" in cmd and cmd[cmd.index("--local-rank") + 1] == str(rank) \
+                        and p.net_connections(kind="tcp"):
+                    return p
+        time.sleep(0.05)
+    raise AssertionError(f"rank {rank} never connected")
+
+
+def test_sigstop_of_a_rank_during_generation_stops_all(smollm2: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped rank sends no heartbeats: silent past the bound (3 s here, 10 s by default) it is named and every
+    rank, the stopped one included, is gone; the others were waiting on it in a collective."""
+    monkeypatch.setenv("MIXRUN_HANG_S", "3")
+    eng = TorchEngine(smollm2, n_ctx=512, layout=LAYOUTS["hybrid"], simulate=True)
+    pids = [p.pid for p in eng.cluster.procs.values()]
+    gen = eng.generate_ids([1, 2, 3], Sampling(temperature=0.0, max_tokens=400))
+    t0 = 0.0
+    with pytest.raises(RuntimeFailure, match=r"rank 1 \(b\) stopped answering for [3-9] s: stopped every rank"):
+        for i, _tok in enumerate(gen):
+            if i == 2:
+                os.kill(pids[1], signal.SIGSTOP)
+                t0 = time.monotonic()
+    assert t0 and time.monotonic() - t0 < 10
+    assert _gone(pids, 10)
+    eng.close()
+
+
+def test_sigstop_of_a_rank_while_loading_stops_all(smollm2: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank stopped during start-up, after it connected: the (wider) loading bound names it and every rank
+    stops."""
+    import threading
+
+    monkeypatch.setenv("MIXRUN_HANG_S", "3,6")
+    stopped: list[float] = []
+    ranks: list[int] = []
+
+    def stop_rank_1() -> None:
+        p = _rank_process(1, 60)
+        time.sleep(0.5)  # its hello is out
+        ranks.extend(c.pid for c in psutil.Process().children(recursive=True))
+        p.send_signal(signal.SIGSTOP)
+        stopped.append(time.monotonic())
+
+    t = threading.Thread(target=stop_rank_1, daemon=True)
+    t.start()
+    with pytest.raises(RuntimeFailure, match=r"rank 1 \(b\) stopped answering for [6-9] s: stopped every rank"):
+        TorchEngine(smollm2, n_ctx=64, layout=LAYOUTS["hybrid"], simulate=True)
+    t.join(5)
+    assert stopped and time.monotonic() - stopped[0] < 20
+    assert len(ranks) == 3 and _gone(ranks, 10)
+
+
+def test_sigstop_of_a_rank_on_a_torchrun_host_stops_all(smollm2: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two hosts on loopback: a stopped rank that torchrun started is named, and killed with the others rather than
+    left behind, stopped, when its launcher goes."""
+    from mixrun.rig.profile import load_profile
+
+    monkeypatch.setenv("MIXRUN_HANG_S", "3")
+    layout = Layout((Stage(("a.gpu0", "a.gpu1"), (0, 15), (2, 1)), Stage(("b.gpu0",), (15, 30), (3,))))
+    eng = TorchEngine(smollm2, n_ctx=512, layout=layout, profile=load_profile("two-hosts-2x3090-10gbe"),
+                      simulate=True)
+    pids = [s.pid for s in eng.slots if s.pid] + [p.pid for p in eng.cluster.procs.values()]
+    assert len(pids) == 5
+    with pytest.raises(RuntimeFailure, match=r"rank 2 \(b.gpu0\) stopped answering for [3-9] s"):
+        for i, _tok in enumerate(eng.generate_ids([1, 2, 3], Sampling(temperature=0.0, max_tokens=400))):
+            if i == 2:
+                os.kill(pids[2], signal.SIGSTOP)
+    assert _gone(pids, 10)
+    eng.close()

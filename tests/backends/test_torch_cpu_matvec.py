@@ -74,7 +74,7 @@ def test_both_kernels_give_the_same_logits(which: str, smollm2: str, tmp_path: P
             model.setup_cache(torch.float32, CPU, threads=2, matvec=kernel)
             model.step = decode_step(model, torch.float32, CPU)
             assert model.matvec == Choice(kernel, "forced")
-            blocks = model.layers[0].t.w13.blocks
+            blocks = model.layers[0].ffn.gate_up.blocks
             assert (blocks is not None and blocks.shape[0] == 2) if kernel == ROWBLOCK else blocks is None
             assert model.step is not None
             if not buffered:

@@ -138,7 +138,7 @@ def test_a_model_in_blocks_decodes_through_the_kernels(tmp_path, monkeypatch):
     tokens) expands its matrices, the decode steps go through ``matvec`` for every matrix of both types and the
     tied output, and the logits are the dense float32 model's (the K-quant blocks are random bytes: gguf-py cannot
     write K-quants)."""
-    from mixrun.backends.torch import model as model_mod
+    from mixrun.backends.torch import linear
 
     path = gguf_factory.write_model(tmp_path / "q4km.gguf", "llama", n_layers=2, n_embd=256, n_head=4, n_head_kv=2,
                                     n_ff=512, n_vocab=64, qtype="Q4_K_M", seed=11)
@@ -149,7 +149,7 @@ def test_a_model_in_blocks_decodes_through_the_kernels(tmp_path, monkeypatch):
         return kernels.matvec(x, raw, qtype, cols)
 
     fake = type("Kernels", (), {"SUPPORTED": kernels.SUPPORTED, "MAX_ROWS": kernels.MAX_ROWS, "matvec": counting})
-    monkeypatch.setattr(model_mod, "fused_kernels", lambda device: fake)
+    monkeypatch.setattr(linear, "fused_kernels", lambda device: fake)
     fused = _part(path, blocks=True)
     dense = _part(path, blocks=False)
     prompt = torch.arange(1, kernels.MAX_ROWS + 3)

@@ -66,7 +66,11 @@ def connect(address: str, timeout_s: float = 60.0) -> Channel:
 
 class RankLink:
     """A rank's end: commands for the driver arrive in ``commands``; ``abort`` or a lost controller ends the process
-    (``os._exit``: a rank stuck in a collective cannot be unwound any other way)."""
+    (``os._exit``: a rank stuck in a collective cannot be unwound any other way). From the job on, a thread sends
+    ``{"hb": 1}`` every ``heartbeat_s`` seconds (the job message names the interval): the controller declares a rank
+    that falls silent hung. A stopped process (SIGSTOP) or one whose main thread holds the interpreter stops its
+    heartbeats too; a rank merely waiting in a collective or computing does not (waits and torch operations release
+    the interpreter lock)."""
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
@@ -86,8 +90,16 @@ class RankLink:
             if not self._got_first.is_set():
                 self.first = msg
                 self._got_first.set()
+                beat = float(msg.get("heartbeat_s") or 0)
+                if beat > 0:
+                    threading.Thread(target=self._beat, args=(beat,), name="mixrun-heartbeat", daemon=True).start()
             else:
                 self.commands.put(msg)
+
+    def _beat(self, every_s: float) -> None:
+        while True:
+            time.sleep(every_s)
+            self.send({"hb": 1})
 
     def wait_first(self, timeout_s: float) -> dict[str, Any]:
         if not self._got_first.wait(timeout_s):

@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from mixrun.backends.base import EngineInfo, Sampling, Stats
-from mixrun.backends.text import Vocab, stream_text
+from mixrun.backends.text import Vocab, stream_text, without_chat_handlers
 from mixrun.errors import GGUFError, MixrunError, where
-from mixrun.telemetry import DeviceSampler, LinkSample, Snapshot, StageSample, now
+from mixrun.rig.sampler import DeviceSampler
+from mixrun.telemetry import LinkSample, Snapshot, StageSample, now
 from mixrun.vocab import BACKEND_ARCHS, Backend
 
 
@@ -38,7 +39,7 @@ def torch_devices(layout: Any, profile: Any, simulate: bool) -> list[tuple[str, 
         if simulate or dev is None or dev.backend == "cpu":
             out.append((dev_id, host, local, "cpu"))
         else:
-            gpus = [d.id for d in profile.devices if d.backend != "cpu" and profile.host_of(d) == host_obj]
+            gpus = [d.id for d in profile.host_gpus(dev)]
             out.append((dev_id, host, local, f"cuda:{gpus.index(dev_id)}"))
     return out
 
@@ -89,7 +90,8 @@ class TorchEngine:
                "prefill_chunk": prefill_chunk}
         from llama_cpp._utils import suppress_stdout_stderr
 
-        with suppress_stdout_stderr(disable=False):  # llama.cpp warns about the vocab-only context's size
+        # llama.cpp warns about the vocab-only context's size; llama-cpp-python's own template compiler is not used
+        with suppress_stdout_stderr(disable=False), without_chat_handlers(llama_cpp):
             self._vocab_llm = llama_cpp.Llama(model_path=model, vocab_only=True, verbose=False, n_ctx=n_ctx)
         self.vocab = Vocab(self._vocab_llm, model)
         self.template = self.vocab.template
@@ -194,6 +196,8 @@ class TorchEngine:
             self.cluster.send_driver({"op": "generate", "tokens": ids[p:], "pos": p, "sampling": s, "max_new": max_new or sampling.max_tokens,
                                       "stop_ids": self._eog})
             while True:
+                # no deadline of its own: next_event raises once a rank errs, dies or stops sending heartbeats
+                # (launch.HUNG_S), which a long prefill or a slow step does not do
                 ev = self.cluster.next_event(1.0)
                 if ev is None:
                     continue

@@ -1,8 +1,9 @@
 """CUDA graphs of a rank's decode step.
 
 On a GPU an eager decode step is launch-bound: a layer is about thirty small kernels, each costing microseconds of
-Python and launch time against a few microseconds of work. A CUDA graph records the step once, with the position as
-a tensor so no shape depends on it (:func:`mixrun.backends.torch.model.attention`), and replays it for every token.
+Python and launch time against a few microseconds of work. A CUDA graph records the step once
+(:class:`.step.FoldedStep`: the residual adds folded into the products), with the position as a tensor so no shape
+depends on it (:meth:`mixrun.backends.torch.model.Attention.forward`), and replays it for every token.
 Stages with tensor parallelism stay eager: their all-reduces would have to be captured too.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from mixrun.backends.torch.model import Transformer
+from mixrun.backends.torch.step import FoldedStep
 
 
 class GraphedStep:
@@ -21,6 +23,7 @@ class GraphedStep:
 
     def __init__(self, model: Transformer, dtype: torch.dtype, device: torch.device, logits: bool) -> None:
         self.model, self.logits = model, logits
+        self.layers = FoldedStep(model, None)  # one stage without tensor parallelism: nothing to all-reduce
         self.x = torch.zeros(1, model.cfg.dim, dtype=dtype, device=device)
         # capture at the last cache slot: the warm-up's writes land where the real step at that slot overwrites
         self.pos = torch.full((1,), model.max_pos - 1, dtype=torch.long, device=device)
@@ -35,7 +38,7 @@ class GraphedStep:
             self.out = self._run()
 
     def _run(self) -> torch.Tensor:
-        h = self.model(self.x, self.pos)
+        h = self.layers(self.x, self.pos)
         return self.model.logits(h) if self.logits else h
 
     def __call__(self, h: torch.Tensor, pos: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The controller: start one process per planned device (or print ``torchrun`` commands per host), hand each its
-job, and watch them. Any rank's error, death or a lost connection stops every rank; the user sees the failing
-rank's message.
+job, and watch them. Any rank's error, death, lost connection or silence (a hung rank: see ``HUNG_S``) stops every
+rank; the user sees the failing rank's message.
 
 On one host the controller spawns ``python -m mixrun.backends.torch.worker`` processes in their own session (a
 Ctrl-C at the terminal reaches only the controller, which then stops them). On several hosts, each host runs the
@@ -14,6 +14,7 @@ import contextlib
 import os
 import queue
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,9 +25,41 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mixrun.backends.torch.control import Channel
-from mixrun.errors import RuntimeFailure
+from mixrun.errors import MixrunError, RuntimeFailure
 
 STOP_GRACE_S = 3.0
+
+# Hung ranks. Each rank sends a heartbeat every HEARTBEAT_S from a thread of its own (control.RankLink); one silent
+# for HUNG_S is declared hung and every rank is stopped. A stopped (SIGSTOP) or frozen process sends none. A healthy
+# rank's heartbeats pause only while its main thread holds the interpreter lock in one long C call: collectives,
+# sends and receives, torch operations and numpy copies of the weights all release it, so neither a long prefill,
+# a long load of the weights nor a peer's slow step silences a rank. Once ranks are ready the longest holders we
+# know of are a Triton kernel compiling at its first use (LLVM passes, 1-3 s each) and a 64 MiB logits reply
+# leaving under the channel's lock (~5 s at 100 Mbit/s): HUNG_S is twice that (ten missed beats), and short enough
+# that someone waiting for a token sees an error rather than a frozen answer. Until a rank is ready the bound is
+# HUNG_LOADING_S: importing torch maps its shared libraries (GBs, cold from a slow disk) and CUDA context creation
+# takes seconds per GPU, both holding the lock. MIXRUN_HANG_S=RUNNING[,LOADING] overrides both (tests use
+# seconds); the beat is then a tenth of RUNNING. A rank whose main thread hangs while its heartbeat thread runs (a
+# GPU that never finishes a kernel) is left to the process group's collective timeout (the job's ``timeout_s``).
+HEARTBEAT_S = 1.0
+HUNG_S = 10.0
+HUNG_LOADING_S = 60.0
+HANG_ENV = "MIXRUN_HANG_S"
+
+
+def hang_bounds() -> tuple[float, float, float]:
+    """(heartbeat interval, silence that marks a ready rank hung, the same before it is ready), in seconds."""
+    raw = os.environ.get(HANG_ENV, "").strip()
+    if not raw:
+        return HEARTBEAT_S, HUNG_S, HUNG_LOADING_S
+    try:
+        nums = [float(x) for x in raw.split(",")]
+    except ValueError:
+        nums = []
+    if len(nums) not in (1, 2) or min(nums) <= 0:
+        raise MixrunError(f"{HANG_ENV}={raw}: expected RUNNING or RUNNING,LOADING seconds (e.g. 10,60)")
+    running = nums[0]
+    return min(HEARTBEAT_S, running / 10), running, nums[-1] if len(nums) == 2 else max(running, HUNG_LOADING_S)
 
 
 @dataclass
@@ -41,6 +74,8 @@ class Slot:
     channel: Channel | None = None
     pid: int | None = None
     done: bool = False
+    ready: bool = False  # said ready: loaded, past the first barrier
+    seen: float = 0.0  # time.monotonic() of its last message (heartbeats included)
 
 
 @dataclass
@@ -65,11 +100,14 @@ class Cluster:
     tmpdir: str | None = None
     store: Any = None  # the TCPStore several hosts meet at
     driver: int = field(init=False)  # the rank that samples and takes commands
+    hang: tuple[float, float, float] = field(default_factory=hang_bounds)  # see hang_bounds
+    _halt: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         from mixrun.backends.torch.parallel import Layout
 
         self.driver = Layout.from_json(self.job["layout"]).driver
+        threading.Thread(target=self._watch, daemon=True, name="mixrun-watch").start()
 
     @property
     def address(self) -> str:
@@ -104,8 +142,9 @@ class Cluster:
             if slot is None:
                 ch.close()
                 continue
-            slot.channel, slot.pid = ch, int(hello.get("pid", 0)) or None
-            ch.send({"rank": slot.rank, "world": len(self.slots), "init": self.init, "job": self.job})
+            slot.channel, slot.pid, slot.seen = ch, int(hello.get("pid", 0)) or None, time.monotonic()
+            ch.send({"rank": slot.rank, "world": len(self.slots), "init": self.init, "job": self.job,
+                     "heartbeat_s": self.hang[0]})
             threading.Thread(target=self._read, args=(slot,), daemon=True, name=f"mixrun-rank{slot.rank}").start()
 
     def _read(self, slot: Slot) -> None:
@@ -115,9 +154,32 @@ class Cluster:
                 msg = slot.channel.recv()
             except (OSError, ValueError):
                 msg = None
+            slot.seen = time.monotonic()
+            if msg is not None and "hb" in msg:
+                continue  # absorbed here: nobody reads events while a chat waits for its user
+            if msg is not None and "ready" in msg:
+                slot.ready = True
             self.events.put(Event(slot.rank, msg))
             if msg is None:
                 return
+
+    def _watch(self) -> None:
+        """Post a ``hung`` event for each connected rank silent past its bound (``next_event`` raises it)."""
+        beat, running, loading = self.hang
+        last = time.monotonic()
+        while not self._halt.wait(beat):
+            now = time.monotonic()
+            if now - last > 2 * beat + 1.0:
+                # this process did not run (stopped with Ctrl-Z, the machine asleep): the ranks' silence is ours;
+                # give the readers a full bound to catch up with the heartbeats waiting in the sockets
+                for s in self.slots:
+                    s.seen = max(s.seen, now)
+            last = now
+            for s in self.slots:
+                silent = now - s.seen
+                if s.channel is not None and not s.done and s.seen and silent > (running if s.ready else loading):
+                    s.seen = 0.0  # posted once
+                    self.events.put(Event(s.rank, {"hung": silent}))
 
     def next_event(self, timeout_s: float = 0.2) -> Event | None:
         """The next message for the caller; telemetry and progress are absorbed, failures raise."""
@@ -137,6 +199,11 @@ class Cluster:
                 continue
             if "error" in ev.msg:
                 raise self.fail(f"rank {ev.rank} ({slot.device_id}): {ev.msg['error']}")
+            if "hung" in ev.msg:
+                if slot.done:
+                    continue
+                raise self.fail(f"rank {ev.rank} ({slot.device_id}) stopped answering for {ev.msg['hung']:.0f} s: "
+                                "stopped every rank")
             if "tele" in ev.msg:
                 self.tele[ev.rank] = ev.msg["tele"]
                 continue
@@ -193,7 +260,10 @@ class Cluster:
 
     def stop(self, graceful: bool = True) -> None:
         """Stop every rank: a shutdown through the driver when graceful, else abort; then SIGTERM and SIGKILL for
-        local processes that are still there."""
+        local processes that are still there (with SIGCONT, so a stopped one takes its SIGTERM now), the ranks our
+        own ``torchrun`` launchers started included: a stopped one ignores its launcher's SIGTERM, and would be
+        left behind, stopped, when the launcher dies."""
+        self._halt.set()
         if graceful and self.failed is None:
             with contextlib.suppress(OSError, AssertionError, RuntimeFailure):
                 self.send_driver({"op": "shutdown"})
@@ -204,10 +274,17 @@ class Cluster:
             if s.channel is not None:
                 with contextlib.suppress(OSError):
                     s.channel.send({"op": "abort"})
+        launchers = {p.pid for k, p in self.procs.items() if k < 0 and p.poll() is None}
+        spawned = [s.pid for s in self.slots if s.pid and launchers and _parent(s.pid) in launchers]
         for proc in self.procs.values():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.terminate()
+                    proc.send_signal(signal.SIGCONT)
+        for pid in spawned:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGCONT)
         deadline = time.monotonic() + STOP_GRACE_S
         for proc in self.procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -216,6 +293,12 @@ class Cluster:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 proc.wait()
+        for pid in spawned:
+            while time.monotonic() < deadline and _parent(pid) is not None:
+                time.sleep(0.05)
+            if _parent(pid) is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
         for s in self.slots:
             if s.channel is not None:
                 s.channel.close()
@@ -223,6 +306,18 @@ class Cluster:
             self.server.close()
         if self.tmpdir:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _parent(pid: int) -> int | None:
+    """The parent of live process ``pid`` (Linux ``/proc``); None once it has exited (a zombie included) or where
+    ``/proc`` cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    state, ppid = (stat[stat.rfind(")") + 2:].split() + ["", ""])[:2]  # after "pid (name) ": state, ppid
+    return int(ppid) if state not in ("Z", "X", "") and ppid.isdigit() else None
 
 
 def _free_port() -> int:

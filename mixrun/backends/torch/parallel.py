@@ -8,7 +8,7 @@ shards are sized by the plan (uneven allowed) and rank, group and sizes come in 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -151,9 +151,20 @@ def _linear(old: nn.Linear, in_f: int, out_f: int) -> nn.Linear:
     return nn.Linear(in_f, out_f, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
 
 
+def _all_reduced(comm: Comm) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
+    """A forward hook that all-reduces a row-parallel module's output (this member's partial sum) in place."""
+
+    def hook(_module: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
+        return comm.all_reduce(out)
+
+    return hook
+
+
 def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[str, tuple[Shard, ...]]:
-    """Shrink ``model``'s linears to this member's shard and add the all-reduces; returns the slices each
-    parameter takes from its GGUF tensors, in row order (parameters absent from the dict hold whole tensors).
+    """Shrink ``model``'s linears to this member's shard and add the all-reduces (forward hooks on each layer's
+    attention and FFN, whose outputs are then partial sums; the decode steps of :mod:`.step`, which call past the
+    hooks, take ``comm.all_reduce`` from the builder); returns the slices each parameter takes from its GGUF
+    tensors, in row order (parameters absent from the dict hold whole tensors).
 
     Run it on a model built on the meta device, before loading weights: nothing full-sized is ever allocated.
     """
@@ -175,7 +186,8 @@ def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[
             a.wo = _linear(a.wo, a.n_head * hd, cfg.dim)
             ff.w13 = _linear(ff.w13, cfg.dim, 2 * (f.stop - f.start))
             ff.w2 = _linear(ff.w2, f.stop - f.start, cfg.dim)
-            blk.reduce = comm.all_reduce
+            a.register_forward_hook(_all_reduced(comm))
+            ff.register_forward_hook(_all_reduced(comm))
         shards[p + "attn.wqkv.weight"] = shards[p + "attn.wqkv.bias"] = (q, k, k)
         shards[p + "attn.wo.weight"] = (Shard(1, q.start, q.stop),)
         shards[p + "ffn.w13.weight"] = (f, f)

@@ -1,18 +1,23 @@
-"""A CPU decode step over preallocated buffers: what a CUDA graph is to a GPU step, written by hand.
+"""One-token decode steps, faster than the model's ``forward``; the builder (:func:`.weights.build_part`) installs
+one as ``Transformer.step`` with :func:`decode_step`.
 
-An eager decode step (:func:`mixrun.backends.torch.model.attention`) makes fresh tensors and views for every
-operation: about sixty small operations per layer, 5 ms of a 25 ms token for SmolLM2 on two cores, where the
+:class:`FoldedStep` runs the modules' own computation with each residual add folded into the output product
+(``x + wo(o)`` as one ``addmm``) where no all-reduce comes between: an operation fewer per product, which a
+launch-bound GPU step, and the CUDA graph that captures it (:mod:`.graphs`), feel.
+
+:class:`DecodeStep` is a CPU decode step over preallocated buffers: what a CUDA graph is to a GPU step, written by
+hand. An eager decode step (:meth:`mixrun.backends.torch.model.Attention.forward`) makes fresh tensors and views for
+every operation: about sixty small operations per layer, 5 ms of a 25 ms token for SmolLM2 on two cores, where the
 products themselves take 19.5. Here every intermediate has a buffer made once, every view of a buffer (the product
 columns, the Q/K complex view RoPE rotates, the new keys and values) is made once, and the products write into the
 buffers (``out=``) or add into the residual in place (``baddbmm_``). A layer is then about twenty operations: the
 products, two norms of four operations, one rotation, one cache write, the attention's two products and softmax,
 and the SwiGLU's two in-place operations.
 
-Used by :meth:`Transformer.forward` for one-token steps on float32 CPU parts whose weights are dense; it computes
-what the eager step computes, in the same order except that the norms' sum of squares is a dot product and the
-attention scale is folded into the score product. The products use the part's kernel (:mod:`.cpu_matvec`):
-``torch.mm`` of the row and the transposed weight (``F.linear``'s product), or ``torch.bmm`` of the row blocks and
-the row as a strided column.
+It serves float32 CPU parts whose weights are dense, and computes what the eager step computes, in the same order
+except that the norms' sum of squares is a dot product and the attention scale is folded into the score product.
+The products use the part's kernel (:mod:`.cpu_matvec`): ``torch.mm`` of the row and the transposed weight
+(``F.linear``'s product), or ``torch.bmm`` of the row blocks and the row as a strided column.
 """
 
 from __future__ import annotations
@@ -26,15 +31,50 @@ import torch
 import torch.nn.functional as F
 
 from mixrun.backends.torch.cpu_matvec import ROWBLOCK, column
-from mixrun.backends.torch.model import LayerTensors, Norm, Weight
+from mixrun.backends.torch.linear import Norm, Weight
 
 if TYPE_CHECKING:
-    from mixrun.backends.torch.model import Transformer
+    from mixrun.backends.torch.model import Block, Rope, Transformer
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # the all-reduce over a stage's TP group, in place
 
 
-def decode_step(model: Transformer, dtype: torch.dtype, device: torch.device) -> DecodeStep | None:
-    """The buffered one-token step for ``model`` (after its ``setup_cache``), or None where the eager step serves."""
-    return DecodeStep(model, model.layers[0].reduce) if usable(model, dtype, device) else None
+def decode_step(model: Transformer, dtype: torch.dtype, device: torch.device,
+                reduce: Reduce | None = None) -> DecodeStep | FoldedStep:
+    """The one-token step for ``model`` (after its ``setup_cache``): the buffered :class:`DecodeStep` where it can
+    run, else :class:`FoldedStep`. ``reduce`` is the all-reduce of a part with tensor parallelism: the steps call
+    the layers' computations directly, past the hooks that all-reduce a module's output."""
+    return DecodeStep(model, reduce) if usable(model, dtype, device) else FoldedStep(model, reduce)
+
+
+class FoldedStep:
+    """One-token steps through ``model``'s layers, each as :meth:`Block.forward` computes it, with the residual
+    adds folded into the ``wo`` and ``w2`` products; with ``reduce`` (tensor parallelism) the add follows the
+    all-reduce instead. The position may be an int or a one-element tensor (a fixed-shape step, as a CUDA graph
+    captures it). The modules' ``forward`` are called as plain methods: a module call costs about 1 us."""
+
+    def __init__(self, model: Transformer, reduce: Reduce | None) -> None:
+        self.rope: Rope = model.rope
+        self.reduce = reduce
+        self.layers = [self._layer(blk) for blk in model.layers]
+
+    @staticmethod
+    def _layer(blk: Block) -> tuple[Norm, Callable[..., torch.Tensor], Norm, Callable[..., torch.Tensor]]:
+        attn_norm, ffn_norm = blk.attn_norm.compute, blk.ffn_norm.compute
+        assert attn_norm is not None and ffn_norm is not None, "setup_cache() first"
+        return attn_norm, blk.attn.forward, ffn_norm, blk.ffn.forward
+
+    def __call__(self, x: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
+        """Hidden states ``x`` (1, dim) at position ``pos`` through the layers."""
+        rope, reduce = self.rope, self.reduce
+        for attn_norm, attn, ffn_norm, ffn in self.layers:
+            if reduce is None:
+                x = attn(attn_norm(x), pos, rope, x)  # x + attention, the add inside the wo product
+                x = ffn(ffn_norm(x), x)
+            else:
+                x = x + reduce(attn(attn_norm(x), pos, rope))
+                x = x + reduce(ffn(ffn_norm(x)))
+        return x
 
 
 def usable(model: Transformer, dtype: torch.dtype, device: torch.device) -> bool:
@@ -43,10 +83,10 @@ def usable(model: Transformer, dtype: torch.dtype, device: torch.device) -> bool
     if device.type != "cpu" or dtype != torch.float32 or not len(model.layers):
         return False
     for blk in model.layers:
-        t = blk.t
-        if t is None or not all(isinstance(w, Weight) for w in (t.wqkv, t.wo, t.w13, t.w2)):
+        a, f = blk.attn, blk.ffn
+        if not all(isinstance(w, Weight) for w in (a.qkv, a.out, f.gate_up, f.down)):
             return False
-        if t.wo.b is not None or t.w2.b is not None:
+        if a.out.b is not None or f.down.b is not None:
             return False
     return True
 
@@ -82,13 +122,13 @@ class DecodeStep:
 
     The result is a copy: the buffers belong to the next step."""
 
-    def __init__(self, model: Transformer, reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
-        t0: LayerTensors = model.layers[0].t
-        nh, nkv, hd = t0.n_head, t0.n_kv, t0.head_dim
+    def __init__(self, model: Transformer, reduce: Reduce | None) -> None:
+        a0 = model.layers[0].attn
+        nh, nkv, hd = a0.n_head, a0.n_kv, a0.head_dim
         dim, rope = model.cfg.dim, model.rope
         self.rope, self.reduce = rope, reduce
         self.rowblock = rowblock = model.matvec is not None and model.matvec.kernel == ROWBLOCK
-        self.layers = [self._layer(blk.t, rowblock) for blk in model.layers]
+        self.layers = [self._layer(blk, rowblock) for blk in model.layers]
         first = self.layers[0]
         self.x = torch.zeros(1, dim)  # the residual stream
         self.x_t = self.x.t()
@@ -106,7 +146,7 @@ class DecodeStep:
         self.scale = 1.0 / math.sqrt(hd)
         self.zero = torch.zeros(1, 1, 1)
         self.attn_out = torch.zeros(nkv, nh // nkv, hd)
-        ffn = t0.w13.w.shape[0] // 2
+        ffn = model.layers[0].ffn.w13.weight.shape[0] // 2
         gu = torch.zeros(2, ffn)
         self.gate, self.up = gu[0], gu[1]
         # each product's input and output as its kernel takes them: a row (1, n) for torch.mm; for torch.bmm the
@@ -123,11 +163,16 @@ class DecodeStep:
         self.qkv_out, self.wo_out, self.gu_out, self.w2_out = outs["wqkv"], outs["wo"], outs["w13"], outs["w2"]
 
     @staticmethod
-    def _layer(t: LayerTensors, rowblock: bool) -> _Layer:
-        return _Layer(attn_norm=t.attn_norm, ffn_norm=t.ffn_norm, q_norm=t.q_norm, k_norm=t.k_norm,
-                      wqkv=_operand(t.wqkv, rowblock), qkv_bias=t.wqkv.b, wo=_operand(t.wo, rowblock),
-                      w13=_operand(t.w13, rowblock), w2=_operand(t.w2, rowblock), kv_cache=t.kv_cache,
-                      k_cache=t.k_cache, v_cache=t.v_cache)
+    def _layer(blk: Block, rowblock: bool) -> _Layer:
+        a, f = blk.attn, blk.ffn
+        assert isinstance(a.qkv, Weight) and isinstance(a.out, Weight), "dense weights only (see usable)"
+        assert isinstance(f.gate_up, Weight) and isinstance(f.down, Weight), "dense weights only (see usable)"
+        assert blk.attn_norm.compute is not None and blk.ffn_norm.compute is not None, "setup_cache() first"
+        q_norm, k_norm = a.qk_norms if a.qk_norms is not None else (None, None)
+        return _Layer(attn_norm=blk.attn_norm.compute, ffn_norm=blk.ffn_norm.compute, q_norm=q_norm, k_norm=k_norm,
+                      wqkv=_operand(a.qkv, rowblock), qkv_bias=a.qkv.b, wo=_operand(a.out, rowblock),
+                      w13=_operand(f.gate_up, rowblock), w2=_operand(f.down, rowblock), kv_cache=a.kv_cache,
+                      k_cache=a.k_cache, v_cache=a.v_cache)
 
     def _product(self, w: torch.Tensor, inp: torch.Tensor, out: torch.Tensor) -> None:
         if self.rowblock:

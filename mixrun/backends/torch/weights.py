@@ -237,7 +237,7 @@ def build_part(tf: Any, cfg: Any, stage: Any, member: int, comm: Any, *, head: b
                dtype: torch.dtype, device: torch.device, blocks: bool = False,
                progress: Callable[[int, int], None] | None = None) -> tuple[Any, int]:
     """A rank's model part, ready to run: built on the meta device, shrunk to this member's TP shard, loaded from
-    the GGUF and given its caches. Returns the part and the bytes of weights it holds."""
+    the GGUF and given its caches and its one-token step. Returns the part and the bytes of weights it holds."""
     from mixrun.backends.torch.model import Transformer, pair_order
     from mixrun.backends.torch.parallel import apply_tp
     from mixrun.backends.torch.step import decode_step
@@ -248,5 +248,7 @@ def build_part(tf: Any, cfg: Any, stage: Any, member: int, comm: Any, *, head: b
     held = load(model, tf, shards, first_layer=stage.layers[0], tied=cfg.tied, dtype=dtype, device=device,
                 order=pair_order(cfg), blocks=blocks, progress=progress)
     model.setup_cache(dtype, device)
-    model.step = decode_step(model, dtype, device)
+    # the one-token step (buffered on the CPU, else with the residual adds folded); it calls the layers past
+    # apply_tp's all-reduce hooks, so it takes the all-reduce itself
+    model.step = decode_step(model, dtype, device, comm.all_reduce if stage.tp > 1 else None)
     return model.eval(), held

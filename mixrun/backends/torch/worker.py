@@ -48,7 +48,8 @@ class Rank:
         import torch.distributed as dist
 
         from mixrun.backends.torch import weights
-        from mixrun.backends.torch.model import ModelConfig, fused_kernels
+        from mixrun.backends.torch.linear import fused_kernels
+        from mixrun.backends.torch.model import ModelConfig
         from mixrun.backends.torch.parallel import Comm, Layout, vocab_sizes
         from mixrun.model.gguf import TensorFile
 
