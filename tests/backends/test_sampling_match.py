@@ -125,7 +125,8 @@ def test_seeds_follow_llamacpp() -> None:
     assert [a.uniform() for _ in range(4)] == [b.uniform() for _ in range(4)]
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's expf")
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="the oracle is the C library's own expf, which llama.cpp calls; only glibc's is ported")
 def test_expf_is_glibcs() -> None:
     """Bit for bit, where llama.cpp's softmax and dist use it (x <= 0): numpy's float32 exp differs in ~40% of
     these, a float64 exp rounded to float32 in ~0.06%."""

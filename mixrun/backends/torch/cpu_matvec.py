@@ -6,7 +6,7 @@ perhaps in another order: logits agree to 1e-5):
 
 - ``linear``: ``F.linear`` (``torch.mm``), MKL's own product. On an Intel Xeon with AVX-512/AMX (a VM) it streamed
   26.1 GB/s, 2.5x the row blocks (10.5 GB/s).
-- ``rowblock``: one batched product over a block of rows per thread (:class:`~mixrun.backends.torch.model.Weight`).
+- ``rowblock``: one batched product over a block of rows per thread (:class:`~mixrun.backends.torch.linear.Weight`).
   On an AMD EPYC MKL runs a lone matrix-vector product on one thread (14-16 GB/s on two cores) and a batch of them
   on all (25-35 GB/s).
 
