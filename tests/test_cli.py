@@ -102,6 +102,11 @@ def test_wheel_ships_profiles_and_tui(tmp_path: Path) -> None:
     (["plan"], "mixrun plan: error: the following arguments are required: --profile/-p"),
     (["chat", "--top-p", "2"], "mixrun chat: error: argument --top-p: 2 is out of range"),
     (["nosuch"], "mixrun: error: argument COMMAND: invalid choice: 'nosuch'"),
+    (["plan", "-p", "cpu-only", "--ubatch", "0"], "mixrun plan: error: argument --ubatch: 0 is out of range"),
+    (["plan", "-p", "cpu-only", "--ctx", "nan"], "mixrun plan: error: argument --ctx:"),
+    (["bench", "-p", "cpu-only", "--tokens", "-1"], "mixrun bench: error: argument --tokens: -1 is out of range"),
+    (["bench", "-p", "cpu-only", "--prompt-tokens", "0"], "mixrun bench: error: argument --prompt-tokens: 0 is out"),
+    (["tui", "--ctx", "99999999999"], "mixrun tui: error: argument --ctx: 99,999,999,999 is out of range"),
 ])
 def test_usage_errors_are_one_line(args: list[str], start: str) -> None:
     r = run(*args)

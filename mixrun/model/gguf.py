@@ -15,6 +15,7 @@ import stat
 import struct
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
@@ -78,20 +79,35 @@ class _BoundedReader(GGUFReader):
 
     ``header_limit`` is the number of valid bytes (a remote file is parsed from a partial download); ``size`` is the
     file's logical size (a remote file's, of which only the first ``header_limit`` bytes are present locally).
+    ``more(end)`` makes at least ``[0, end)`` present and returns the new number of valid bytes: the parse then goes
+    on from where it stopped, over the grown file, rather than starting again from byte 0.
     """
 
-    def __init__(self, source: Any, size: int, header_limit: int | None = None) -> None:
+    def __init__(self, source: Any, size: int, header_limit: int | None = None,
+                 more: Callable[[int], int] | None = None) -> None:
         self._size = size
         self._limit = min(size if header_limit is None else header_limit, MAX_HEADER_BYTES)
+        self._more = more
+        self._source = source
         self._array_items = 0
         self._string_bytes = 0
         super().__init__(source, "r")
+
+    def _reach(self, offset: int, end: int, need: int) -> None:
+        """Bytes ``[0, end)`` readable, fetching ``need`` (an estimate, at least ``end``) where a caller can fetch;
+        else :class:`_Truncated`. Fields already built keep their views of the old mapping, which stays valid."""
+        if self._more is None or end > self._size:
+            raise _Truncated(offset, end, need)
+        self._limit = min(self._more(need), MAX_HEADER_BYTES)
+        if end > self._limit:
+            raise _Truncated(offset, end, need)
+        self.data = np.memmap(self._source, mode="r")
 
     def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
         count = int(count)
         end = offset + np.dtype(dtype).itemsize * count
         if end > self._limit:
-            raise _Truncated(offset, end, end)
+            self._reach(offset, end, end)
         return super()._get(offset, dtype, count, override_order)
 
     def _get_str(self, offset: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,15 +155,17 @@ class _BoundedReader(GGUFReader):
         estimate of the array's end (from the average length so far) when the readable bytes run out first."""
         if n * 8 > self._size - offs:
             raise ValueError(f"truncated header (a string array of {n:,} items is longer than the file)")
-        buf = memoryview(self.data)
         u64 = struct.Struct(self._order + "Q")
-        start, limit = offs, self._limit
+        start = offs
+        buf = memoryview(self.data)
         for i in range(n):
-            if offs + 8 > limit:
-                raise _Truncated(offs, offs + 8, _estimate_end(start, offs, i, n))
+            if offs + 8 > self._limit:
+                self._reach(offs, offs + 8, _estimate_end(start, offs, i, n))
+                buf = memoryview(self.data)
             offs += 8 + u64.unpack_from(buf, offs)[0]
-            if offs > limit:
-                raise _Truncated(offs, offs, max(offs, _estimate_end(start, offs, i + 1, n)))
+            if offs > self._limit:
+                self._reach(offs, offs, max(offs, _estimate_end(start, offs, i + 1, n)))
+                buf = memoryview(self.data)
         return offs
 
     @property
@@ -159,26 +177,31 @@ class _BoundedReader(GGUFReader):
         count = int(count)
         if count > MAX_TENSORS:
             raise ValueError(f"too many tensors ({count:,}; mixrun reads at most {MAX_TENSORS:,})")
-        buf = memoryview(self.data)
         u64, u32 = struct.Struct(self._order + "Q"), struct.Struct(self._order + "I")
-        start, limit, infos = offs, self._limit, []
+        start, infos = offs, []
+        buf = memoryview(self.data)
+
+        def reach(end: int, need: int) -> memoryview:
+            self._reach(offs, end, need)
+            return memoryview(self.data)
+
         for i in range(count):
-            if offs + 8 > limit:
-                raise _Truncated(offs, offs + 8, _estimate_end(start, offs, i, count))
+            if offs + 8 > self._limit:
+                buf = reach(offs + 8, _estimate_end(start, offs, i, count))
             nlen = u64.unpack_from(buf, offs)[0]
             if nlen > MAX_NAME_BYTES:
                 raise ValueError(f"a tensor name of {nlen:,} bytes at byte {offs:,} (mixrun reads names of up to "
                                  f"{MAX_NAME_BYTES:,})")
             p = offs + 8 + nlen
-            if p + 4 > limit:
-                raise _Truncated(offs, p + 4, _estimate_end(start, p + 4, i + 1, count))
+            if p + 4 > self._limit:
+                buf = reach(p + 4, _estimate_end(start, p + 4, i + 1, count))
             name = bytes(buf[offs + 8:p]).decode("utf-8")
             n_dims = u32.unpack_from(buf, p)[0]
             if not 1 <= n_dims <= _MAX_DIMS:
                 raise ValueError(f"tensor {name!r} has {n_dims:,} dimensions (GGML allows 1 to 4)")
             end = p + 4 + 8 * n_dims + 12
-            if end > limit:
-                raise _Truncated(offs, end, _estimate_end(start, end, i + 1, count))
+            if end > self._limit:
+                buf = reach(end, _estimate_end(start, end, i + 1, count))
             dims = struct.unpack_from(f"{self._order}{n_dims}Q", buf, p + 4)
             qtype, data_offs = struct.unpack_from(self._order + "IQ", buf, end - 12)
             infos.append((name, dims, qtype, data_offs))
@@ -276,12 +299,12 @@ def _field_value(field: Any) -> Any:
 
 
 def parse_part(path: str, *, header_limit: int | None = None, display: str | None = None,
-               size: int | None = None) -> _Part:
+               size: int | None = None, more: Callable[[int], int] | None = None) -> _Part:
     """Parse one GGUF file's header. ``display`` is the name used in errors (a URL for remote files).
 
     A remote file is parsed from a local file holding its first ``header_limit`` bytes, ``size`` being the remote
-    file's size. Raises :class:`_Truncated` only when ``header_limit`` is set (the caller fetches more and retries);
-    every other failure is a :class:`GGUFError`.
+    file's size; where the header runs past them, ``more(end)`` fetches (see :class:`_BoundedReader`). Every
+    failure is a :class:`GGUFError`.
     """
     name = display or path
     try:
@@ -303,13 +326,11 @@ def parse_part(path: str, *, header_limit: int | None = None, display: str | Non
         size = st.st_size if size is None else size
         version = _check_preamble(name, pre, size)
         try:
-            reader = _BoundedReader(f, size, header_limit)
+            reader = _BoundedReader(f, size, header_limit, more)
         except _Truncated as t:
             if t.need > MAX_HEADER_BYTES and t.end <= size:
                 raise GGUFError(where(name, f"header larger than {MAX_HEADER_BYTES >> 20} MiB (a read at byte "
                                             f"{t.offset:,} needs {t.end - t.offset:,} bytes)")) from None
-            if header_limit is not None and header_limit < size:
-                raise
             raise GGUFError(where(name, _truncation_message(t, size))) from None
         except KeyError as e:  # gguf-py raises KeyError for a duplicate metadata key
             raise GGUFError(where(name, f"duplicate metadata key ({_printable(str(e.args[0]))})")) from None
@@ -417,8 +438,9 @@ def split_urls(url: str) -> list[str]:
 
 
 def _read_remote_parts(url: str, deadline_s: float | None = None) -> list[_Part]:
-    """Parse the header of each part of a remote model, fetching only as much of each as its header needs: a parse
-    that runs past the fetched bytes says how far it needs to get, and only the missing bytes are fetched.
+    """Parse the header of each part of a remote model, fetching only as much of each as its header needs: where
+    the parse runs past the fetched bytes it asks for more (at least 1.5x what is there, or its estimate of the
+    end of a long array) and goes on where it stopped, so the header is parsed once and fetched in O(log) requests.
     ``deadline_s`` bounds the whole read (default: ``MIXRUN_HTTP_DEADLINE_S``, see :mod:`mixrun.model.remote`)."""
     from mixrun.model.remote import FIRST_WINDOW_BYTES, Deadline, RangeReader
 
@@ -428,19 +450,13 @@ def _read_remote_parts(url: str, deadline_s: float | None = None) -> list[_Part]
         for part_url in split_urls(url):
             rr = RangeReader(part_url, tmp, deadline)
             rr.ensure(FIRST_WINDOW_BYTES)
-            while True:
-                try:
-                    part = parse_part(rr.path, header_limit=rr.fetched, display=part_url, size=rr.total)
-                    break
-                except _Truncated as t:
-                    if rr.total is not None and rr.fetched >= rr.total:
-                        raise GGUFError(where(part_url, "truncated header")) from None
-                    # at least 1.5x what is there: O(log) re-parses, so the total work is a small multiple of one
-                    need = min(max(t.need, min(rr.fetched + rr.fetched // 2, MAX_HEADER_BYTES)), rr.total or t.need)
-                    if need > MAX_HEADER_BYTES:
-                        raise GGUFError(where(part_url, f"header larger than {MAX_HEADER_BYTES >> 20} MiB; not a "
-                                                        "usable GGUF")) from None
-                    rr.ensure(need)
+
+            def more(need: int, rr: RangeReader = rr) -> int:
+                # never past the header budget: a header that needs more is refused by the reader in one line
+                rr.ensure(min(max(need, rr.fetched + rr.fetched // 2), MAX_HEADER_BYTES))
+                return rr.fetched
+
+            part = parse_part(rr.path, header_limit=rr.fetched, display=part_url, size=rr.total, more=more)
             check_tensor_data(part)
             out.append(part)
             _check_total_tensors(out)

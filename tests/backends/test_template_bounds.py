@@ -212,12 +212,14 @@ def evil_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return models
 
 
-@pytest.mark.parametrize("name", CLI_CASES)
-def test_cli_refuses_a_hostile_template_in_one_line(evil_models: dict[str, Path], name: str) -> None:
+@pytest.mark.parametrize(("name", "backend"), [(name, "llama.cpp") for name in CLI_CASES]
+                         + [("syntax error", "torch"), ("string repeat", "torch")])
+def test_cli_refuses_a_hostile_template_in_one_line(evil_models: dict[str, Path], name: str, backend: str) -> None:
+    """Both backends load the vocabulary through llama-cpp-python, which would compile the template unbounded."""
     path = evil_models[name]
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "mixrun.cli", "chat", str(path), "--prompt", "hi", "--ctx", "2048",
-                        "--max-tokens", "4"], capture_output=True, text=True, timeout=60)
+                        "--max-tokens", "4", "--backend", backend], capture_output=True, text=True, timeout=60)
     assert time.monotonic() - t0 < 30
     assert r.returncode == 2, r.stderr  # an exit status, not a signal (SIGABRT would be -6)
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"mixrun: {path}: "), r.stderr
