@@ -1,5 +1,9 @@
 """The llama.cpp backend, through llama-cpp-python: load a GGUF and stream tokens.
 
+A plan's ``llama_kwargs`` may carry ``"override_tensor"`` (``"REGEX=BUFFER"`` strings, llama-server's ``-ot``) and
+``"devices"`` (llama.cpp device names, llama-server's ``--device``): ``Llama()`` takes neither, so they go into the
+model parameters through :func:`mixrun.backends.llamacpp_load.llama_params`.
+
 Prompts are rendered by :mod:`mixrun.chat` (the sandboxed template, the same for every backend) and tokenized by
 llama.cpp itself. Generation reuses the KV cache for the prompt prefix the previous turn left (llama-cpp-python's
 ``generate`` matches the prefix), so a follow-up question only prefills the new turn.
@@ -24,6 +28,7 @@ from mixrun.vocab import Backend, Split
 if TYPE_CHECKING:
     from mixrun.planner.types import Candidate
 
+PLACEMENT_KEYS = ("override_tensor", "devices")  # llama_kwargs keys that are model params, not Llama() arguments
 SPLIT_MODES = {Split.NONE: "LLAMA_SPLIT_MODE_NONE", Split.LAYER: "LLAMA_SPLIT_MODE_LAYER",
                Split.ROW: "LLAMA_SPLIT_MODE_ROW", Split.TENSOR: "LLAMA_SPLIT_MODE_TENSOR"}
 
@@ -58,10 +63,15 @@ class LlamaCppEngine:
         if not os.path.isfile(model):
             raise GGUFError(where(model, "no such file"))
         kwargs = {**(llama_kwargs(plan, llama_cpp) if plan is not None else {}), **(kwargs or {})}
+        overrides, devices = (kwargs.pop(k, None) for k in PLACEMENT_KEYS)
         progress = progress or LoadProgress(os.path.basename(model), out=None if show_progress else io.StringIO())
         try:
-            with interruptible(progress), llama_params(llama_cpp, progress, extra_buffers=cpu.extra_buffers), \
+            with interruptible(progress), \
+                    llama_params(llama_cpp, progress, extra_buffers=cpu.extra_buffers, overrides=overrides,
+                                 devices=devices) as placed, \
                     without_chat_handlers(llama_cpp):
+                # llama.cpp points into these arrays for the model's life (llama_model::params)
+                self.placement = placed
                 self.llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_threads=n_threads,
                                            seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
                                            verbose=False, **kwargs)

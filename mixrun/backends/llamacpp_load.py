@@ -1,5 +1,6 @@
 """Loading a model into llama.cpp: a progress bar, Ctrl-C during the load, and the model parameters
-llama-cpp-python does not expose (the progress callback, llama.cpp's repacked CPU weights).
+llama-cpp-python does not expose (the progress callback, llama.cpp's repacked CPU weights, tensor overrides and the
+device list: :mod:`mixrun.backends.llamacpp_overrides`).
 
 The llama.cpp backend loads through these; so do tests and benchmarks that load llama.cpp the way mixrun does.
 """
@@ -11,10 +12,11 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mixrun.backends.llamacpp_cpu import LlamaCppCpuError
+from mixrun.backends.llamacpp_overrides import Placement, placement
 
 
 class LoadProgress:
@@ -68,12 +70,16 @@ def interruptible(progress: LoadProgress) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def llama_params(llama_cpp: Any, progress: LoadProgress | None = None, *, extra_buffers: bool = True) -> Iterator[None]:
-    """Make the next ``llama_cpp.Llama(...)`` report load progress to ``progress`` and use llama.cpp's CPU extra
-    buffer types (repacked weights) or not.
+def llama_params(llama_cpp: Any, progress: LoadProgress | None = None, *, extra_buffers: bool = True,
+                 overrides: Sequence[str] | None = None, devices: Sequence[str] | None = None) -> Iterator[Placement]:
+    """Make the next ``llama_cpp.Llama(...)`` report load progress to ``progress``, use llama.cpp's CPU extra buffer
+    types (repacked weights) or not, place tensors by ``overrides`` (``"REGEX=BUFFER"``, llama-server's ``-ot``) and
+    offload only to ``devices`` (llama.cpp device names, llama-server's ``--device``; None: every GPU).
 
-    llama-cpp-python builds its model parameters from ``llama_model_default_params()`` and exposes neither knob, so
-    the defaults are wrapped for the duration of the call.
+    llama-cpp-python builds its model parameters from ``llama_model_default_params()`` and exposes none of these
+    knobs, so the defaults are wrapped for the duration of the call. Yields the :class:`Placement` that owns the
+    arrays llama.cpp points into: the caller keeps it as long as the model. Bad specs, unknown names and a binding
+    whose struct differs are refused before anything loads.
     """
     low = llama_cpp.llama_cpp
     original = low.llama_model_default_params
@@ -81,6 +87,7 @@ def llama_params(llama_cpp: Any, progress: LoadProgress | None = None, *, extra_
     if not extra_buffers and "use_extra_bufts" not in names:
         raise LlamaCppCpuError(f"llama.cpp: llama-cpp-python {llama_cpp.__version__} cannot turn off the repacked CPU "
                                "weights that crash on this CPU: pip install -U llama-cpp-python")
+    placed = placement(llama_cpp, overrides, devices)
     callback = low.llama_progress_callback(progress) if progress is not None else None
 
     def with_params() -> Any:
@@ -89,10 +96,11 @@ def llama_params(llama_cpp: Any, progress: LoadProgress | None = None, *, extra_
             params.progress_callback = callback
         if "use_extra_bufts" in names:
             params.use_extra_bufts = extra_buffers
+        placed.apply(params)
         return params
 
     low.llama_model_default_params = with_params
     try:
-        yield
+        yield placed
     finally:
         low.llama_model_default_params = original
