@@ -63,6 +63,13 @@ def render_spec(spec: ModelSpec, show_tensors: bool = False) -> None:
     if spec.sliding_window:
         n_swa = sum(kv.sliding for kv in spec.kv_layers)
         rows.append(("sliding window", f"{spec.sliding_window:,} on {n_swa} of {spec.n_layers} layers"))
+    if spec.kv_lora_rank:
+        rows.append(("KV cache (MLA)", f"latent {spec.kv_lora_rank} + rope {spec.head_dim - spec.kv_lora_rank} "
+                                       "per token and layer, no V"))
+    if spec.kv_note:
+        rows.append(("KV note", f"[yellow]{safe(spec.kv_note)}[/]"))
+    if spec.is_moe:
+        rows += _moe_rows(spec)
     for k, v in rows:
         facts.add_row(k, v)
     con.print(facts)
@@ -82,6 +89,28 @@ def render_spec(spec: ModelSpec, show_tensors: bool = False) -> None:
         for ts in spec.tensors:
             t.add_row(safe(ts.name), ts.qtype, " x ".join(map(str, ts.shape)), f"{ts.n_bytes:,}")
         con.print(t)
+
+
+def _moe_rows(spec: ModelSpec) -> list[tuple[str, str]]:
+    """Experts, active parameters and the expert share of the bytes, for ``mixrun inspect``."""
+    n_moe = sum(1 for b in spec.layer_expert_bytes if b)
+    counts = f"{spec.n_expert} routed, {spec.n_expert_used} used per token"
+    if spec.n_expert_shared:
+        counts += f", {spec.n_expert_shared} shared"
+    layers = f"{n_moe} of {spec.n_layers} layers"
+    if spec.n_layer_dense_lead:
+        layers += f" (first {spec.n_layer_dense_lead} dense)"
+    if spec.n_layer_nextn:
+        layers += f", {spec.n_layer_nextn} NextN/MTP"
+    dense = spec.total_bytes - spec.expert_bytes
+    return [
+        ("experts", f"{counts}; FFN {spec.n_ff_exp} each; on {layers}"),
+        ("active parameters", f"{spec.n_active_params / 1e9:.3f} B of {spec.n_params / 1e9:.3f} B per token"),
+        ("expert bytes", f"{fmt_bytes(spec.expert_bytes)}  ({100 * spec.expert_share:.1f}% of the weights; "
+                         f"dense part {fmt_bytes(dense)})"),
+        ("decode reads / token", f"{fmt_bytes(spec.decode_read_bytes())}  (batch 1: dense + "
+                                 f"{spec.n_expert_used}/{spec.n_expert} of the experts)"),
+    ]
 
 
 def render_profile_list(bundled: list[tuple[str, Any]], user: list[tuple[str, Path]], user_dir: Path) -> None:

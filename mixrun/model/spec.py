@@ -5,6 +5,9 @@ Conventions:
   ``(n_vocab, n_embd)`` and ``blk.0.attn_q.weight`` is ``(n_head * head_dim, n_embd)``. GGML's ne0-first order
   is reversed once, in ``mixrun.model.gguf.parse_part``.
 - Bytes are ints named ``*_bytes``. Layer indices are 0-based.
+- Mixtures of experts: a layer's routed experts (``ffn_*_exps``) are its expert bytes, everything else in the layer
+  (attention, router, shared experts) its dense bytes; a batch-1 decode step reads the dense bytes and
+  ``used / count`` of the expert bytes.
 """
 
 from __future__ import annotations
@@ -16,14 +19,30 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
+from gguf import GGML_QUANT_SIZES, MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, Keys
 
 from mixrun.errors import GGUFError, where
 from mixrun.vocab import PLANNABLE_ARCHS, KVType
 
 _MAX_LAYERS = 4096
 _MAX_DIM = 1 << 24
+_MAX_EXPERTS = 1024  # llama.cpp's LLAMA_MAX_EXPERTS (src/llama-hparams.h)
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+
+
+def _bases(*kinds: MODEL_TENSOR) -> frozenset[str]:
+    """The per-layer name stems (``ffn_up_exps``) of these tensor kinds, from gguf-py's name table."""
+    return frozenset(TENSOR_NAMES[k].split(".")[-1] for k in kinds)
+
+
+# Routed experts: stacked (n_expert, ...) tensors of which a token reads expert_used_count slices. Their weights,
+# biases (gpt-oss) and scales all end in one of these stems; llama.cpp's `-ot exps=CPU` matches the same names.
+ROUTED_EXPERT_BASES = _bases(MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_UP_EXP, MODEL_TENSOR.FFN_DOWN_EXP,
+                             MODEL_TENSOR.FFN_GATE_UP_EXP)
+# Shared experts run for every token, like a dense FFN; the router (gate_inp) and its bias select the experts.
+SHARED_EXPERT_BASES = _bases(MODEL_TENSOR.FFN_GATE_SHEXP, MODEL_TENSOR.FFN_UP_SHEXP, MODEL_TENSOR.FFN_DOWN_SHEXP,
+                             MODEL_TENSOR.FFN_GATE_INP_SHEXP)
+ROUTER_BASES = _bases(MODEL_TENSOR.FFN_GATE_INP, MODEL_TENSOR.FFN_EXP_PROBS_B)
 
 
 @dataclass(frozen=True)
@@ -41,10 +60,24 @@ class TensorSpec:
         m = _LAYER_RE.match(self.name)
         return int(m.group(1)) if m else None
 
+    @cached_property
+    def base(self) -> str:
+        """The name without ``blk.N.`` and the ``.weight``/``.bias`` suffix: ``ffn_up_exps``."""
+        parts = self.name.split(".")
+        return parts[2] if self.layer is not None and len(parts) > 2 else parts[0]
+
+    @property
+    def routed_expert(self) -> bool:
+        return self.layer is not None and self.base in ROUTED_EXPERT_BASES
+
 
 @dataclass(frozen=True)
 class KVLayer:
-    """What one layer stores per token in the KV cache: heads and per-head K and V widths."""
+    """What one layer stores per token in the KV cache: heads and per-head K and V widths.
+
+    DeepSeek's MLA caches one compressed latent per token (``n_head_kv`` 1, ``k_dim`` = kv_lora_rank + rope dim)
+    and no V (``v_dim`` 0: llama.cpp reads V as a view of K). A layer with no cache (a NextN/MTP layer) has
+    ``n_head_kv`` 0."""
 
     n_head_kv: int
     k_dim: int
@@ -92,10 +125,104 @@ class ModelSpec:
     tokenizer_model: str | None = None
     has_chat_template: bool = False
     not_plannable: str | None = None  # why the planner cannot use this model, or None
+    # Mixture of experts (all 0 for a dense model). expert_used_count may differ per layer: layer_expert_used.
+    n_expert: int = 0  # {arch}.expert_count: routed experts per MoE layer
+    n_expert_used: int = 0  # {arch}.expert_used_count: experts each token runs (the largest over layers)
+    n_expert_shared: int = 0  # {arch}.expert_shared_count: always-on shared experts (*_shexp)
+    n_ff_exp: int = 0  # {arch}.expert_feed_forward_length: one expert's FFN width
+    n_layer_dense_lead: int = 0  # {arch}.leading_dense_block_count: the first layers have a dense FFN
+    n_layer_nextn: int = 0  # {arch}.nextn_predict_layers: trailing MTP layers (no KV cache in llama.cpp)
+    layer_expert_used: tuple[int, ...] = ()  # experts a token runs in each layer (0 for dense layers)
+    kv_lora_rank: int = 0  # MLA (deepseek2): the compressed KV latent's width, 0 without MLA
+    kv_note: str | None = None  # why kv_bytes_per_token is approximate for this model, or None when exact
 
     @property
     def plannable(self) -> bool:
         return self.not_plannable is None
+
+    # ---- mixture of experts -------------------------------------------------------------------------------------
+
+    @cached_property
+    def _moe_tally(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """Per layer: routed-expert bytes, shared-expert bytes, router bytes, routed-expert elements."""
+        routed, shared, router, elems = ([0] * self.n_layers for _ in range(4))
+        for t in self.tensors:
+            if t.layer is None or t.layer >= self.n_layers:
+                continue
+            if t.base in ROUTED_EXPERT_BASES:
+                routed[t.layer] += t.n_bytes
+                elems[t.layer] += t.n_elements
+            elif t.base in SHARED_EXPERT_BASES:
+                shared[t.layer] += t.n_bytes
+            elif t.base in ROUTER_BASES:
+                router[t.layer] += t.n_bytes
+        return tuple(routed), tuple(shared), tuple(router), tuple(elems)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0 and any(self.layer_expert_bytes)
+
+    @property
+    def layer_expert_bytes(self) -> tuple[int, ...]:
+        """Routed-expert bytes per layer (``ffn_{gate,up,down}_exps``, fused ``ffn_gate_up_exps``, their biases):
+        what can live apart from the rest of the layer. 0 for dense layers and dense models."""
+        return self._moe_tally[0]
+
+    @property
+    def layer_shared_expert_bytes(self) -> tuple[int, ...]:
+        """Shared-expert bytes per layer (``*_shexp``): read by every token, part of the dense bytes."""
+        return self._moe_tally[1]
+
+    @property
+    def layer_router_bytes(self) -> tuple[int, ...]:
+        """Router bytes per layer (``ffn_gate_inp``, ``exp_probs_b``): part of the dense bytes."""
+        return self._moe_tally[2]
+
+    @property
+    def layer_dense_bytes(self) -> tuple[int, ...]:
+        """Everything else in each layer (attention, norms, router, shared experts, a dense FFN)."""
+        return tuple(b - e for b, e in zip(self.layer_bytes, self.layer_expert_bytes, strict=True))
+
+    def _used(self, layer: int) -> int:
+        return self.layer_expert_used[layer] if layer < len(self.layer_expert_used) else self.n_expert_used
+
+    @cached_property
+    def layer_decode_bytes(self) -> tuple[int, ...]:
+        """Bytes one decode step at batch 1 reads per layer: the dense part plus ``used / count`` of the experts."""
+        return tuple(d + (e * self._used(i) // self.n_expert if self.n_expert else e)
+                     for i, (d, e) in enumerate(zip(self.layer_dense_bytes, self.layer_expert_bytes, strict=True)))
+
+    @property
+    def head_bytes(self) -> int:
+        """The output projection and its norm (a tied output reads token_embd); the embedding lookup reads a row."""
+        out = self.other_bytes.get("output.weight", self.other_bytes.get("token_embd.weight", 0)
+                                   if self.tied_output else 0)
+        return out + self.other_bytes.get("output_norm.weight", 0)
+
+    def decode_read_bytes(self, layers: range | None = None, *, head: bool | None = None) -> int:
+        """Bytes a batch-1 decode step reads over ``layers`` (all by default), plus the output head when ``head``
+        (default: when all layers are asked for)."""
+        per = self.layer_decode_bytes
+        total = sum(per) if layers is None else sum(per[i] for i in layers)
+        return total + (self.head_bytes if (layers is None if head is None else head) else 0)
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(self.layer_expert_bytes)
+
+    @property
+    def expert_share(self) -> float:
+        """The routed experts' share of the weight bytes (0.0 for a dense model)."""
+        return self.expert_bytes / self.total_bytes if self.total_bytes else 0.0
+
+    @property
+    def n_active_params(self) -> int:
+        """Parameters one token uses: all but the routed experts, plus ``used / count`` of those (embeddings
+        included, as the published "A3B"-style counts do)."""
+        elems = self._moe_tally[3]
+        if not self.n_expert:
+            return self.n_params
+        return self.n_params - sum(elems) + sum(e * self._used(i) // self.n_expert for i, e in enumerate(elems))
 
     @property
     def bits_per_weight(self) -> float:
@@ -137,11 +264,24 @@ class ModelSpec:
             "kv_bytes_per_token": {t.value: self.kv_bytes_per_token(t) for t in KVType},
             "quant_mix": {k: {"tensors": c, "bytes": b} for k, (c, b) in self.quant_mix().items()},
             "tokenizer_model": self.tokenizer_model, "has_chat_template": self.has_chat_template,
+            "kv_note": self.kv_note, "n_active_params": self.n_active_params,
+            "decode_read_bytes": self.decode_read_bytes(), "moe": self._moe_json(),
         }
         if with_tensors:
             out["tensors"] = [{"name": t.name, "type": t.qtype, "shape": list(t.shape), "bytes": t.n_bytes}
                               for t in self.tensors]
         return out
+
+    def _moe_json(self) -> dict[str, Any] | None:
+        if not self.is_moe:
+            return None
+        return {"n_expert": self.n_expert, "n_expert_used": self.n_expert_used,
+                "n_expert_shared": self.n_expert_shared, "n_ff_exp": self.n_ff_exp,
+                "leading_dense_blocks": self.n_layer_dense_lead, "nextn_layers": self.n_layer_nextn,
+                "expert_bytes": self.expert_bytes, "dense_bytes": self.total_bytes - self.expert_bytes,
+                "expert_share": round(self.expert_share, 4), "layer_expert_used": list(self.layer_expert_used),
+                "layer_expert_bytes": list(self.layer_expert_bytes),
+                "layer_dense_bytes": list(self.layer_dense_bytes)}
 
 
 class _Meta:
@@ -198,13 +338,105 @@ def _swa_layers(arch: str, meta: _Meta, n_layers: int) -> list[bool]:
     pattern = meta.raw(Keys.Attention.SLIDING_WINDOW_PATTERN)
     if isinstance(pattern, list) and len(pattern) == n_layers:
         return [bool(x) for x in pattern]
-    # llama.cpp set_swa_pattern(n): layer il is SWA when il % n < n - 1 (gemma2: n=2, gemma3: n=6)
-    n = {"gemma2": 2, "gemma3": 6}.get(arch)
+    # llama.cpp set_swa_pattern(n): layer il is SWA when il % n < n - 1 (gemma2: n=2, gemma3: n=6; gpt-oss: n=2,
+    # src/models/openai-moe.cpp load_arch_hparams calls load_swa_pattern(ml, 2): even layers slide)
+    n = {"gemma2": 2, "gemma3": 6, "gpt-oss": 2}.get(arch)
     if isinstance(pattern, int) and pattern > 0:
         n = pattern
     if n is None:
         return [False] * n_layers
     return [il % n < n - 1 for il in range(n_layers)]
+
+
+@dataclass(frozen=True)
+class _MoEMeta:
+    n_expert: int
+    used: tuple[int, ...]  # per layer; 0 for a layer without routed experts
+    n_expert_shared: int
+    n_ff_exp: int
+    n_layer_dense_lead: int
+    n_layer_nextn: int
+
+
+def _read_moe(source: str, arch: str, meta: _Meta, tensors: Sequence[TensorSpec], n_layers: int) -> _MoEMeta:
+    """The expert counts, checked against each other and against the expert tensors, as llama.cpp checks them
+    (src/llama-model.cpp load_hparams: n_expert <= LLAMA_MAX_EXPERTS, expert_used_count <= n_expert and > 0 when
+    there are experts). Per-layer values stay within the layer limit: one entry per layer."""
+    def key(k: str) -> str:
+        return k.format(arch=arch)
+
+    n_expert = meta.int(Keys.LLM.EXPERT_COUNT, 0, hi=_MAX_EXPERTS) or 0
+    used = meta.per_layer(Keys.LLM.EXPERT_USED_COUNT, n_layers, 0)
+    shared = meta.int(Keys.LLM.EXPERT_SHARED_COUNT, 0, hi=_MAX_EXPERTS) or 0
+    n_ff_exp = meta.int(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, 0) or 0
+    lead = meta.int(Keys.LLM.LEADING_DENSE_BLOCK_COUNT, 0, hi=n_layers) or 0
+    nextn = meta.int(Keys.LLM.NEXTN_PREDICT_LAYERS, 0, hi=n_layers) or 0
+    expert_layers = [False] * n_layers
+    for t in tensors:
+        if not t.routed_expert or t.layer is None or t.layer >= n_layers:
+            continue
+        expert_layers[t.layer] = True
+        if n_expert == 0:
+            raise GGUFError(where(source, f"tensor {t.name!r} holds experts but {key(Keys.LLM.EXPERT_COUNT)} is "
+                                          f"{'0' if meta.raw(Keys.LLM.EXPERT_COUNT) is not None else 'missing'}"))
+        if t.shape[0] != n_expert:  # row-major: the experts are the outermost dimension
+            raise GGUFError(where(source, f"tensor {t.name!r} is {' x '.join(map(str, t.shape))}, but the metadata "
+                                          f"say {n_expert:,} experts ({key(Keys.LLM.EXPERT_COUNT)})"))
+    over = max(used, default=0)
+    if over > n_expert:
+        raise GGUFError(where(source, f"{key(Keys.LLM.EXPERT_USED_COUNT)} is {over:,}, more than "
+                                      f"{key(Keys.LLM.EXPERT_COUNT)} = {n_expert:,}"))
+    for i, has in enumerate(expert_layers):
+        if has and used[i] == 0:
+            raise GGUFError(where(source, f"layer {i} has experts but {key(Keys.LLM.EXPERT_USED_COUNT)} is "
+                                          f"{'0' if meta.raw(Keys.LLM.EXPERT_USED_COUNT) is not None else 'missing'}"))
+    used_per_layer = tuple(u if has else 0 for u, has in zip(used, expert_layers, strict=True))
+    return _MoEMeta(n_expert, used_per_layer if n_expert else (), shared, n_ff_exp, lead, nextn)
+
+
+# Architectures that also read the MLA keys but whose cache llama.cpp builds another way (src/llama-model.cpp
+# create_memory: llama_kv_cache_dsa with an indexer cache, hybrid recurrent memory): not modelled.
+_KV_NOT_MODELLED = frozenset({"deepseek32", "glm-dsa", "glm5-next", "hy-v4", "kimi-k3", "kimi-linear", "bailingmoe3",
+                              "dots3note"})
+
+
+def _kv_layers(arch: str, meta: _Meta, kv_heads: list[int], head_dim: int, head_dim_v: int, swa: list[bool],
+               n_nextn: int) -> tuple[tuple[KVLayer, ...], int, str | None]:
+    """Each layer's KV cache row as llama.cpp allocates it, the MLA latent width, and a note when approximate.
+
+    Read from llama.cpp as vendored by llama-cpp-python 0.3.36:
+    - src/llama-kv-cache.cpp, llama_kv_cache::llama_kv_cache: per layer, K is ``n_embd_k_gqa(il)`` wide and V
+      ``n_embd_v_gqa(il)`` (src/llama-hparams.cpp: ``n_embd_head_k(il) * n_head_kv(il)``, head widths from
+      ``{arch}.attention.key_length``/``value_length``). qwen3moe, glm4moe and gpt-oss use this plain cache; gpt-oss
+      also makes even layers sliding-window (llama_kv_cache_iswa, see _swa_layers). Its attention sinks
+      (``attn_sinks``, one scalar per head) are weights, not cache.
+    - The same constructor, ``has_v = !hparams.is_mla()``: with MLA (deepseek2 files that carry
+      ``key_length_mla``/``value_length_mla``, hparams.is_mla()) only K is allocated, ``n_head_kv`` (1) x
+      ``key_length`` (= kv_lora_rank + rope dim: the compressed latent and the shared RoPE key), and V is a view
+      of it. Older deepseek2 files without the MLA keys cache K and V per head like any model.
+    - src/llama-model.cpp create_memory: with ``{arch}.nextn_predict_layers`` > 0 the main context's cache filters
+      ``il < n_layer()``: the trailing NextN/MTP layers have no cache.
+    """
+    n_layers = len(kv_heads)
+    mla = arch == "deepseek2" and bool(meta.int(Keys.Attention.KEY_LENGTH_MLA, 0)) \
+        and bool(meta.int(Keys.Attention.VALUE_LENGTH_MLA, 0))
+    rank = meta.int(Keys.Attention.KV_LORA_RANK, 0) or 0
+    note = None
+    if arch in _KV_NOT_MODELLED:
+        note = (f"llama.cpp builds its own kind of cache for {arch} (MLA with an indexer, or recurrent state); "
+                "mixrun sizes it as plain K and V per head, so the KV bytes are approximate")
+    if mla:
+        rope = meta.int(Keys.Rope.DIMENSION_COUNT, 0) or 0
+        if rank and head_dim != rank + rope:
+            note = (f"MLA key_length {head_dim} is not kv_lora_rank {rank} + rope dim {rope}: the cache is sized "
+                    "from key_length, as llama.cpp does, but the file is unusual")
+    rows = []
+    for i in range(n_layers):
+        if i >= n_layers - n_nextn:
+            rows.append(KVLayer(0, head_dim, 0 if mla else head_dim_v, False))
+        else:
+            rows.append(KVLayer(kv_heads[i], head_dim, 0 if mla else head_dim_v, swa[i]))
+    return tuple(rows), rank if mla else 0, note
 
 
 def tally_bytes(tensors: Sequence[TensorSpec], n_layers: int) -> tuple[tuple[int, ...], dict[str, int]]:
@@ -301,7 +533,8 @@ def build_spec(*, source: str, files: tuple[str, ...], file_bytes: int, fields: 
 
     swa = _swa_layers(arch, meta, n_layers)
     kv_heads = meta.per_layer(Keys.Attention.HEAD_COUNT_KV, n_layers, n_head_kv)
-    kv_layers = tuple(KVLayer(kv_heads[i], head_dim, head_dim_v, swa[i]) for i in range(n_layers))
+    moe = _read_moe(source, arch, meta, tensors, n_layers)
+    kv_layers, kv_lora_rank, kv_note = _kv_layers(arch, meta, kv_heads, head_dim, head_dim_v, swa, moe.n_layer_nextn)
 
     layer_bytes, other = tally_bytes(tensors, n_layers)
     scaling = meta.raw(Keys.Rope.SCALING_TYPE)
@@ -342,5 +575,7 @@ def build_spec(*, source: str, files: tuple[str, ...], file_bytes: int, fields: 
         total_bytes=sum(t.n_bytes for t in tensors), n_params=sum(t.n_elements for t in tensors),
         tokenizer_model=tok if isinstance(tok, str) else None,
         has_chat_template=isinstance(fields.get(Keys.Tokenizer.CHAT_TEMPLATE), str),
-        not_plannable=not_plannable,
+        not_plannable=not_plannable, n_expert=moe.n_expert, n_expert_used=max(moe.used, default=0),
+        n_expert_shared=moe.n_expert_shared, n_ff_exp=moe.n_ff_exp, n_layer_dense_lead=moe.n_layer_dense_lead,
+        n_layer_nextn=moe.n_layer_nextn, layer_expert_used=moe.used, kv_lora_rank=kv_lora_rank, kv_note=kv_note,
     )
