@@ -43,8 +43,8 @@ def build_candidates(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> 
         lambda: cands.single_device(ctx),
         lambda: cands.layer_default(ctx),
         lambda: cands.layer_optimized(ctx),
-        lambda: cands.row(ctx),
-        lambda: cands.tensor_llamacpp(ctx),
+        lambda: cands.best_over_subsets(ctx, cands.row),
+        lambda: cands.best_over_subsets(ctx, cands.tensor_llamacpp),
         lambda: cands.torch_plan(ctx),
     ]
     if req.cpu_offload and ctx.gpus:
@@ -94,7 +94,9 @@ def _apply_measured(profile: RigProfile, spec: ModelSpec, out: list[Candidate]) 
 def _choose(out: list[Candidate], req: PlanRequest) -> int | None:
     pool = [i for i, c in enumerate(out)
             if (req.split is None or c.split == req.split)
-            and (req.backend is None or c.backend == req.backend)]
+            and (req.backend is None or c.backend == req.backend)
+            # current llama.cpp has no row split (cands.ROW_GONE): chosen when asked for, or measured on this rig
+            and (c.split != Split.ROW or req.split == Split.ROW or c.measured)]
     if not pool:
         return None
     fitting = [i for i in pool if out[i].fits]
@@ -111,6 +113,9 @@ def plan(profile: RigProfile, spec: ModelSpec, req: PlanRequest | None = None, *
     _check(spec, req)
     out = build_candidates(profile, spec, req)
     chosen = _choose(out, req)
+    if chosen is not None and out[chosen].fits and suggest:
+        c = out[chosen]
+        out[chosen] = dataclasses.replace(c, why=c.why + _what_cards_add(profile, spec, req, out, c))
     notes = []
     hosts = {d.host for d in profile.devices if d.host}
     if len(hosts) > 1:
@@ -122,6 +127,47 @@ def plan(profile: RigProfile, spec: ModelSpec, req: PlanRequest | None = None, *
              "kv_bytes_per_token": spec.kv_bytes_per_token(req.kv_type)}
     return PlanReport(model=model, profile=profile.name, request=req, candidates=tuple(out), chosen=chosen,
                       suggestions=suggestions, notes=tuple(notes))
+
+
+# ---- what each card adds ------------------------------------------------------------------------------------------
+
+LIGHT_SHARE = 0.15  # a GPU holding less than this share of the plan's weights is "lightly used"
+MAX_CARD_REPORT_GPUS = 8  # re-planning without each GPU is one plan per GPU; bigger rigs are not reported
+
+
+def _what_cards_add(profile: RigProfile, spec: ModelSpec, req: PlanRequest, out: list[Candidate],
+                    chosen: Candidate) -> str:
+    """One clause for the chosen plan's ``why``: for each GPU it leaves out, the best plan that uses it; for each
+    it uses lightly, the best plan without it ("why are 3 GPUs slower than 2?")."""
+    gpus = [d for d in profile.devices if d.backend != "cpu"]
+    if not 1 < len(gpus) <= MAX_CARD_REPORT_GPUS:
+        return ""
+    used = {d for g in chosen.groups for d in g.devices}
+    weights = {u.id: u.weights_bytes for u in chosen.devices}
+    total = sum(weights.get(d, 0) for d in used) or 1
+    parts = []
+    for d in gpus:
+        if d.id not in used:
+            others = [c for c in out if c.fits and any(d.id in g.devices for g in c.groups)]
+            if others:
+                o = max(others, key=lambda c: c.decode_tok_s)
+                parts.append(f"{d.id} left out: the best plan using it ({o.label}) is "
+                             f"{_relative(o.decode_tok_s, chosen.decode_tok_s)}")
+            else:
+                parts.append(f"{d.id} left out: no plan using it fits or is faster")
+        elif weights.get(d.id, 0) / total < LIGHT_SHARE:
+            alone = plan(profile.without(d.id), spec, req, suggest=False).best
+            if alone is None or not alone.fits:
+                parts.append(f"{d.id} holds {weights.get(d.id, 0) / total:.0%}: without it nothing fits")
+            else:
+                parts.append(f"without {d.id}: {alone.decode_tok_s:.1f} tok/s "
+                             f"({_relative(alone.decode_tok_s, chosen.decode_tok_s)})")
+    return ("; " + "; ".join(parts)) if parts else ""
+
+
+def _relative(speed: float, chosen: float) -> str:
+    ratio = speed / chosen - 1
+    return "as fast" if abs(ratio) < 0.005 else f"{abs(ratio):.0%} {'faster' if ratio > 0 else 'slower'}"
 
 
 # ---- what would make it fit --------------------------------------------------------------------------------------

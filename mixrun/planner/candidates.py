@@ -9,10 +9,17 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 
-from mixrun.alloc import allocate, shares_of
+from mixrun.alloc import allocate
 from mixrun.model.spec import ModelSpec, with_tensors
 from mixrun.planner.cost import QUANT_KERNEL_EFF, allreduce_s, costs, quant_kernel_bytes, read_time_s, transfer_s
-from mixrun.planner.evaluate import Context, Evaluation, evaluate_pipeline, evaluate_row, planned_capacity
+from mixrun.planner.evaluate import (
+    Context,
+    Evaluation,
+    evaluate_pipeline,
+    evaluate_row,
+    evaluate_tensor,
+    planned_capacity,
+)
 from mixrun.planner.memory import F32, GPU_OVERHEAD_BYTES, ModelFacts, compute_bytes
 from mixrun.planner.search import StageCosts, Unit, best_layout, exact_boundaries, kv_head_counts, tp_cliques
 from mixrun.planner.types import Candidate, Group
@@ -22,6 +29,9 @@ from mixrun.vocab import BACKEND_ARCHS, LLAMACPP_TENSOR_ARCHS, Backend, KVType, 
 
 GGML_TYPE = {KVType.F16: 1, KVType.Q4_0: 2, KVType.Q8_0: 8}  # llama.cpp's -ctk/-ctv element types (ggml_type)
 MAX_UNITS = 12  # Held-Karp is exponential in the units considered; beyond this only the fastest are kept
+MAX_SUBSET_GPUS = 6  # up to this many GPUs on a host, llama.cpp splits are planned over every subset (57 for 6)
+MAX_SUBSETS = 64  # beyond this many class-prefix subsets, the fastest 2, 4, 8, ... GPUs
+TS_SEARCH_GPUS = 4  # a tensor split's -ts is refined by local search over at most this many mixed GPUs
 
 
 def llamacpp_layer_map(n_layers: int, ratios: Sequence[float]) -> list[int]:
@@ -47,6 +57,62 @@ def ts_for_counts(gpus: Sequence[Device], counts: dict[str, int], output_on_gpu:
 
 def _cuda_index(ctx: Context, dev: str) -> int:
     return [g.id for g in ctx.gpus].index(dev)
+
+
+LLAMA_DEVICE_PREFIX = {"cuda": "CUDA", "rocm": "ROCm", "vulkan": "Vulkan", "metal": "MTL"}
+
+
+def llama_device_name(ctx: Context, dev: str) -> str:
+    """llama.cpp's name for a GPU of the first host (``CUDA1``, llama-server ``--device``): its backend's prefix and
+    its index among that host's GPUs of the same backend, in profile order (the order the backend numbers them)."""
+    d = ctx.profile.device(dev)
+    same = [g.id for g in ctx.gpus if g.backend == d.backend]
+    return f"{LLAMA_DEVICE_PREFIX.get(d.backend, d.backend.upper())}{same.index(dev)}"
+
+
+def gpu_subsets(gpus: Sequence[Device], min_size: int = 2) -> list[tuple[Device, ...]]:
+    """The GPU sets a llama.cpp split is planned over: every subset of at least ``min_size`` GPUs where there are
+    at most :data:`MAX_SUBSET_GPUS`; on bigger hosts, for each class of identical GPUs, its first k for every k
+    (identical GPUs are interchangeable up to their links), or with too many kinds of GPU the fastest 2, 4, 8, ...
+    Up to six GPUs a rig's subsets include every subset a smaller rig of the same GPUs has, so adding a card never
+    makes the best llama.cpp plan slower; beyond, that holds within each kind of GPU."""
+    gpus = list(gpus)
+    if len(gpus) <= MAX_SUBSET_GPUS:
+        return [c for k in range(min_size, len(gpus) + 1) for c in itertools.combinations(gpus, k)]
+    classes: dict[tuple, list[Device]] = {}
+    for g in gpus:
+        classes.setdefault((g.backend, g.name, g.vram_gib, g.mem_bandwidth_gbs), []).append(g)
+    if math.prod(len(c) + 1 for c in classes.values()) > MAX_SUBSETS:  # many kinds of GPU: the fastest first
+        ranked = sorted(gpus, key=lambda g: (-g.mem_bandwidth_gbs, -g.capacity_bytes))
+        sizes = sorted({min(2**k, len(gpus)) for k in range(1, len(gpus).bit_length() + 1)} | {len(gpus)})
+        return [tuple(g for g in gpus if g in ranked[:k]) for k in sizes if k >= min_size]
+    out = []
+    for counts in itertools.product(*(range(len(c) + 1) for c in classes.values())):
+        if sum(counts) >= min_size:
+            chosen = {g.id for c, k in zip(classes.values(), counts, strict=True) for g in c[:k]}
+            out.append(tuple(g for g in gpus if g.id in chosen))
+    return out
+
+
+def best_over_subsets(ctx: Context, build: Callable[[Context, Sequence[Device]], Candidate | None]
+                      ) -> Candidate | None:
+    """The best of ``build`` over every GPU subset: the fastest that fits, else the one closest to fitting."""
+    found = [c for c in (build(ctx, sub) for sub in gpu_subsets(ctx.gpus)) if c is not None]
+    if not found:
+        return None
+    return min(found, key=lambda c: (not c.fits, sum(d.shortfall_bytes for d in c.devices) if not c.fits else 0,
+                                     -c.decode_tok_s))
+
+
+def _device_list(ctx: Context, gpus: Sequence[Device], llama: dict) -> tuple[str, str]:
+    """For a split over some of the host's GPUs: the device list llama.cpp loads onto (``llama_model_params.devices``
+    , llama-server ``--device``), so the GPUs left out hold nothing and join no split; ``-ts`` and ``-mg`` then
+    index that list. Returns the llama-server flag and the label's device names ("" and "all GPUs" for all)."""
+    if len(gpus) == len(ctx.gpus):
+        return "", "all GPUs"
+    names = [llama_device_name(ctx, d.id) for d in gpus]
+    llama["devices"] = names
+    return f" --device {','.join(names)}", "+".join(d.id for d in gpus)
 
 
 def _kv_flags(ctx: Context) -> str:
@@ -193,60 +259,104 @@ def layer_optimized(ctx: Context, offload: bool = False) -> Candidate | None:
 # ---- row and tensor -----------------------------------------------------------------------------------------------
 
 
-def row(ctx: Context) -> Candidate | None:
-    if len(ctx.gpus) < 2:
+# llama.cpp PR #24216 (2026-06-05) removed the CUDA split buffer that -sm row needs: the llama.cpp vendored by
+# llama-cpp-python 0.3.36 throws "device CUDA0 does not support split buffers" (make_gpu_buft_list,
+# src/llama-model.cpp; docs/llamacpp-placement.md). Row is still planned, for older builds and the published
+# figures measured on them, but chosen only when asked for.
+ROW_GONE = "llama.cpp removed -sm row for CUDA in June 2026 (PR #24216): planned for older builds, chosen only on request"
+
+
+def row(ctx: Context, gpus: Sequence[Device] | None = None) -> Candidate | None:
+    """llama.cpp ``-sm row`` over ``gpus`` (default: every GPU of the host), as builds before 2026-06 ran it."""
+    gpus = list(ctx.gpus if gpus is None else gpus)
+    if len(gpus) < 2:
         return None
-    gpus = list(ctx.gpus)
     ratios = [float(d.capacity_bytes) for d in gpus]
     main = max(gpus, key=lambda d: (d.capacity_bytes, -gpus.index(d))).id
     ev = evaluate_row(ctx, gpus, ratios, main)
     groups = [Group(tuple(d.id for d in gpus), (0, ctx.spec.n_layers), tuple(r / sum(ratios) for r in ratios))]
-    mg = _cuda_index(ctx, main)
+    mg = [d.id for d in gpus].index(main)
     llama = {"n_gpu_layers": -1, "split_mode": 2, "main_gpu": mg, "n_ctx": ctx.req.ctx}
+    flag, which = _device_list(ctx, gpus, llama)
     _llama_common(ctx, llama)
-    return _finish(ctx, Split.ROW, Backend.LLAMACPP, "llama.cpp row (matrices split, KV on the main GPU)",
-                   groups, ev, llama, f"-ngl 999 -sm row -mg {mg}")
+    c = _finish(ctx, Split.ROW, Backend.LLAMACPP, f"llama.cpp row ({which}; builds before 2026-06)",
+                groups, ev, llama, f"-ngl 999 -sm row -mg {mg}{flag}")
+    return dataclasses.replace(c, why=c.why + "; " + ROW_GONE)
 
 
-def tensor_llamacpp(ctx: Context) -> Candidate | None:
-    """llama.cpp ``-sm tensor``: needs flash attention, an f16 KV cache, and a supported architecture."""
-    if len(ctx.gpus) < 2 or ctx.spec.arch not in LLAMACPP_TENSOR_ARCHS:
+def tensor_llamacpp(ctx: Context, gpus: Sequence[Device] | None = None) -> Candidate | None:
+    """llama.cpp ``-sm tensor`` over ``gpus`` (default: every GPU of the host): needs flash attention, an f16 KV
+    cache, and a supported architecture. Bytes per GPU are llama.cpp's own rounding of ``-ts``
+    (:mod:`mixrun.planner.tensor_split`), and the ``-ts`` is the fastest that fits."""
+    gpus = list(ctx.gpus if gpus is None else gpus)
+    if len(gpus) < 2 or ctx.spec.arch not in LLAMACPP_TENSOR_ARCHS or ctx.spec.n_head_kv < len(gpus):
         return None
     if not ctx.req.flash_attn or ctx.req.kv_type != KVType.F16:
         return None
-    gpus = list(ctx.gpus)
-    kv_heads = _tensor_heads(ctx, gpus)
-    if kv_heads is None:
-        return None
-    groups = [Group(tuple(d.id for d in gpus), (0, ctx.spec.n_layers), kv_heads=kv_heads)]
-    ev = evaluate_pipeline(ctx, "llama.cpp", groups, split_output=True)
-    ts = list(kv_heads)
+    ts, ev = _tensor_ts(ctx, gpus)
+    groups = [Group(tuple(d.id for d in gpus), (0, ctx.spec.n_layers), shares=tuple(t / sum(ts) for t in ts))]
     llama = {"n_gpu_layers": -1, "split_mode": 3, "tensor_split": ts, "n_ctx": ctx.req.ctx, "flash_attn": True}
-    return _finish(ctx, Split.TENSOR, Backend.LLAMACPP, "llama.cpp tensor parallel (all GPUs)", groups, ev,
-                   llama, f"-ngl 999 -sm tensor -ts {','.join(map(str, ts))} -fa on")
+    flag, which = _device_list(ctx, gpus, llama)
+    return _finish(ctx, Split.TENSOR, Backend.LLAMACPP, f"llama.cpp tensor parallel ({which})", groups, ev,
+                   llama, f"-ngl 999 -sm tensor -ts {','.join(f'{t:g}' for t in ts)} -fa on{flag}")
 
 
-def _tensor_heads(ctx: Context, gpus: list[Device]) -> tuple[int, ...] | None:
-    """Whole KV heads per GPU for ``-sm tensor``: the split that reads fastest among those that fit (every split
-    when there are few), else the one proportional to bandwidth."""
-    n, heads = len(gpus), ctx.spec.n_head_kv
-    if heads < n:
-        return None
-    if math.comb(heads - 1, n - 1) > 5000:
-        return kv_head_counts([d.mem_bandwidth_gbs for d in gpus], heads, even=False)
-    facts, req = ctx.facts, ctx.req
-    weights = ctx.spec.total_bytes - facts.embd_bytes
-    kv = facts.kv_bytes(req.ctx, req.ubatch, 0, ctx.spec.n_layers)
-    best: tuple[float, tuple[int, ...]] | None = None
-    for cuts in itertools.combinations(range(1, heads), n - 1):
-        counts = tuple(b - a for a, b in zip((0, *cuts), (*cuts, heads), strict=True))
-        shares = shares_of(counts)
-        fits = all(s * (weights + kv) + GPU_OVERHEAD_BYTES["llama.cpp"] <= d.capacity_bytes * 0.97
-                   for d, s in zip(gpus, shares, strict=True))
-        t = max(s / d.mem_bandwidth_gbs for d, s in zip(gpus, shares, strict=True))
-        if fits and (best is None or t < best[0]):
-            best = (t, counts)
-    return best[1] if best else kv_head_counts([d.mem_bandwidth_gbs for d in gpus], heads, even=False)
+def _tensor_ts(ctx: Context, gpus: list[Device]) -> tuple[list[float], Evaluation]:
+    """The ``-ts`` for a tensor split: shares in proportion to bandwidth (every GPU then reads its part of a layer
+    in the same time), water-filled where a GPU would overflow: its share comes down to what it holds, and the rest
+    goes to the others by bandwidth. The fastest vector that fits wins, else the one closest to fitting."""
+    bw = [d.mem_bandwidth_gbs for d in gpus]
+    tries: list[list[float]] = [bw, [float(d.capacity_bytes) for d in gpus]]
+    fixed = [None] * len(gpus)
+    ts = list(bw)
+    for _ in range(12):  # water-filling: each pass fixes the GPUs that overflow at their largest share that fits
+        ev = evaluate_tensor(ctx, gpus, _rounded(ts))
+        uses = {u.id: u for u in ev.devices}
+        over = [k for k, d in enumerate(gpus) if not uses[d.id].fits and fixed[k] is None]
+        if not over:
+            break
+        total = sum(ts)
+        for k in over:
+            u = uses[gpus[k].id]
+            base = u.compute_bytes + u.overhead_bytes  # what the GPU holds whatever its share (mirrored: approx.)
+            frac = ts[k] / total
+            fixed[k] = max(0.01, frac * (u.capacity_bytes - base) / max(1, u.total_bytes - base) * 0.995)
+        free = 1.0 - sum(f for f in fixed if f is not None)
+        rest = sum(b for b, f in zip(bw, fixed, strict=True) if f is None)
+        if free <= 0 or rest == 0:
+            break
+        ts = [f if f is not None else free * b / rest for b, f in zip(bw, fixed, strict=True)]
+        tries.append(list(ts))
+    def score(t: list[float]) -> tuple[tuple, list[float], Evaluation]:
+        ev = evaluate_tensor(ctx, gpus, t)
+        return (not ev.fits, sum(u.shortfall_bytes for u in ev.devices), ev.decode.total_s), t, ev
+
+    best = min((score(_rounded(t)) for t in tries), key=lambda b: b[0])
+    if len(gpus) > TS_SEARCH_GPUS or len({(d.name, d.capacity_bytes, d.mem_bandwidth_gbs) for d in gpus}) == 1:
+        return best[1], best[2]  # identical GPUs: equal shares; many GPUs: the water-filled -ts
+    # llama.cpp rounds every split point down, so the best -ts sits near, not at, the proportional one: move share
+    # between pairs of GPUs in shrinking steps while that reads faster (or comes closer to fitting)
+    for step in (0.02, 0.01, 0.005, 0.0025):
+        improved = True
+        while improved:
+            improved = False
+            for i, j in itertools.permutations(range(len(gpus)), 2):
+                t = list(best[1])
+                if t[i] - step < 0.001:
+                    continue
+                t[i] -= step
+                t[j] += step
+                cand = score(_rounded(t))
+                if cand[0] < best[0]:
+                    best, improved = cand, True
+    return best[1], best[2]
+
+
+def _rounded(ts: Sequence[float]) -> list[float]:
+    """``-ts`` as the plan writes it (three decimals of the normalised shares), so the plan evaluates exactly what
+    llama.cpp will be given."""
+    total = sum(ts)
+    return [max(0.001, round(t / total, 3)) for t in ts]
 
 
 # ---- torch: TP groups inside pipeline stages ----------------------------------------------------------------------

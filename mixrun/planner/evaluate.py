@@ -9,6 +9,7 @@ from functools import cached_property
 from mixrun.model.spec import ModelSpec
 from mixrun.planner.cost import allreduce_s, costs, flop_time_s, quant_kernel_bytes, read_time_s, transfer_s
 from mixrun.planner.memory import GPU_OVERHEAD_BYTES, ExtraBuffers, ModelFacts, compute_bytes, output_buffer_bytes
+from mixrun.planner.tensor_split import TensorSplitModel
 from mixrun.planner.types import DeviceUse, Group, PlanRequest, Timing
 from mixrun.rig.profile import Device, RigProfile
 
@@ -54,6 +55,11 @@ class Context:
     def first_host(self) -> str | None:
         """The host of the profile's first device (None in a profile without [[hosts]])."""
         return self.host_id(self.profile.devices[0])
+
+    @cached_property
+    def tensor_model(self) -> TensorSplitModel:
+        """llama.cpp's tensor-split placement of this model, shared by every ``-ts`` the planner tries."""
+        return TensorSplitModel(self.spec, self.facts.kv_bytes_per_cell)
 
     @cached_property
     def layer_params(self) -> tuple[int, ...]:
@@ -229,3 +235,42 @@ def evaluate_row(ctx: Context, gpus: list[Device], ratios: list[float], main: st
         + 7 * L * req.prompt_tokens * gather / worst_bw
     return Evaluation(devices=led.uses(p), decode=Timing(compute, sync_s, handoff, overhead), prefill_s=pre,
                       stage_s=(compute + sync_s,))
+
+
+def evaluate_tensor(ctx: Context, gpus: list[Device], ts: list[float]) -> Evaluation:
+    """llama.cpp ``-sm tensor`` over ``gpus`` with ``-ts ts``: every layer split as llama.cpp rounds it
+    (:mod:`mixrun.planner.tensor_split`), two all-reduces per layer, the whole graph's compute buffer on each GPU,
+    the token embedding and the returned logits on the host."""
+    p, spec, req, facts = ctx.profile, ctx.spec, ctx.req, ctx.facts
+    place = ctx.tensor_model.place(ts)
+    led = _Ledger()
+    L = spec.n_layers
+    cpu = ctx.host_cpu
+    if cpu is not None:
+        led.add(cpu.id, weights=facts.embd_bytes, comp=output_buffer_bytes(spec, req.batch))
+    comp = compute_bytes(spec, ctx=req.ctx, ubatch=req.ubatch, n_layers=L, last=True, flash_attn=req.flash_attn)
+    cells = [facts.kv_cells(req.ctx, req.ubatch, il) for il in range(L)]
+    rates = [d.mem_bandwidth_gbs * 1e9 * costs("llama.cpp", d).bw_eff for d in gpus]
+    total_read = [sum(r[k] for r in place.layer_reads) + place.output_reads[k] for k in range(len(gpus))]
+    pre = []
+    for k, dev in enumerate(gpus):
+        kv = sum(c * place.kv_per_cell[il][k] for il, c in enumerate(cells))
+        led.add(dev.id, weights=place.weights[k], kv=kv, comp=comp, ovh=GPU_OVERHEAD_BYTES["llama.cpp"])
+        frac = total_read[k] / max(1, sum(total_read))
+        flops = 2.0 * sum(ctx.layer_params) * frac * req.prompt_tokens
+        flops += 2.0 * req.prompt_tokens**2 * spec.n_head * spec.head_dim * L * frac
+        pre.append(flop_time_s(flops, dev, "llama.cpp"))
+    compute = sum(max(r[k] / rates[k] for k in range(len(gpus))) for r in place.layer_reads)
+    compute += max(place.output_reads[k] / rates[k] for k in range(len(gpus)))
+    ids = tuple(d.id for d in gpus)
+    tp = 2 * L * allreduce_s(p, ids, spec.n_embd * F32)
+    c = costs("llama.cpp", gpus[0])
+    overhead = c.layer_overhead_s * L + c.token_overhead_s
+    handoff = 0.0
+    if cpu is not None:
+        handoff = transfer_s(p, cpu.id, ids[0], spec.n_embd * F32) + transfer_s(p, ids[-1], cpu.id, spec.n_vocab * F32)
+    n_micro = max(1, math.ceil(req.prompt_tokens / req.ubatch))
+    prefill = max(pre) + c.layer_overhead_s * L * n_micro \
+        + 2 * L * allreduce_s(p, ids, req.prompt_tokens * spec.n_embd * F32)
+    return Evaluation(devices=led.uses(p), decode=Timing(compute, tp, handoff, overhead), prefill_s=prefill,
+                      stage_s=(compute + tp,))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from mixrun.alloc import allocate, shares_of
 from mixrun.rig.profile import Device, RigProfile
 
-FAST_LINKS = ("nvlink", "nvswitch")
+TP_LINKS = ("nvlink", "nvswitch", "pcie")  # inside one host; TP over a network is never worth its latency per layer
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,14 @@ def matched(a: Device, b: Device) -> bool:
 
 
 def tp_cliques(profile: RigProfile, min_link_gbs: float) -> list[tuple[str, ...]]:
-    """Maximal sets (size >= 2) of matched GPUs joined pairwise by NVLink-class links of at least ``min_link_gbs``
-    on one host (Bron-Kerbosch; a profile has few GPUs per host, so this is quick)."""
+    """Maximal sets (size >= 2) of matched GPUs joined pairwise by links inside one host (NVLink, NVSwitch or PCIe)
+    of at least ``min_link_gbs`` (Bron-Kerbosch; a profile has few GPUs per host, so this is quick). Whether TP
+    over a slow link pays is the cost model's call: TP over PCIe is slower than over NVLink, not forbidden."""
     gpus = [d for d in profile.devices if d.backend != "cpu"]
     adj: dict[str, set[str]] = {d.id: set() for d in gpus}
     for a, b in itertools.combinations(gpus, 2):
         link = profile.link(a.id, b.id)
-        if link.kind in FAST_LINKS and link.bandwidth_gbs >= min_link_gbs and matched(a, b):
+        if link.kind in TP_LINKS and link.bandwidth_gbs >= min_link_gbs and matched(a, b):
             adj[a.id].add(b.id)
             adj[b.id].add(a.id)
     order = {d.id: i for i, d in enumerate(profile.devices)}

@@ -21,7 +21,7 @@ class PlanRequest:
     split: Split | None = None  # None: the planner chooses ("auto")
     backend: Backend | None = None  # None: the planner chooses ("auto")
     prompt_tokens: int = 512  # prefill speed is predicted for a prompt of this length
-    tp_min_link_gbs: float = 40.0  # devices join a TP group only over links at least this fast (NVLink-class)
+    tp_min_link_gbs: float = 0.0  # torch TP groups only over links at least this fast (0: the cost model decides)
     flash_attn: bool = True
     cpu_offload: bool = False  # let llama.cpp run the first layers on the CPU host (-ngl < layers)
     torch_gpu_util: float = 0.9  # share of a GPU's capacity the torch backend plans into (vLLM's default)

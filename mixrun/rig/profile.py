@@ -230,6 +230,17 @@ class RigProfile(_Strict):
     def device(self, device_id: str) -> Device:
         return self._lookup()["devices"][device_id]
 
+    def without(self, *device_ids: str) -> RigProfile:
+        """The same rig with these devices (and their links and recorded results) taken out: what the planner
+        compares a plan with, to say what a card adds."""
+        gone = set(device_ids)
+        out = self.model_copy(update={
+            "devices": tuple(d for d in self.devices if d.id not in gone),
+            "links": tuple(lk for lk in self.links if not gone & set(lk.between)),
+            "results": ()})
+        out._index = {}  # model_copy shares the private lookup tables; this copy indexes its own devices
+        return out
+
     def host_of(self, device: Device) -> Host | None:
         hid = device.host or (self.hosts[0].id if self.hosts else None)
         return self._lookup()["hosts"].get(hid)

@@ -30,7 +30,8 @@ def _chosen(profile: str, spec: ModelSpec, **req: Any) -> Any:
 
 
 def _check_keys(kwargs: dict[str, Any]) -> None:
-    assert set(kwargs) <= LLAMA_PARAMS, set(kwargs) - LLAMA_PARAMS
+    """Every key is a ``Llama()`` argument, or one the engine applies itself through ctypes (llamacpp_overrides)."""
+    assert set(kwargs) <= LLAMA_PARAMS | {"devices", "override_tensor"}, set(kwargs) - LLAMA_PARAMS
 
 
 def test_none_and_cpu(small_spec: ModelSpec) -> None:
@@ -69,7 +70,10 @@ def test_row_and_tensor(llama70b: ModelSpec) -> None:
     cand = _chosen("dual-3090-nvlink", llama70b, split="tensor")
     tens = llama_kwargs(cand, llama_cpp)
     assert tens["split_mode"] == llama_cpp.LLAMA_SPLIT_MODE_TENSOR and tens["flash_attn"] is True
-    assert sum(tens["tensor_split"]) == llama70b.n_head_kv  # whole KV heads per GPU
+    assert tens["tensor_split"] == [0.5, 0.5]  # shares llama.cpp rounds per tensor itself (planner.tensor_split)
+    _check_keys(tens)
+    odd = llama_kwargs(_chosen("dual-3090-nvlink-plus-3060", llama70b, split="tensor"), llama_cpp)
+    assert odd["devices"] == ["CUDA0", "CUDA1"]  # the 3060 is left out of llama.cpp's device list
 
 
 def test_kv_type_and_refusals(llama70b: ModelSpec) -> None:

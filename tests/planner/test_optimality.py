@@ -69,3 +69,96 @@ def test_search_equals_exhaustive(small_spec: ModelSpec, seed: int) -> None:
         return
     assert got is not None and got.fits
     assert got.decode.total_s == pytest.approx(want, rel=1e-9), (got.groups, want)
+
+
+# ---- the best plan the rig allows: subsets, and never worse for an added card ------------------------------------
+
+
+def llamacpp_exhaustive(ctx: Context) -> float | None:
+    """llama.cpp over every GPU subset: tensor over it, and every order and layer split of its GPUs (row is chosen
+    only on request: current llama.cpp has none)."""
+    from mixrun.planner.candidates import tensor_llamacpp
+
+    L, best = ctx.spec.n_layers, None
+    gpus = list(ctx.gpus)
+    for k in range(1, len(gpus) + 1):
+        for subset in itertools.combinations(gpus, k):
+            times = [c.decode.total_s for c in (tensor_llamacpp(ctx, subset),) if c and c.fits]
+            for order in itertools.permutations(subset):
+                for cuts in itertools.combinations(range(1, L), k - 1):
+                    bounds = [0, *cuts, L]
+                    groups = [Group((d.id,), (bounds[i], bounds[i + 1])) for i, d in enumerate(order)]
+                    ev = evaluate_pipeline(ctx, "llama.cpp", groups)
+                    if ev.fits:
+                        times.append(ev.decode.total_s)
+            for t in times:
+                best = t if best is None or t < best else best
+    return best
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_plan_is_the_best_over_subsets_and_backends(small_spec: ModelSpec, seed: int) -> None:
+    """The chosen plan is as fast as the best of an exhaustive search over device subsets, llama.cpp splits and
+    torch layouts, under the same cost model."""
+    from mixrun.planner import plan
+
+    rng = random.Random(100 + seed)
+    rig = random_rig(rng, rng.randint(2, 4), scale=rng.choice([0.05, 0.08, 0.12, 0.3]))
+    req = PlanRequest(ctx=rng.choice([512, 2048]))
+    ctx = Context(profile=rig, spec=small_spec, req=req, facts=ModelFacts(small_spec, req.kv_type))
+    wants = [t for t in (exhaustive(ctx), llamacpp_exhaustive(ctx)) if t is not None]
+    best = plan(rig, small_spec, req, suggest=False).best
+    if not wants:
+        assert best is None or not best.fits
+        return
+    assert best is not None and best.fits
+    assert best.decode.total_s == pytest.approx(min(wants), rel=1e-9), (best.label, best.groups)
+
+
+def _never_worse(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> None:
+    from mixrun.planner import plan
+
+    full = plan(profile, spec, req, suggest=False).best
+    full_speed = full.decode_tok_s if full is not None and full.fits else 0.0
+    for d in profile.devices:
+        if d.backend == "cpu":
+            continue
+        sub = plan(profile.without(d.id), spec, req, suggest=False).best
+        if sub is not None and sub.fits:
+            assert full is not None and full.fits, f"{profile.name}: fits without {d.id}, not with it"
+            assert full_speed >= sub.decode_tok_s * (1 - 1e-9), \
+                f"{profile.name} without {d.id}: {sub.decode_tok_s:.2f} ({sub.label}) > {full_speed:.2f} ({full.label})"
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_adding_a_card_never_hurts_random_rigs(small_spec: ModelSpec, seed: int) -> None:
+    rng = random.Random(200 + seed)
+    rig = random_rig(rng, rng.randint(2, 5), scale=rng.choice([0.05, 0.08, 0.12, 0.3]))
+    _never_worse(rig, small_spec, PlanRequest(ctx=rng.choice([512, 2048])))
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory, llama70b: ModelSpec) -> dict[str, ModelSpec]:
+    """Sparse files of the shapes users split: a 70B at Q4_K_M and Q5_K_M, an 8B."""
+    import gguf_factory
+    from mixrun.model.gguf import read_spec
+
+    d = tmp_path_factory.mktemp("shapes")
+    q5 = gguf_factory.write_model(d / "Llama-3-70B-Q5_K_M.gguf", "llama", qtype="Q5_K_M", sparse=True,
+                                  **gguf_factory.LLAMA3_70B)
+    b8 = gguf_factory.write_model(d / "Llama-3-8B-Q4_K_M.gguf", "llama", qtype="Q4_K_M", sparse=True, n_layers=32,
+                                  n_embd=4096, n_head=32, n_head_kv=8, n_ff=14336, n_vocab=128256, tied=False)
+    return {"70b-q4": llama70b, "70b-q5": read_spec(q5), "8b": read_spec(b8)}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in __import__("pathlib").Path(__file__).parents[2]
+                                        .joinpath("profiles").glob("*.toml")))
+def test_adding_a_card_never_hurts_bundled_profiles(shapes: dict[str, ModelSpec], name: str) -> None:
+    """Over every bundled profile and model shape: taking any GPU out never gives a faster or a fitting plan where
+    the whole rig's plan is slower or does not fit."""
+    from mixrun.rig.profile import load_profile
+
+    profile = load_profile(name)
+    for spec in shapes.values():
+        for ctx in (4096, 8192):
+            _never_worse(profile, spec, PlanRequest(ctx=ctx))

@@ -31,10 +31,10 @@ def _assert_hybrid_shape(c: Candidate) -> None:
 
 
 def test_hybrid_on_nvlink_pair_plus_3060(llama70b: ModelSpec, monkeypatch: pytest.MonkeyPatch) -> None:
-    """TP 2 on the matched NVLink pair and a layer stage on the 3060. Quantized matrices go through the torch
-    backend's fused Triton kernels, which the planner assumes stream blocks at 60% of the dense rate until they are
-    measured on a GPU: at that rate llama.cpp's tensor split over all three cards is faster for a Q4_K_M model, and
-    the planner picks it and says why; with kernels at the dense rate the hybrid is the best plan."""
+    """The torch plan: TP 2 on the matched NVLink pair and a layer stage on the 3060. Quantized matrices go through
+    the torch backend's fused Triton kernels, which the planner assumes stream blocks at 60% of the dense rate until
+    they are measured on a GPU: at that rate llama.cpp's tensor split over the pair is faster for a Q4_K_M model,
+    and the planner picks it and says why."""
     assert 42.0e9 < llama70b.total_bytes < 43.0e9  # Llama-3-70B Q4_K_M is 42.5 GB
     prof = load_profile("dual-3090-nvlink-plus-3060")
     rep = plan(prof, llama70b, PlanRequest(ctx=4096))
@@ -49,10 +49,18 @@ def test_hybrid_on_nvlink_pair_plus_3060(llama70b: ModelSpec, monkeypatch: pytes
     for c in rep.candidates:
         assert c.decode_tok_s > 0 and c.prefill_tok_s > 0 and c.why
 
+    # the 3060 does not help llama.cpp's tensor split here: the plan is the pair's own, with the 3060 left out of
+    # llama.cpp's device list (it would otherwise join every all-reduce over its PCIe x4 slot)
+    pair = plan(load_profile("dual-3090-nvlink"), llama70b, PlanRequest(ctx=4096)).best
+    assert pair is not None and best.decode_tok_s >= pair.decode_tok_s
+    assert best.groups == pair.groups and best.split == pair.split
+    assert best.llama_kwargs["devices"] == ["CUDA0", "CUDA1"] and "--device CUDA0,CUDA1" in best.commands["llama_server"]
+    assert "gpu2 left out: the best plan using it" in best.why  # what the odd card would cost, in one clause
+
     monkeypatch.setattr(cost, "QUANT_KERNEL_EFF", 1.0)
-    target = plan(prof, llama70b, PlanRequest(ctx=4096)).best
-    assert target is not None
-    _assert_hybrid_shape(target)
+    rep = plan(prof, llama70b, PlanRequest(ctx=4096))
+    _assert_hybrid_shape(next(c for c in rep.candidates if c.backend.value == "torch"))
+    assert rep.best is not None and rep.best.decode_tok_s == max(c.decode_tok_s for c in rep.candidates if c.fits)
 
 
 def test_too_big_reports_shortfalls_and_checked_suggestions(llama70b: ModelSpec) -> None:
@@ -165,7 +173,8 @@ def test_cpu_only_rig_and_two_hosts(small_spec: ModelSpec, llama70b: ModelSpec) 
     two = plan(load_profile("two-hosts-2x3090-10gbe"), big)
     assert two.notes and "first host" in two.notes[0]
     torch = next(c for c in two.candidates if c.backend.value == "torch")
-    assert torch.fits and all(g.tp == 1 for g in torch.groups)  # never TP across hosts (nor over PCIe)
+    assert torch.fits and all(len({two_host(d) for d in g.devices}) == 1 for g in torch.groups)  # TP never spans hosts
+    assert any(g.tp == 2 for g in torch.groups)  # TP 2 over PCIe inside a host, a pipeline across the network
     hosts = {two_host(d) for g in torch.groups for d in g.devices}
     assert hosts == {"a", "b"}
     assert torch.decode.handoff_s > 2 * 100e-6  # at least two crossings of the 10 GbE network per token
@@ -221,9 +230,10 @@ def test_tp_groups_carry_whole_kv_heads(smollm2: str, llama70b: ModelSpec) -> No
         assert all(g.kv_heads == () and "kv_heads" not in g.to_json() for g in c.groups if g.tp == 1)
     rep = plan(prof, llama70b, PlanRequest(ctx=4096))
     tensor = next(c for c in rep.candidates if c.split == Split.TENSOR and c.backend.value == "llama.cpp")
-    (g,) = tensor.groups
-    assert sum(g.kv_heads) == llama70b.n_head_kv and list(g.kv_heads) == tensor.llama_kwargs["tensor_split"]
-    assert f"-ts {','.join(map(str, g.kv_heads))} " in tensor.commands["llama_server"]
+    (g,) = tensor.groups  # llama.cpp rounds -ts per tensor itself: the group carries the -ts shares, not heads
+    ts = tensor.llama_kwargs["tensor_split"]
+    assert g.kv_heads == () and g.shares == pytest.approx([t / sum(ts) for t in ts])
+    assert f"-ts {','.join(f'{t:g}' for t in ts)} " in tensor.commands["llama_server"]
     row = next(c for c in rep.candidates if c.split == Split.ROW)  # split by memory, KV cache on the main GPU
     assert row.groups[0].kv_heads == () and "kv_heads" not in row.groups[0].to_json()
     assert abs(sum(row.groups[0].shares) - 1.0) < 1e-12
