@@ -7,7 +7,8 @@ candidate matching the published split and backend:
 - ``none``: the single-GPU candidate;
 - ``layer``: llama.cpp's default split (by free memory), or mixrun's optimized ``-ts`` when the run used a
   hand-tuned ``--tensor-split``;
-- ``row`` / ``tensor``: the llama.cpp row / tensor-parallel candidate;
+- ``row`` / ``tensor``: the llama.cpp row / tensor-parallel candidate over all the rig's GPUs (candidates are matched
+  by split, backend and the GPUs they use, not by label, so a candidate over a subset of GPUs is never compared);
 - vLLM tensor parallel: the torch backend with one TP group over all GPUs (evaluated directly, since the torch plan
   only forms TP groups over NVLink-class links). Its constants are targets for mixrun's own runtime, so these rows
   are reported but kept out of the headline (llama.cpp) summary.
@@ -16,6 +17,11 @@ Skipped: MoE models (bytes read per token are far below the file size), exllama 
 prompts of 16K-107K tokens), decode measured over long real-traffic context, the superseded first 4-GPU
 ``-sm tensor`` build, and anything without a known shape or GPU. Prefill is compared only where the source states a
 prompt of about 512 tokens (``--assume-pp512`` adds rows whose prompt length is not stated).
+
+Errors are reported for all llama.cpp rows, then separately for the fitted rows and for the held-back check set
+(rows with ``set = "check"``, which nothing may be fitted on), each broken down by split, by period (2023-24 vs
+2025-26 builds: the row's ``period``, else the source's era), by vendor and by ggml backend (the row's ``gpu_api``,
+else CUDA for NVIDIA and ROCm for AMD).
 
 The planner is pure, so the numbers do not depend on the machine running this script.
 
@@ -88,12 +94,43 @@ GPUS: dict[str, Gpu] = {
     "A100 80GB": Gpu("NVIDIA A100-SXM4-80GB", 80.0, 2039.0, 312.0, nvlink_gbs=300.0),
     "A100 80GB PCIe": Gpu("NVIDIA A100 80GB PCIe", 80.0, 1935.0, 312.0, nvlink_gbs=300.0),
     "H100 PCIe 80GB": Gpu("NVIDIA H100 PCIe", 80.0, 2000.0, 756.0),
+    # AMD and Intel added 2026-12-04 (docs/cost-model-sources.md §14).
+    # AMD: dense FP16 matrix rate (WMMA on RDNA3/4, MFMA on CDNA); RDNA1/2 and Vega have no matrix units, so their
+    # packed-FP16 vector rate.
+    "RX 7900 XTX": Gpu("AMD Radeon RX 7900 XTX", 24.0, 960.0, 122.8),
+    "RX 7900 XT": Gpu("AMD Radeon RX 7900 XT", 20.0, 800.0, 103.0),
+    "RX 6800 XT": Gpu("AMD Radeon RX 6800 XT", 16.0, 512.0, 41.5),
+    "RX 6700 XT": Gpu("AMD Radeon RX 6700 XT", 12.0, 384.0, 26.4),
+    "RX 5700 XT": Gpu("AMD Radeon RX 5700 XT", 8.0, 448.0, 19.5),
+    "Radeon AI PRO R9700": Gpu("AMD Radeon AI PRO R9700", 32.0, 640.0, 191.0),
+    "Instinct MI100": Gpu("AMD Instinct MI100", 32.0, 1228.8, 184.6),
+    "Instinct MI50 32GB": Gpu("AMD Instinct MI50/MI60", 32.0, 1024.0, 26.5),
+    "Instinct MI25": Gpu("AMD Radeon Instinct MI25", 16.0, 484.0, 24.6),
+    "RTX 2080 Ti": Gpu("NVIDIA GeForce RTX 2080 Ti", 11.0, 616.0, 53.8),
+    "RTX 2080 8GB": Gpu("NVIDIA GeForce RTX 2080", 8.0, 448.0, 40.3),
+    "V100-PCIE-32GB": Gpu("Tesla V100-PCIE-32GB", 32.0, 900.0, 112.0),
+    # Intel: XMX FP16 (half the INT8 rate).
+    "Arc Pro B60": Gpu("Intel(R) Arc(TM) Pro B60 Graphics", 24.0, 456.0, 98.0),
 }
+
+
+def vendor_of(gpu_name: str) -> str:
+    """NVIDIA, AMD or Intel, from the driver's name (for the breakdown by vendor)."""
+    if re.search(r"AMD|Radeon|Instinct", gpu_name):
+        return "AMD"
+    return "Intel" if "Intel" in gpu_name else "NVIDIA"
+
+
+def row_vendor(r: dict) -> str:
+    vendors = sorted({vendor_of(GPUS[g].name) for g in r["gpus"]})
+    return "+".join(vendors)
+
 
 # The data's "pcie" strings -> effective one-direction GB/s of the slowest GPU link (about 80% of the raw rate).
 PCIE_GBS = {
     "3.0 x8": 6.3,
     "4.0 x16": 25.0,
+    "4.0 x8": 12.6,
     "2.0 x1 (2070 on USB riser)": 0.4,
     "3.0 x16 + 3.0 x4 (eGPU)": 3.2,
     "top pair Gen3/4 x16, bottom pair x8": 6.3,
@@ -115,6 +152,13 @@ SHAPES: dict[str, dict] = {
     "qwen35-27b": dict(n_layers=64, n_embd=5120, n_head=24, n_head_kv=4, head_dim=256, n_ff=17408, n_vocab=248320),
     # Gemma 4 31B: approximated by a Gemma-3-27B-like shape without sliding windows.
     "gemma-31b": dict(n_layers=62, n_embd=5376, n_head=32, n_head_kv=16, head_dim=128, n_ff=21504, n_vocab=262144),
+    "mistral-7b": dict(n_layers=32, n_embd=4096, n_head=32, n_head_kv=8, n_ff=14336, n_vocab=32000),
+    "mistral-small-24b": dict(n_layers=40, n_embd=5120, n_head=32, n_head_kv=8, head_dim=128, n_ff=32768,
+                              n_vocab=131072),
+    "llama32-1b": dict(n_layers=16, n_embd=2048, n_head=32, n_head_kv=8, head_dim=64, n_ff=8192, n_vocab=128256),
+    "llama32-3b": dict(n_layers=28, n_embd=3072, n_head=24, n_head_kv=8, head_dim=128, n_ff=8192, n_vocab=128256),
+    "tinyllama-1.1b": dict(n_layers=22, n_embd=2048, n_head=32, n_head_kv=4, n_ff=5632, n_vocab=32000),
+    "qwen3-8b": dict(n_layers=36, n_embd=4096, n_head=32, n_head_kv=8, head_dim=128, n_ff=12288, n_vocab=151936),
 }
 
 # (regex on the model name, shape); first match wins.
@@ -122,13 +166,19 @@ MODEL_RULES: list[tuple[str, str]] = [
     (r"^Llama 3 8B", "llama3-8b"),
     (r"Llama 2 70B|Miqu", "llama2-70b"),
     (r"Llama[- ](3(\.\d)? )?70B|Llama 3\.\d 70B|Llama-70B", "llama3-70b"),
-    (r"^LLaMA 7B", "llama1-7b"),
-    (r"^LLaMA 13B", "llama1-13b"),
+    (r"^LLaMA 7B|^Llama 2 7B", "llama1-7b"),
+    (r"^LLaMA 13B|^Llama 2 13B", "llama1-13b"),
+    (r"^Mistral 7B", "mistral-7b"),
+    (r"^Mistral Small 3", "mistral-small-24b"),
+    (r"^Llama 3\.2 1B", "llama32-1b"),
+    (r"^Llama 3\.2 3B", "llama32-3b"),
+    (r"^TinyLlama", "tinyllama-1.1b"),
+    (r"^Qwen3 8B", "qwen3-8b"),
     (r"^LLaMA 3[03]B", "llama1-30b"),
     (r"^LLaMA 65B", "llama1-65b"),
     (r"Qwen3-14B", "qwen3-14b"),
     (r"Qwen3 32B|Qwen3-VL-32B", "qwen3-32b"),
-    (r"Qwen3\.[58].27B", "qwen35-27b"),
+    (r"Qwen3\.[568].27B", "qwen35-27b"),
     (r"Gemma 4 31B", "gemma-31b"),
 ]
 
@@ -170,9 +220,17 @@ class SpecCache:
 # ---- rigs ---------------------------------------------------------------------------------------------------------
 
 
+def gpu_api(r: dict) -> str:
+    """The ggml backend of the run: the row's ``gpu_api``, else CUDA for NVIDIA, ROCm for AMD, Vulkan for Intel."""
+    if r.get("gpu_api"):
+        return r["gpu_api"]
+    return {"AMD": "rocm", "Intel": "vulkan"}.get(row_vendor(r), "cuda")
+
+
 def rig(r: dict) -> RigProfile:
     gpus = [GPUS[g] for g in r["gpus"]]
-    devices = [Device(id=f"gpu{i}", backend="cuda", name=g.name, vram_gib=g.vram_gib, mem_bandwidth_gbs=g.bw_gbs,
+    api = gpu_api(r)
+    devices = [Device(id=f"gpu{i}", backend=api, name=g.name, vram_gib=g.vram_gib, mem_bandwidth_gbs=g.bw_gbs,
                       fp16_tflops=g.tflops) for i, g in enumerate(gpus)]
     devices.append(Device(id="cpu", backend="cpu", name="host CPU", vram_gib=128.0, mem_bandwidth_gbs=50.0,
                           fp16_tflops=1.0))
@@ -208,17 +266,25 @@ def skip_reason(r: dict) -> str | None:
 TUNED_TS = re.compile(r"hand-tuned --tensor-split|Tuned --tensor-split")
 
 
+def _gpus_used(c) -> frozenset[str]:
+    return frozenset(d for g in c.groups for d in g.devices)
+
+
 def pick(cands, r: dict):
+    """The llama.cpp candidate with the published split over exactly the published GPUs (all of the rig's GPUs).
+
+    Matched by split, backend and the devices the candidate uses, not by label, since labels name GPU subsets
+    ("(all GPUs)", "(gpu0+gpu1)"). For layer split the label still tells llama.cpp's default split from mixrun's
+    optimized ``-ts``; a run with a hand-tuned ``--tensor-split`` is compared with the optimized one."""
     split = r["split"]
-    for c in cands:
-        if c.backend.value != "llama.cpp" or c.split.value != split:
-            continue
-        if split == "layer":
-            want = "optimized -ts" if TUNED_TS.search(r.get("notes", "")) else "default split"
-            if want not in c.label:
-                continue
-        return c
-    return None
+    all_gpus = frozenset(f"gpu{i}" for i in range(len(r["gpus"])))
+    same = [c for c in cands if c.backend.value == "llama.cpp" and c.split.value == split]
+    on_all = [c for c in same if _gpus_used(c) == all_gpus] or [c for c in same if "cpu" not in _gpus_used(c)] or same
+    if split == "layer":
+        want = "optimized -ts" if TUNED_TS.search(r.get("notes", "")) else "default split"
+        labelled = [c for c in on_all if want in c.label] or [c for c in same if want in c.label]
+        return labelled[0] if labelled else None
+    return on_all[0] if on_all else None
 
 
 def torch_tp(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> tuple[float, float, bool]:
@@ -252,6 +318,14 @@ OLD_BUILDS = ("XiongjieDai/", "llama.cpp/pull/4766", "llama.cpp/pull/2470", "lla
 
 def era(url: str) -> str:
     return "2023-24" if any(k in url for k in OLD_BUILDS) else "2025-26"
+
+
+def row_period(r: dict) -> str:
+    """"2023-24" or "2025-26": the row's ``period`` when it has one, else the source's era."""
+    p = r.get("period")
+    if p:
+        return "2025-26" if re.search(r"2025|2026", p) else "2023-24"
+    return era(r["source"])
 
 
 def rig_name(gpus: list[str]) -> str:
@@ -290,7 +364,8 @@ def evaluate(rows: list[dict], assume_pp512: bool) -> tuple[list[dict], list[dic
                                     "reason": "the planner has no candidate for this split on this rig/model"})
                     continue
                 dec, pre, fits, label = c.decode_tok_s, c.prefill_tok_s, c.fits, c.label
-            out = {"row": i, "source": short_source(r["source"]), "era": era(r["source"]),
+            out = {"row": i, "source": short_source(r["source"]), "era": row_period(r),
+                   "set": r.get("set", "fit"), "new": "set" in r, "vendor": row_vendor(r), "api": gpu_api(r),
                    "rig": rig_name(r["gpus"]), "gpus": r["gpus"],
                    "model": r["model"], "quant": r["quant"], "split": r["split"],
                    "backend": "vllm->torch" if vllm else "llama.cpp", "candidate": label, "fits": fits}
@@ -313,8 +388,9 @@ def _stats(ratios: list[float]) -> dict:
         return {"n": 0}
     logs = [abs(math.log(x)) for x in ratios]
     med = statistics.median(logs)
+    n_in = sum(1 for x in ratios if 1 / 1.3 <= x <= 1.3)
     return {"n": len(ratios), "median_abs_log_ratio": round(med, 3), "median_error_pct": round(math.expm1(med) * 100, 1),
-            "within_30pct": round(sum(1 for x in ratios if 1 / 1.3 <= x <= 1.3) / len(ratios), 3),
+            "within_30pct": round(n_in / len(ratios), 3), "n_within_30pct": n_in,
             "median_ratio": round(statistics.median(ratios), 3)}
 
 
@@ -335,10 +411,32 @@ def ranking(results: list[dict], key: str) -> dict:
                 p = a[f"{key}_predicted"] - b[f"{key}_predicted"]
                 pairs.append({"source": a["source"], "rig": a["rig"], "model": a["model"],
                               "a": a["split"], "b": b["split"], "measured": [a[f"{key}_measured"], b[f"{key}_measured"]],
-                              "predicted": [a[f"{key}_predicted"], b[f"{key}_predicted"]], "correct": (m > 0) == (p > 0)})
+                              "predicted": [a[f"{key}_predicted"], b[f"{key}_predicted"]], "correct": (m > 0) == (p > 0),
+                              "set": "check" if "check" in (a["set"], b["set"]) else "fit"})
     n_ok = sum(p["correct"] for p in pairs)
     return {"pairs": len(pairs), "correct": n_ok, "share": round(n_ok / len(pairs), 3) if pairs else None,
             "detail": pairs}
+
+
+SETS = ("fit", "check")
+PERIODS = ("2023-24", "2025-26")
+SPLITS = ("none", "layer", "row", "tensor")
+
+
+def breakdown(rows: list[dict]) -> dict:
+    """Decode and prefill errors of llama.cpp rows: all, and by split, by period, by vendor and by ggml backend."""
+    def stats(metric: str, field: str | None = None, value: str | None = None) -> dict:
+        return _stats([r[f"{metric}_ratio"] for r in rows
+                       if f"{metric}_ratio" in r and (field is None or r[field] == value)])
+
+    vendors = sorted({r["vendor"] for r in rows})
+    apis = sorted({r["api"] for r in rows})
+    return {metric: {"all": stats(metric),
+                     "by_split": {s: stats(metric, "split", s) for s in SPLITS},
+                     "by_period": {e: stats(metric, "era", e) for e in PERIODS},
+                     "by_vendor": {v: stats(metric, "vendor", v) for v in vendors},
+                     "by_api": {a: stats(metric, "api", a) for a in apis}}
+            for metric in ("decode", "prefill")}
 
 
 def summarise(results: list[dict]) -> dict:
@@ -358,6 +456,17 @@ def summarise(results: list[dict]) -> dict:
                                           if r["backend"] != "llama.cpp" and "decode_ratio" in r])
     out["ranking_decode"] = ranking(results, "decode")
     out["ranking_prefill"] = ranking(results, "prefill")
+    # Fitted rows and the held-back check set (docs/cost-model-data.toml `set = "check"`), kept apart. A ranking
+    # pair belongs to the check set when either of its rows does.
+    out["by_set"] = {st: breakdown([r for r in llama if r["set"] == st]) for st in SETS}
+    # The fitted rows added with the check set (they carry an explicit `set`): the like-for-like comparison.
+    out["new_fit_rows"] = breakdown([r for r in llama if r["set"] == "fit" and r["new"]])
+    for key in ("decode", "prefill"):
+        for st in SETS:
+            pairs = [p for p in out[f"ranking_{key}"]["detail"] if (p["set"] == "check") == (st == "check")]
+            ok = sum(p["correct"] for p in pairs)
+            out["by_set"][st][f"ranking_{key}"] = {"pairs": len(pairs), "correct": ok,
+                                                    "share": round(ok / len(pairs), 3) if pairs else None}
     worst = sorted((r for r in llama if "decode_ratio" in r), key=lambda r: -abs(math.log(r["decode_ratio"])))[:5]
     out["worst_decode"] = [{k: r[k] for k in ("row", "source", "rig", "model", "split", "decode_measured",
                                               "decode_predicted", "decode_ratio")} for r in worst]
@@ -372,6 +481,35 @@ def _fmt_stats(name: str, s: dict) -> str:
             f"{s['median_ratio']:.2f}")
 
 
+def _cell(s: dict) -> str:
+    if not s.get("n"):
+        return "-"
+    return f"{s['n_within_30pct']}/{s['n']} ({s['within_30pct']:.0%}) med x{s['median_ratio']:.2f}"
+
+
+def print_breakdown(summary: dict) -> None:
+    """Fitted rows and check set side by side: within-30% count and median predicted/measured per slice."""
+    fit, chk = summary["by_set"]["fit"], summary["by_set"]["check"]
+    print("\nBy set (llama.cpp rows; cell = within 30% / n, median predicted/measured):")
+    print(f"  {'slice':<24} {'fit decode':>24} {'check decode':>24} {'fit prefill':>24} {'check prefill':>24}")
+    slices = [("all", lambda b: b["all"])]
+    slices += [(f"split {s}", lambda b, s=s: b["by_split"][s]) for s in SPLITS]
+    slices += [(f"period {e}", lambda b, e=e: b["by_period"][e]) for e in PERIODS]
+    vendors = sorted(set(fit["decode"]["by_vendor"]) | set(chk["decode"]["by_vendor"]))
+    slices += [(f"vendor {v}", lambda b, v=v: b["by_vendor"].get(v, {})) for v in vendors]
+    apis = sorted(set(fit["decode"]["by_api"]) | set(chk["decode"]["by_api"]))
+    slices += [(f"backend {a}", lambda b, a=a: b["by_api"].get(a, {})) for a in apis]
+    for name, get in slices:
+        print(f"  {name:<24} {_cell(get(fit['decode'])):>24} {_cell(get(chk['decode'])):>24} "
+              f"{_cell(get(fit['prefill'])):>24} {_cell(get(chk['prefill'])):>24}")
+    nf = summary["new_fit_rows"]
+    print(f"  {'fitted rows added with it':<24} {_cell(nf['decode']['all']):>24} {'':>24} "
+          f"{_cell(nf['prefill']['all']):>24}")
+    for key in ("decode", "prefill"):
+        f, c = fit[f"ranking_{key}"], chk[f"ranking_{key}"]
+        print(f"  ranking {key:<16} fit {f['correct']}/{f['pairs']}, check {c['correct']}/{c['pairs']}")
+
+
 def print_report(results: list[dict], skipped: list[dict], summary: dict, elapsed: float) -> None:
     print(f"{'src':<16} {'rig':<24} {'model':<22} {'split':<6} {'dec meas':>8} {'pred':>7} {'ratio':>5}   "
           f"{'pp meas':>8} {'pred':>8} {'ratio':>5}")
@@ -380,9 +518,10 @@ def print_report(results: list[dict], skipped: list[dict], summary: dict, elapse
                if "decode_ratio" in r else f"{'':8} {'':7} {'':5}")
         pre = (f"{r['prefill_measured']:8.0f} {r['prefill_predicted']:8.0f} {r['prefill_ratio']:5.2f}"
                if "prefill_ratio" in r else "")
-        tag = "*" if r["backend"] != "llama.cpp" else ""
+        tag = "*" if r["backend"] != "llama.cpp" else ("c" if r["set"] == "check" else "")
         print(f"{r['source'][:16]:<16} {r['rig'][:24]:<24} {r['model'][:22]:<22} {r['split'] + tag:<6} {dec}   {pre}")
-    print("  (* vLLM row, predicted with mixrun's torch backend constants, which are targets; not in the summary)")
+    print("  (* vLLM row, predicted with mixrun's torch backend constants, which are targets; not in the summary;"
+          " c: check-set row)")
     print(f"\nSkipped {len(skipped)} rows:")
     for s in skipped:
         print(f"  #{s['row']:<3} {s['source'][:16]:<16} {s['rig'][:26]:<26} {s['model'][:30]:<30} {s['split']:<6} "
@@ -406,6 +545,7 @@ def print_report(results: list[dict], skipped: list[dict], summary: dict, elapse
             print(f"  {'ok ' if p['correct'] else 'BAD'} {p['source'][:16]:<16} {p['rig'][:26]:<26} "
                   f"{p['model'][:22]:<22} {p['a']:>6} vs {p['b']:<6} measured {p['measured'][0]:g} vs "
                   f"{p['measured'][1]:g}, predicted {p['predicted'][0]:g} vs {p['predicted'][1]:g}")
+    print_breakdown(summary)
     print("\nWorst 5 decode predictions:")
     for w in summary["worst_decode"]:
         print(f"  #{w['row']:<3} {w['source'][:16]:<16} {w['rig'][:26]:<26} {w['model'][:22]:<22} {w['split']:<6} "
