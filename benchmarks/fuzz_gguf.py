@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.server
-import io
 import json
 import os
 import random
@@ -35,8 +34,6 @@ import sys
 import tempfile
 import threading
 import time
-import tracemalloc
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -45,9 +42,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import gguf  # noqa: E402
+from fuzzing import one_clean_line, run_cli  # noqa: E402
 
 import gguf_factory as gf  # noqa: E402
-from mixrun.cli import main  # noqa: E402
 
 LOCAL_S = 10.0
 PEAK_BYTES = 256 << 20
@@ -69,33 +66,17 @@ class Result:
 
 def run_inprocess(target: str, within_s: float) -> str | None:
     """None when ``mixrun inspect TARGET`` behaves cleanly, else what went wrong."""
-    out, err = io.StringIO(), io.StringIO()
-    tracemalloc.start()
-    start = time.perf_counter()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            warnings.simplefilter("error")
-            rc = main(["inspect", "--tensors", target])
-    except BaseException as e:  # noqa: BLE001 - a fuzzer records every escape
-        return f"{type(e).__name__}: {str(e)[:200]}"
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    elapsed = time.perf_counter() - start
-    text = err.getvalue()
-    if elapsed > within_s:
-        return f"took {elapsed:.1f} s"
-    if peak > PEAK_BYTES:
-        return f"tracemalloc peak {peak:,} bytes"
-    if rc == 0:
-        if text or any(c in out.getvalue() for c in CONTROL):
-            return f"exit 0 with stderr {text[:100]!r} or control characters on stdout"
+    o = run_cli(["inspect", "--tensors", target], within_s, PEAK_BYTES)
+    if isinstance(o, str):
+        return o
+    if o.rc == 0:
+        if o.err or any(c in o.out for c in CONTROL):
+            return f"exit 0 with stderr {o.err[:100]!r} or control characters on stdout"
         return None
-    if rc != 2 or text.count("\n") != 1 or not text.startswith("mixrun: ") or "Traceback" in text:
-        return f"exit {rc}, stderr {text[:300]!r}"
-    if any(c in text for c in CONTROL.replace("\r", "")):
-        return f"control character in {text!r}"
-    return None
+    bad = one_clean_line(o)
+    if bad is None and any(c in o.err for c in CONTROL.replace("\r", "")):
+        return f"control character in {o.err!r}"
+    return bad
 
 
 def run_child(target: str) -> str | None:

@@ -135,8 +135,8 @@ def _finish(ctx: Context, split: Split, backend: Backend, label: str, groups: li
 
 
 def _slowest_link(ctx: Context, devices: Sequence[str]) -> str:
-    links = [ctx.profile.link(a, b) for i, a in enumerate(devices) for b in devices[i + 1:]]
-    worst = min(links, key=lambda lk: lk.bandwidth_gbs)
+    link = ctx.profile.link
+    worst = min((link(a, b) for i, a in enumerate(devices) for b in devices[i + 1:]), key=lambda lk: lk.bandwidth_gbs)
     return f"{worst.kind} {worst.bandwidth_gbs:g} GB/s"
 
 

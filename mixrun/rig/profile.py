@@ -174,6 +174,29 @@ class Result(_Strict):
     # what the planner predicted for this run: other models' plans on this rig are scaled by measured / predicted
     predicted_decode_tok_s: DecodeTokS | None = None
     predicted_prefill_tok_s: PrefillTokS | None = None
+    # the predicted decode time split into streaming the weights and the fixed per-token costs (layers' launches,
+    # collectives, hand-offs), in seconds, and the devices the run used: what fits a rig's correction (Correction)
+    predicted_read_s: Annotated[float, Field(ge=0, le=1e6)] | None = None
+    predicted_fixed_s: Annotated[float, Field(ge=0, le=1e6)] | None = None
+    devices: Annotated[tuple[Id, ...], Field(strict=False, max_length=MAX_DEVICES)] | None = None
+
+
+Factor = Annotated[float, Field(gt=0, le=100)]
+
+
+class Correction(_Strict):
+    """What a rig's recorded runs taught the cost model about one backend on one set of devices: factors on the
+    predicted decode time's two parts and on the prefill time, for any model planned there. Written by
+    ``mixrun bench --record`` from the profile's results (``from_models`` says which)."""
+
+    backend: Annotated[vocab.Backend, BeforeValidator(_member(vocab.Backend))]
+    devices: Annotated[tuple[Id, ...], Field(strict=False, min_length=1, max_length=MAX_DEVICES)]
+    read_factor: Factor  # measured / predicted time to stream the weights (the devices' effective bandwidth)
+    fixed_factor: Factor  # measured / predicted fixed time per token (per-layer launches, links' latency, host)
+    prefill_factor: Factor | None = None  # measured / predicted prefill time (the devices' matmul rate)
+    from_models: Annotated[tuple[Annotated[str, Field(max_length=500)], ...], Field(strict=False, max_length=1000)] = ()
+    date: Annotated[str, Field(max_length=40)] | None = None
+    source: Source = "measured"
 
 
 class RigProfile(_Strict):
@@ -187,6 +210,7 @@ class RigProfile(_Strict):
     devices: Annotated[tuple[Device, ...], Field(strict=False, min_length=1, max_length=MAX_DEVICES)]
     links: Annotated[tuple[Link, ...], Field(strict=False, max_length=MAX_LINKS)] = ()
     results: Annotated[tuple[Result, ...], Field(strict=False, max_length=10_000)] = ()
+    corrections: Annotated[tuple[Correction, ...], Field(strict=False, max_length=1000)] = ()
     extra: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -228,7 +252,7 @@ class RigProfile(_Strict):
         return self._index
 
     def device(self, device_id: str) -> Device:
-        return self._lookup()["devices"][device_id]
+        return (self._index or self._lookup())["devices"][device_id]
 
     def without(self, *device_ids: str) -> RigProfile:
         """The same rig with these devices (and their links and recorded results) taken out: what the planner
@@ -237,7 +261,7 @@ class RigProfile(_Strict):
         out = self.model_copy(update={
             "devices": tuple(d for d in self.devices if d.id not in gone),
             "links": tuple(lk for lk in self.links if not gone & set(lk.between)),
-            "results": ()})
+            "results": (), "corrections": ()})
         out._index = {}  # model_copy shares the private lookup tables; this copy indexes its own devices
         return out
 
@@ -253,7 +277,7 @@ class RigProfile(_Strict):
 
     def link(self, a: str, b: str) -> Link:
         """The link between two devices: the profile's own, or the host default (PCIe, or the network)."""
-        idx = self._lookup()
+        idx = self._index or self._lookup()
         key = frozenset((a, b))
         found = idx["links"].get(key) or idx["pairs"].get(key)
         if found is None:
@@ -420,7 +444,7 @@ def dump_profile(profile: RigProfile) -> str:
     import tomli_w
 
     data = profile.model_dump(mode="json", exclude_none=True)
-    for key in ("hosts", "links", "results"):
+    for key in ("hosts", "links", "results", "corrections"):
         if not data.get(key):
             data.pop(key, None)
     if not data.get("extra"):
