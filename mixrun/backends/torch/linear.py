@@ -114,6 +114,24 @@ def weight(m: nn.Module, device: torch.device, split: int) -> Product:
     return Weight(w, bias, cpu_chunks(w.shape[0], split) if device.type == "cpu" else 1)
 
 
+def stacked(m: nn.Linear, n: int, device: torch.device, split: int) -> list[Product]:
+    """The ``n`` matrices a linear stacks by rows (a layer's experts, from one ``*_exps`` GGUF tensor), each as
+    :func:`weight` would compute it: rows of the GGUF blocks the loader kept, or views of the dense weight, so a
+    product with one of them reads that matrix alone."""
+    if n == 0:  # a TP member without experts
+        return []
+    rows = m.out_features // n
+    blocks = getattr(m, "blocks", None)
+    if blocks:
+        (raw, qtype), = blocks  # one GGUF tensor: (n rows, bytes per row)
+        k = fused_kernels(device)
+        kernel = (k.matvec, k.MAX_ROWS) if k is not None else (None, 0)
+        return [BlockWeight([(raw[e * rows:(e + 1) * rows], qtype)], m.block_cols, m.block_dtype, None, *kernel)
+                for e in range(n)]
+    chunks = cpu_chunks(rows, split) if device.type == "cpu" else 1
+    return [Weight(m.weight[e * rows:(e + 1) * rows], None, chunks) for e in range(n)]
+
+
 def cpu_kernel(linears: Sequence[nn.Module], device: torch.device, threads: int,
                matvec: str | None) -> cpu_matvec.Choice | None:
     """The kernel of the one-row products over ``linears`` (a part's linears and output head) on ``threads``

@@ -1,10 +1,11 @@
 """A Llama-family decoder in plain PyTorch, with no distributed code in it.
 
 One sequence at a time (the chat case): activations are ``(T, dim)``. Architectures: llama (Mistral, SmolLM2 with
-tied embeddings), qwen2 (QKV bias), qwen3 (QK norm, explicit head dim). A model object may hold only a slice of the
-network: layers ``[start, end)``, with or without the embedding and the output head, so a pipeline stage builds just
-its own part. Tensor parallelism is applied afterwards by :mod:`mixrun.backends.torch.parallel`, which shrinks the
-linears to their shards; the head counts below are therefore read from the modules, never from the config.
+tied embeddings), qwen2 (QKV bias), qwen3 (QK norm, explicit head dim), qwen3moe (qwen3 with routed experts for its
+FFN, :mod:`.moe`). A model object may hold only a slice of the network: layers ``[start, end)``, with or without the
+embedding and the output head, so a pipeline stage builds just its own part. Tensor parallelism is applied
+afterwards by :mod:`mixrun.backends.torch.parallel`, which shrinks the linears to their shards; the head counts
+below are therefore read from the modules, never from the config.
 
 RoPE layout: llama GGUFs store Q and K permuted for llama.cpp's "normal" rotation of adjacent pairs
 ``(x[2i], x[2i+1])``; qwen2/qwen3 GGUFs keep the NEOX layout, which rotates ``(x[i], x[i + d/2])``. The loader
@@ -30,6 +31,7 @@ from torch import nn
 
 from mixrun.backends.torch import cpu_matvec, quant
 from mixrun.backends.torch.linear import Norm, Product, cpu_kernel, row_split, weight
+from mixrun.backends.torch.moe import MoEFeedForward
 
 
 @dataclass(frozen=True)
@@ -49,16 +51,24 @@ class ModelConfig:
     qkv_bias: bool
     qk_norm: bool
     tied: bool
+    # mixture of experts (qwen3moe): every layer's FFN is routed experts when n_expert > 0 (:mod:`.moe`)
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0  # one expert's FFN width
 
     @classmethod
     def from_gguf(cls, spec: Any, fields: dict[str, Any]) -> ModelConfig:
         arch = spec.arch
         eps = fields.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+        n_used = spec.n_expert_used if spec.n_expert else 0
+        # llama.cpp: an expert's width is expert_feed_forward_length, else feed_forward_length / expert_used_count
+        n_ff_exp = (spec.n_ff_exp or spec.n_ff // n_used) if n_used else 0
         return cls(arch=arch, n_layers=spec.n_layers, dim=spec.n_embd, n_head=spec.n_head, n_head_kv=spec.n_head_kv,
                    head_dim=spec.head_dim, ffn_dim=spec.n_ff, vocab=spec.n_vocab, norm_eps=float(eps),
                    rope_base=spec.rope.freq_base, rope_dim=spec.rope.dim or spec.head_dim,
-                   rope_neox=arch in ("qwen2", "qwen3"), qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
-                   tied=spec.tied_output)
+                   rope_neox=arch in ("qwen2", "qwen3", "qwen3moe"), qkv_bias=arch == "qwen2",
+                   qk_norm=arch in ("qwen3", "qwen3moe"), tied=spec.tied_output, n_expert=spec.n_expert,
+                   n_expert_used=n_used, n_ff_exp=n_ff_exp)
 
 
 class RMSNorm(nn.Module):
@@ -221,6 +231,9 @@ class FeedForward(nn.Module):
         self.gate_up: Product | None = None  # w13 as a step computes it (.linear), made by prepare()
         self.down: Product | None = None  # w2
 
+    def linears(self) -> tuple[nn.Linear, ...]:
+        return self.w13, self.w2
+
     def prepare(self, device: torch.device, split: int) -> None:
         self.gate_up, self.down = weight(self.w13, device, split), weight(self.w2, device, split)
 
@@ -240,7 +253,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = FeedForward(cfg)
+        self.ffn: FeedForward | MoEFeedForward = MoEFeedForward(cfg) if cfg.n_expert else FeedForward(cfg)
 
     def setup_cache(self, max_pos: int, dtype: torch.dtype, device: torch.device, split: int) -> None:
         self.attn_norm.prepare()
@@ -306,7 +319,7 @@ class Transformer(nn.Module):
         threads = threads or torch.get_num_threads()
         self.rope.build(device)
         head = self.output if self.output is not None else self.embed  # a tied output is the embedding table
-        linears = [m for blk in self.layers for m in (blk.attn.wqkv, blk.attn.wo, blk.ffn.w13, blk.ffn.w2)]
+        linears = [m for blk in self.layers for m in (blk.attn.wqkv, blk.attn.wo, *blk.ffn.linears())]
         linears += [head] if head is not None else []
         self.matvec = cpu_kernel(linears, device, threads, matvec)
         split = row_split(self.matvec, threads)

@@ -1,9 +1,11 @@
 """Tensor parallelism inside a pipeline stage, and the layout of stages over ranks, driven by the plan.
 
-Sharding follows Megatron/gpt-fast: Q/K/V and gate/up are column-parallel (each rank keeps whole KV-head groups
-and a block of FFN rows), the attention output and down projections are row-parallel with an all-reduce over the
-stage's group after them, and the embedding and output head are split over the vocabulary. Unlike gpt-fast the
-shards are sized by the plan (uneven allowed) and rank, group and sizes come in as arguments.
+Sharding follows Megatron/gpt-fast: Q/K/V and gate/up are column-parallel (each rank keeps whole KV-head groups and
+a block of FFN rows), the attention output and down projections are row-parallel with an all-reduce over the stage's
+group after them, and the embedding and output head are split over the vocabulary. A mixture of experts is
+expert-parallel inside the group instead: each member holds a contiguous run of whole experts (and the whole
+router), and the same all-reduce sums the members' partial outputs. Unlike gpt-fast the shards are sized by the plan
+(uneven allowed) and rank, group and sizes come in as arguments.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mixrun.alloc import allocate
-from mixrun.backends.torch.model import Embedding, ModelConfig, Transformer
+from mixrun.backends.torch.model import Embedding, FeedForward, ModelConfig, Transformer
+from mixrun.backends.torch.moe import MoEFeedForward
 
 if TYPE_CHECKING:
     from mixrun.planner.types import Group
@@ -177,6 +180,8 @@ def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[
     ffn = allocate(cfg.ffn_dim, kv)  # FFN rows follow the KV heads, as the planner's shares assume
     f = Shard(0, sum(ffn[:member]), sum(ffn[: member + 1]))
     shards: dict[str, tuple[Shard, ...]] = {}
+    experts = expert_counts(cfg, stage)
+    e0, e1 = sum(experts[:member]), sum(experts[: member + 1])
     for i, blk in enumerate(model.layers):
         a, ff = blk.attn, blk.ffn
         p = f"layers.{i}."
@@ -184,22 +189,41 @@ def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[
             a.n_head, a.n_kv = kv[member] * group, kv[member]
             a.wqkv = _linear(a.wqkv, cfg.dim, (a.n_head + 2 * a.n_kv) * hd)
             a.wo = _linear(a.wo, a.n_head * hd, cfg.dim)
-            ff.w13 = _linear(ff.w13, cfg.dim, 2 * (f.stop - f.start))
-            ff.w2 = _linear(ff.w2, f.stop - f.start, cfg.dim)
+            if isinstance(ff, FeedForward):
+                ff.w13 = _linear(ff.w13, cfg.dim, 2 * (f.stop - f.start))
+                ff.w2 = _linear(ff.w2, f.stop - f.start, cfg.dim)
+            else:  # expert parallel: this member's experts, whole
+                with torch.device(a.wo.weight.device):  # the meta device: nothing allocated
+                    blk.ffn = ff = MoEFeedForward(cfg, e0, e1 - e0).to(a.wo.weight.dtype)
             a.register_forward_hook(_all_reduced(comm))
             ff.register_forward_hook(_all_reduced(comm))
         shards[p + "attn.wqkv.weight"] = shards[p + "attn.wqkv.bias"] = (q, k, k)
         shards[p + "attn.wo.weight"] = (Shard(1, q.start, q.stop),)
-        shards[p + "ffn.w13.weight"] = (f, f)
-        shards[p + "ffn.w2.weight"] = (Shard(1, f.start, f.stop),)
+        if isinstance(ff, FeedForward):
+            shards[p + "ffn.w13.weight"] = (f, f)
+            shards[p + "ffn.w2.weight"] = (Shard(1, f.start, f.stop),)
+        else:  # rows of the stacked (n_expert * rows, cols) tensors: always sliced, as the GGUF's are 3-D
+            fe = cfg.n_ff_exp
+            shards[p + "ffn.gate_exps.weight"] = shards[p + "ffn.up_exps.weight"] = (Shard(0, e0 * fe, e1 * fe),)
+            shards[p + "ffn.down_exps.weight"] = (Shard(0, e0 * cfg.dim, e1 * cfg.dim),)
     if model.embed is not None:
         vocab = vocab_sizes(cfg, stage)
         v0, v1 = sum(vocab[:member]), sum(vocab[: member + 1])
-        model.embed = Embedding(v1 - v0, cfg.dim, start=v0, shard=stage.tp > 1).to(model.embed.weight.device)
+        old = model.embed.weight  # the run dtype, kept: a dense (F32/F16) table or output must not stay float32
+        model.embed = Embedding(v1 - v0, cfg.dim, start=v0, shard=stage.tp > 1).to(old.device, old.dtype)
         if model.output is not None:  # untied: its own vocabulary shard
-            model.output = nn.Linear(cfg.dim, v1 - v0, bias=False, device=model.output.weight.device)
+            model.output = nn.Linear(cfg.dim, v1 - v0, bias=False, device=model.output.weight.device,
+                                     dtype=model.output.weight.dtype)
         shards["embed.weight"] = shards["output.weight"] = (Shard(0, v0, v1),)
     return {k: v for k, v in shards.items() if _has(model, k)}
+
+
+def expert_counts(cfg: ModelConfig, stage: Stage) -> list[int]:
+    """Each member's routed experts (a contiguous run, in member order), in proportion to its KV heads as the FFN
+    rows are, at least one each where there are enough; empty for a dense model."""
+    if not cfg.n_expert:
+        return []
+    return allocate(cfg.n_expert, stage.kv_heads, minimum=1 if cfg.n_expert >= stage.tp else 0)
 
 
 def vocab_sizes(cfg: ModelConfig, stage: Stage) -> list[int]:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from mixrun.backends.torch.cpu_matvec import ROWBLOCK, column
 from mixrun.backends.torch.linear import Norm, Weight
+from mixrun.backends.torch.moe import MoEFeedForward
 
 if TYPE_CHECKING:
     from mixrun.backends.torch.model import Block, Rope, Transformer
@@ -78,12 +79,14 @@ class FoldedStep:
 
 
 def usable(model: Transformer, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether :class:`DecodeStep` can run ``model``'s layers: float32 on the CPU with dense weights and without
-    biases on the row-parallel products (the eager step serves everything else)."""
+    """Whether :class:`DecodeStep` can run ``model``'s layers: float32 on the CPU with dense weights, without
+    biases on the row-parallel products and without routed experts (the eager step serves everything else)."""
     if device.type != "cpu" or dtype != torch.float32 or not len(model.layers):
         return False
     for blk in model.layers:
         a, f = blk.attn, blk.ffn
+        if isinstance(f, MoEFeedForward):  # routed experts: FoldedStep calls their own forward
+            return False
         if not all(isinstance(w, Weight) for w in (a.qkv, a.out, f.gate_up, f.down)):
             return False
         if a.out.b is not None or f.down.b is not None:

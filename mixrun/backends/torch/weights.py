@@ -39,6 +39,11 @@ _BLOCK: dict[str, tuple[tuple[MODEL_TENSOR, str], ...]] = {
     "ffn_norm.weight": ((MODEL_TENSOR.FFN_NORM, "weight"),),
     "ffn.w13.weight": ((MODEL_TENSOR.FFN_GATE, "weight"), (MODEL_TENSOR.FFN_UP, "weight")),
     "ffn.w2.weight": ((MODEL_TENSOR.FFN_DOWN, "weight"),),
+    # mixture of experts (.moe): the router, and the experts' matrices stacked by rows as the GGUF stacks them
+    "ffn.router.weight": ((MODEL_TENSOR.FFN_GATE_INP, "weight"),),
+    "ffn.gate_exps.weight": ((MODEL_TENSOR.FFN_GATE_EXP, "weight"),),
+    "ffn.up_exps.weight": ((MODEL_TENSOR.FFN_UP_EXP, "weight"),),
+    "ffn.down_exps.weight": ((MODEL_TENSOR.FFN_DOWN_EXP, "weight"),),
 }
 # tensors whose features within a head follow the RoPE pair order (reordered for NEOX models)
 _ROTATED = (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K, MODEL_TENSOR.ATTN_Q_NORM, MODEL_TENSOR.ATTN_K_NORM)

@@ -97,7 +97,8 @@ class Rank:
         if self.blocks and self.device.type == "cuda" and not self.fused:
             self.notes.append(f"no Triton on rank {rank}: its quantized matrices are expanded by torch operations "
                               f"before every product (slower decode)")
-        if self.device.type == "cuda" and self.stage.tp == 1 and job.get("cuda_graphs", True):
+        # a mixture of experts chooses its experts on the host (data-dependent control flow: nothing to capture)
+        if self.device.type == "cuda" and self.stage.tp == 1 and job.get("cuda_graphs", True) and not cfg.n_expert:
             from mixrun.backends.torch.graphs import GraphedStep
 
             try:

@@ -1,0 +1,246 @@
+"""The torch backend's mixture of experts (qwen3moe): the FFN against its formula, logits and greedy tokens against
+llama.cpp on a tiny random MoE, expert parallelism inside a TP group and pipelines against one process, and
+quantized experts kept in their GGUF blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import gguf_factory
+from mixrun.alloc import allocate
+from mixrun.backends.base import Sampling
+from mixrun.backends.llamacpp_cpu import finding
+from mixrun.backends.llamacpp_load import llama_params
+from mixrun.backends.torch import weights
+from mixrun.backends.torch.engine import TorchEngine
+from mixrun.backends.torch.model import ModelConfig, Transformer
+from mixrun.backends.torch.moe import MoEFeedForward
+from mixrun.backends.torch.parallel import Comm, Layout, Stage, apply_tp, expert_counts
+from mixrun.backends.torch.step import FoldedStep
+from mixrun.model.gguf import TensorFile, read_spec
+from mixrun.planner import PlanRequest, plan
+from mixrun.rig.profile import load_profile
+from mixrun.vocab import BACKEND_ARCHS, Backend
+
+TOKS = [1, 5, 9, 3, 7, 2, 11, 4]
+GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=16)
+
+
+def _reference(path: Path, toks: list[int], n_tokens: int, n_ctx: int) -> tuple[np.ndarray, list[int]]:
+    """llama.cpp's logits for ``toks`` (F32 KV cache, as the torch backend keeps) and its greedy tokens after."""
+    with llama_params(llama_cpp, extra_buffers=finding().extra_buffers):
+        ref = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
+                              type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    try:
+        ref.eval(toks)
+        logits = np.array(ref.scores[: len(toks)])
+        ref.reset()
+        tokens: list[int] = []
+        for t in ref.generate(toks, temp=0.0, top_k=1, repeat_penalty=1.0):
+            tokens.append(t)
+            if len(tokens) == n_tokens:
+                break
+    finally:
+        ref.close()
+    return logits, tokens
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _cfg(n_expert: int = 6, used: int = 3, n_head_kv: int = 4) -> ModelConfig:
+    return ModelConfig("qwen3moe", 2, 64, 4, n_head_kv, 32, 96, 64, 1e-6, 1e4, 32, True, False, True, False,
+                       n_expert=n_expert, n_expert_used=used, n_ff_exp=32)
+
+
+# ---- the FFN -------------------------------------------------------------------------------------------------------
+
+
+def _formula(ffn: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's build_moe_ffn for qwen3moe written out densely: every expert on every token, the top-k
+    probabilities renormalized, all other weights zero."""
+    n, f = ffn.n_expert, ffn.ffn
+    probs = torch.softmax(x @ ffn.router.weight.t(), dim=-1)  # (T, n)
+    top = torch.topk(probs, ffn.n_used, dim=-1)
+    w = torch.zeros_like(probs).scatter_(1, top.indices, top.values / top.values.sum(-1, keepdim=True))
+    gate = ffn.gate_exps.weight.view(n, f, -1)  # (n, f, dim)
+    up = ffn.up_exps.weight.view(n, f, -1)
+    down = ffn.down_exps.weight.view(n, -1, f)  # (n, dim, f)
+    h = F.silu(torch.einsum("nfd,td->tnf", gate, x)) * torch.einsum("nfd,td->tnf", up, x)  # (T, n, f)
+    return torch.einsum("ndf,tnf,tn->td", down, h, w)
+
+
+def _slice(full: MoEFeedForward, cfg: ModelConfig, first: int, n: int) -> MoEFeedForward:
+    """Experts ``[first, first + n)`` of ``full``, as apply_tp gives a TP member, the router whole."""
+    part = MoEFeedForward(cfg, first, n)
+    f, d = cfg.n_ff_exp, cfg.dim
+    with torch.no_grad():
+        part.router.weight.copy_(full.router.weight)
+        part.gate_exps.weight.copy_(full.gate_exps.weight[first * f:(first + n) * f])
+        part.up_exps.weight.copy_(full.up_exps.weight[first * f:(first + n) * f])
+        part.down_exps.weight.copy_(full.down_exps.weight[first * d:(first + n) * d])
+    part.prepare(torch.device("cpu"), 1)
+    return part
+
+
+def test_moe_ffn_is_the_formula_and_expert_slices_sum_to_it() -> None:
+    """Prompt rows (each expert over the rows that chose it) and one-token steps give the dense formula; the
+    outputs of contiguous expert slices (TP members' partial sums, uneven) add up to the whole; a one-token step
+    reads only its chosen experts' matrices (the others are NaN here)."""
+    torch.manual_seed(0)
+    cfg = _cfg()
+    ffn = MoEFeedForward(cfg)
+    ffn.prepare(torch.device("cpu"), 1)
+    x = torch.randn(7, cfg.dim)
+    with torch.inference_mode():
+        want = _formula(ffn, x)
+        assert torch.allclose(ffn(x), want, atol=1e-5)
+        assert torch.allclose(torch.cat([ffn(x[i:i + 1]) for i in range(7)]), want, atol=1e-5)
+        assert torch.allclose(ffn(x, add=x), want + x, atol=1e-5)
+        chosen = ffn.choose(x)[1]
+        assert len(set(chosen.flatten().tolist())) > cfg.n_expert_used  # the tokens do not all pick the same
+        parts = [_slice(ffn, cfg, a, b - a) for a, b in ((0, 4), (4, 5), (5, 6), (6, 6))]  # the last holds none
+        assert torch.allclose(sum(p(x) for p in parts), want, atol=1e-5)
+        assert torch.allclose(sum(p(x[:1]) for p in parts), want[:1], atol=1e-5)
+    unused = sorted(set(range(cfg.n_expert)) - set(chosen[0].tolist()))
+    with torch.no_grad():
+        for e in unused:
+            ffn.gate_exps.weight[e * cfg.n_ff_exp:(e + 1) * cfg.n_ff_exp] = float("nan")
+    with torch.inference_mode():
+        assert torch.allclose(ffn(x[:1]), want[:1], atol=1e-5)
+
+
+def test_experts_follow_the_plans_kv_shares(tmp_path: Path) -> None:
+    """Each TP member holds a contiguous run of whole experts sized like its FFN share (by its KV heads, at least
+    one each) and the whole router; the GGUF slices it reads are those experts' rows."""
+    cfg = _cfg()
+    stage = Stage(("a", "b"), (0, 2), (3, 1))
+    assert expert_counts(cfg, stage) == allocate(6, [3, 1], minimum=1) == [4, 2]
+    # fewer experts than members: some hold none (their partial sums are zero)
+    assert expert_counts(_cfg(n_expert=2, used=1), Stage(("a", "b", "c"), (0, 2), (2, 1, 1))) == [1, 1, 0]
+    for member, (first, n) in enumerate(((0, 4), (4, 2))):
+        with torch.device("meta"):
+            model = Transformer(cfg, (0, 2), head=False, max_pos=8)
+        shards = apply_tp(model, stage, member, Comm(None, 2))
+        ffn = model.layers[1].ffn
+        assert isinstance(ffn, MoEFeedForward) and (ffn.first, ffn.n_local) == (first, n)
+        assert ffn.router.weight.shape == (6, 64) and ffn.gate_exps.weight.shape == (n * 32, 64)
+        gate = shards["layers.1.ffn.gate_exps.weight"][0]
+        down = shards["layers.1.ffn.down_exps.weight"][0]
+        assert (gate.start, gate.stop, down.start, down.stop) == (first * 32, (first + n) * 32, first * 64,
+                                                                  (first + n) * 64)
+        assert "layers.1.ffn.router.weight" not in shards
+
+
+# ---- against llama.cpp and across layouts ------------------------------------------------------------------------
+
+
+def test_tiny_qwen3moe_matches_llamacpp(tmp_path: Path) -> None:
+    """The tiny random qwen3moe (4 experts, 2 used; QK norm, NEOX RoPE), offered to the torch backend: logits
+    within the dense models' bound of llama.cpp's and the same 16 greedy tokens."""
+    assert "qwen3moe" in BACKEND_ARCHS[Backend.TORCH]
+    path = gguf_factory.write_moe_model(tmp_path / "qwen3moe.gguf", "qwen3moe")
+    ref_logits, ref_tokens = _reference(path, TOKS, 16, 64)
+    eng = TorchEngine(str(path), n_ctx=64)
+    try:
+        assert _rel(eng.logits(TOKS), ref_logits) < 1e-5  # measured 4.9e-7
+        ours = list(eng.generate_ids(TOKS, GREEDY))
+    finally:
+        eng.close()
+    assert ours == ref_tokens and len(ours) == 16
+
+
+LAYOUTS = {  # 4 layers, 4 KV heads, 6 experts: members hold [4, 2], [2, 4] (by KV heads 3:1, 1:3) or all 6
+    "tp2-uneven": Layout((Stage(("a", "b"), (0, 4), (3, 1)),)),
+    "pipeline2": Layout((Stage(("a",), (0, 2), (4,)), Stage(("b",), (2, 4), (4,)))),
+    "hybrid": Layout((Stage(("a", "b"), (0, 3), (1, 3)), Stage(("c",), (3, 4), (4,)))),
+}
+
+
+def _run(path: str, layout: Layout | None, weights: str | None = None,
+         dtype: str | None = None) -> tuple[np.ndarray, list[int], dict, dict]:
+    eng = TorchEngine(path, n_ctx=64, layout=layout, simulate=layout is not None, weights=weights, dtype=dtype)
+    try:
+        logits = eng.logits(TOKS)
+        tele = {r: dict(t) for r, t in eng.sync_telemetry().items()}
+        return logits, list(eng.generate_ids(TOKS, GREEDY)), tele, dict(eng.ready)
+    finally:
+        eng.close()
+
+
+def test_expert_parallel_and_pipelines_equal_one_process(tmp_path: Path) -> None:
+    """Gloo CPU ranks, one per planned device: expert parallelism inside TP groups (uneven, and as the planner
+    sizes it) and pipeline stages give the one-process logits and greedy tokens, which equal llama.cpp's; a TP member all-reduces the attention
+    and the experts' outputs once per layer each, as a dense layer does, and holds only its experts."""
+    moe = gguf_factory.MoEShape(n_expert=6, n_expert_used=3, n_ff_exp=32)
+    path = str(gguf_factory.write_moe_model(tmp_path / "moe6.gguf", "qwen3moe", n_layers=4, n_head_kv=4, moe=moe,
+                                            seed=11))
+    ref_logits, ref_tokens = _reference(Path(path), TOKS, 16, 64)
+    base_logits, base_tokens, _t, base_ready = _run(path, None)
+    assert _rel(base_logits, ref_logits) < 1e-5  # measured 5.5e-7
+    assert base_tokens == ref_tokens
+    planned = plan(load_profile("dual-3090-nvlink-plus-3060"), read_spec(path),
+                   PlanRequest(backend="torch", split="tensor")).best
+    assert planned is not None and planned.backend == Backend.TORCH
+    layouts = {**LAYOUTS, "planned": Layout.from_groups(planned.groups, 4)}
+    for name, layout in layouts.items():
+        logits, tokens, tele, ready = _run(path, layout)
+        assert _rel(logits, base_logits) < 1e-5, name  # measured 2.6e-7 to 3.7e-7
+        assert tokens == base_tokens, name
+        for i, stage in enumerate(layout.stages):
+            for r in layout.ranks(i):
+                want = 2 * (stage.layers[1] - stage.layers[0]) * 64 * 4 * len(TOKS) if stage.tp > 1 else 0
+                assert tele[r]["layer_allreduce_bytes"] == want, (name, r)
+        if name == "tp2-uneven":  # each expert on one member; the router and norms on both
+            spec = TensorFile(path).spec
+            both = sum(4 * t.n_elements for t in spec.tensors if "norm" in t.name or "gate_inp" in t.name)
+            assert ready[0]["weight_bytes"] + ready[1]["weight_bytes"] == base_ready[0]["weight_bytes"] + both
+
+
+def test_the_gpu_configuration_on_cpu_ranks(tmp_path: Path) -> None:
+    """What GPU ranks run, bf16 activations and Q8_0 experts in GGUF blocks (the rest F32, so the embedding and
+    output are dense bf16), in the hybrid layout on CPU ranks: logits within bf16 precision of llama.cpp's, the
+    same argmax everywhere and the same greedy tokens."""
+    moe = gguf_factory.MoEShape(n_expert=6, n_expert_used=3, n_ff_exp=32, expert_qtype="Q8_0")
+    path = str(gguf_factory.write_moe_model(tmp_path / "q8.gguf", "qwen3moe", n_layers=4, n_head_kv=4, moe=moe,
+                                            seed=11))
+    ref_logits, ref_tokens = _reference(Path(path), TOKS, 16, 64)
+    logits, tokens, tele, _r = _run(path, LAYOUTS["hybrid"], weights="blocks", dtype="bfloat16")
+    assert _rel(logits, ref_logits) < 5e-2  # measured 3.2e-2 (float32 ranks: 1.0e-3, llama.cpp's Q8_0 activations)
+    assert (logits.argmax(-1) == ref_logits.argmax(-1)).all() and tokens == ref_tokens
+    assert tele[0]["layer_allreduce_bytes"] == 2 * 3 * 64 * 2 * len(TOKS)  # 2-byte elements
+
+
+def test_quantized_experts_in_gguf_blocks_equal_dense(tmp_path: Path) -> None:
+    """Q8_0 experts kept in their GGUF blocks (what a GPU rank holds; each expert's rows dequantized before its
+    product) give the dense float32 part's logits, prompt and one-token steps, at the GGUF's expert bytes."""
+    moe = gguf_factory.MoEShape(n_expert=4, n_expert_used=2, n_ff_exp=32, expert_qtype="Q8_0")
+    path = gguf_factory.write_moe_model(tmp_path / "q8.gguf", "qwen3moe", moe=moe)
+    tf = TensorFile(str(path))
+    cfg = ModelConfig.from_gguf(tf.spec, tf.fields)
+    stage = Stage(("cpu",), (0, cfg.n_layers), (cfg.n_head_kv,))
+    parts = {}
+    for blocks in (False, True):
+        parts[blocks] = weights.build_part(tf, cfg, stage, 0, Comm(None, 1), head=True, max_pos=32,
+                                           dtype=torch.float32, device=torch.device("cpu"), blocks=blocks)
+    (dense, dense_bytes), (kept, kept_bytes) = parts[False], parts[True]
+    ffn = kept.layers[0].ffn
+    assert isinstance(ffn, MoEFeedForward) and ffn.gate_exps.blocks[0][0].dtype == torch.uint8
+    assert isinstance(dense.step, FoldedStep)  # routed experts decode through their own forward
+    exps = sum(t.n_bytes for t in tf.spec.tensors if t.name.endswith("_exps.weight"))
+    assert dense_bytes - kept_bytes == sum(4 * t.n_elements for t in tf.spec.tensors
+                                           if t.name.endswith("_exps.weight")) - exps
+    with torch.inference_mode():
+        ids = torch.tensor(TOKS)
+        a, b = dense.logits(dense(dense.embed_tokens(ids), 0)), kept.logits(kept(kept.embed_tokens(ids), 0))
+        assert _rel(b.numpy(), a.numpy()) < 1e-5
+        tok = a[-1:].argmax(-1)
+        a = dense.logits(dense(dense.embed_tokens(tok), len(TOKS)))
+        b = kept.logits(kept(kept.embed_tokens(tok), len(TOKS)))
+        assert _rel(b.numpy(), a.numpy()) < 1e-5
