@@ -30,12 +30,15 @@ class KVType(StrEnum):
 
 
 # Architectures whose shapes, KV cache and compute buffers the planner models.
-PLANNABLE_ARCHS = frozenset({"llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"})
+PLANNABLE_ARCHS = frozenset({"llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3",
+                             # mixtures of experts (planned with per-layer expert placement, planner/moe.py);
+                             # deepseek2's MLA cache is modelled as llama.cpp stores it (one latent + rope key per token)
+                             "qwen3moe", "gpt-oss", "glm4moe", "deepseek2"})
 # Architectures each backend runs. The torch backend implements the Llama equation and its qwen2 (QKV bias) and
 # qwen3 (QK norm) variants; gemma's soft-capping and sliding windows and phi3's fused projections are not there.
 BACKEND_ARCHS = {
     Backend.LLAMACPP: PLANNABLE_ARCHS,
-    Backend.TORCH: frozenset({"llama", "qwen2", "qwen3"}),
+    Backend.TORCH: frozenset({"llama", "qwen2", "qwen3", "qwen3moe"}),
 }
 # Architectures llama.cpp's -sm tensor runs (its tensor-parallel graph is written for these).
 LLAMACPP_TENSOR_ARCHS = frozenset({"llama", "qwen2", "qwen3"})

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from mixrun import __version__
 from mixrun.bench.results import BenchReport, Measured
 from mixrun.errors import ProfileError, where
+from mixrun.planner.cost import fit_corrections
 from mixrun.planner.types import Candidate
 from mixrun.rig import profile as _profile
 from mixrun.rig.profile import Result, RigProfile
@@ -58,7 +59,11 @@ def _result(m: Measured, rep: BenchReport, c: Candidate, date: str) -> Result:
                   prefill_tok_s_max=round(p.hi, 2) if p else None, model_bytes=rep.model_bytes, ctx=rep.config.ctx,
                   prompt_tokens=max(r.prompt_tokens for r in m.runs),
                   decode_tokens=min(r.completion_tokens for r in runs), repeats=len(m.runs), date=date,
-                  mixrun_version=__version__, source="measured")
+                  mixrun_version=__version__, source="measured",
+                  # the model's decode time in two parts, and the devices: what fits the rig's correction
+                  predicted_read_s=round(c.decode.compute_s, 9),
+                  predicted_fixed_s=round(c.decode.tp_comm_s + c.decode.handoff_s + c.decode.overhead_s, 9),
+                  devices=tuple(dict.fromkeys(d for g in c.groups for d in g.devices)))
 
 
 def _key(r: Result) -> tuple[Any, ...]:
@@ -91,6 +96,12 @@ def record(ref: str, new: list[Result]) -> Path:
             kept = [r for r in prof.results if _key(r) not in keys]
             data = prof.model_dump(mode="json", exclude_none=True)
             data["results"] = [r.model_dump(mode="json", exclude_none=True) for r in kept + new]
+            # what every result recorded so far teaches (per backend and device set); other keys' are kept
+            fitted = fit_corrections(kept + new)
+            done = {(c.backend, tuple(sorted(c.devices))) for c in fitted}
+            data["corrections"] = [c.model_dump(mode="json", exclude_none=True) for c in prof.corrections
+                                   if (c.backend, tuple(sorted(c.devices))) not in done] \
+                + [c.model_dump(mode="json", exclude_none=True) for c in fitted]
             updated = _profile.parse_profile(data, str(path))  # validate the whole profile before writing
             return _profile.save_profile(updated, path, parents=False)
     except OSError as e:

@@ -16,6 +16,9 @@ from pathlib import PurePath
 from mixrun.errors import MixrunError
 from mixrun.model.spec import ModelSpec, with_tensors
 from mixrun.planner import candidates as cands
+from mixrun.planner import moe
+from mixrun.planner.candidates import SPLIT_MARGIN
+from mixrun.planner.cost import correction_for, fit_corrections
 from mixrun.planner.evaluate import Context
 from mixrun.planner.memory import ModelFacts
 from mixrun.planner.types import Candidate, PlanReport, PlanRequest, Suggestion
@@ -46,6 +49,7 @@ def build_candidates(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> 
         lambda: cands.best_over_subsets(ctx, cands.row),
         lambda: cands.best_over_subsets(ctx, cands.tensor_llamacpp),
         lambda: cands.torch_plan(ctx),
+        lambda: moe.moe_layer(ctx),
     ]
     if req.cpu_offload and ctx.gpus:
         builders.append(lambda: cands.layer_optimized(ctx, offload=True))
@@ -58,19 +62,26 @@ def _apply_measured(profile: RigProfile, spec: ModelSpec, out: list[Candidate]) 
 
     A result of this model file, split and backend replaces the candidate's figures. A result that names the file's
     size, or the candidate's label (two llama.cpp layer candidates share a split), applies only when those match too;
-    the last matching result wins. Otherwise the newest result of the same layout (backend and label) on another
-    model, if it recorded what was predicted, scales the prediction by measured / predicted: the cost model's
-    constants are averages, and a rig's own CPU or GPUs may run a backend faster or slower (the torch backend's
-    CPU products, for one, differ 2.5x between an AMD EPYC and an Intel Xeon)."""
+    the last matching result wins. Otherwise the rig's correction for this backend on exactly these devices
+    (``[[corrections]]``, or fitted now from results that recorded their devices: :func:`cost.fit_corrections`)
+    rescales the predicted decode time's two parts, streaming the weights and the fixed per-token costs, and the
+    prefill time, for any model; without one for this backend, another backend's correction of the same devices
+    does (the same memory and host), and the ``why`` says so. Results recorded before corrections existed (no
+    devices) still scale the same layout (backend and label) of other models by measured / predicted."""
     name = PurePath(spec.source).name
+    corrections = profile.corrections or tuple(fit_corrections(profile.results))
     done = []
     for c in out:
         hits = [r for r in profile.results if r.model == name and r.split == c.split
                 and (r.backend is None or r.backend == c.backend)
                 and (r.label is None or r.label == c.label)
                 and (r.model_bytes is None or r.model_bytes == spec.file_bytes)]
+        used = {d for g in c.groups for d in g.devices}
+        corr = correction_for(corrections, c.backend.value, used)
+        # the same devices measured under another backend: their bandwidth and host are the same hardware
+        other = corr or next((k for k in corrections if tuple(sorted(k.devices)) == tuple(sorted(used))), None)
         scale = [r for r in profile.results if r.model != name and r.backend == c.backend and r.label == c.label
-                 and r.predicted_decode_tok_s]
+                 and r.predicted_decode_tok_s and not r.devices]
         if hits:
             r = hits[-1]
             c = dataclasses.replace(c, decode_tok_s=r.decode_tok_s, prefill_tok_s=r.prefill_tok_s or c.prefill_tok_s,
@@ -78,6 +89,21 @@ def _apply_measured(profile: RigProfile, spec: ModelSpec, out: list[Candidate]) 
                                     predicted_prefill_tok_s=c.prefill_tok_s,
                                     why=c.why + f"; measured {r.decode_tok_s:g} tok/s"
                                     + (f" on {r.date}" if r.date else ""))
+        elif other is not None:
+            corr = other
+            t = c.decode
+            fixed = t.tp_comm_s + t.handoff_s + t.overhead_s
+            dec = 1.0 / (corr.read_factor * t.compute_s + corr.fixed_factor * fixed)
+            pre = c.prefill_tok_s / (corr.prefill_factor or 1.0)
+            models = ", ".join(corr.from_models[:3]) + (" ..." if len(corr.from_models) > 3 else "")
+            c = dataclasses.replace(c, decode_tok_s=dec, prefill_tok_s=pre, predicted_decode_tok_s=c.decode_tok_s,
+                                    predicted_prefill_tok_s=c.prefill_tok_s,
+                                    why=c.why + f"; corrected by this rig's runs of {models} (weights x"
+                                    f"{corr.read_factor:.2f}, fixed costs x{corr.fixed_factor:.2f}"
+                                    + (f", prefill x{corr.prefill_factor:.2f}" if corr.prefill_factor else "")
+                                    + " the time"
+                                    + ("" if corr.backend == c.backend else f", measured with {corr.backend.value}")
+                                    + ")")
         elif scale:
             r = scale[-1]
             k = r.decode_tok_s / r.predicted_decode_tok_s
@@ -91,6 +117,12 @@ def _apply_measured(profile: RigProfile, spec: ModelSpec, out: list[Candidate]) 
     return done
 
 
+
+
+def _n_devices(c: Candidate) -> int:
+    return len({d for g in c.groups for d in g.devices})
+
+
 def _choose(out: list[Candidate], req: PlanRequest) -> int | None:
     pool = [i for i, c in enumerate(out)
             if (req.split is None or c.split == req.split)
@@ -100,8 +132,36 @@ def _choose(out: list[Candidate], req: PlanRequest) -> int | None:
     if not pool:
         return None
     fitting = [i for i in pool if out[i].fits]
-    if fitting:
+    if fitting and req.split is not None:
         return max(fitting, key=lambda i: (out[i].decode_tok_s, -i))
+    if fitting:
+        # from the fewest devices up, a plan over more devices replaces the choice only when it is faster by the
+        # margin: a predicted gain inside the model's error is no reason to add a card (or to split at all)
+        by_n: dict[int, int] = {}
+        for i in fitting:
+            n = _n_devices(out[i])
+            if n not in by_n or (out[i].decode_tok_s, -i) > (out[by_n[n]].decode_tok_s, -by_n[n]):
+                by_n[n] = i
+        chosen = by_n[min(by_n)]
+        for n in sorted(by_n)[1:]:
+            if out[by_n[n]].decode_tok_s >= out[chosen].decode_tok_s * (1 + SPLIT_MARGIN):
+                chosen = by_n[n]
+        more = [i for i in fitting if _n_devices(out[i]) > _n_devices(out[chosen])]
+        best = max(more, key=lambda i: (out[i].decode_tok_s, -i)) if more else chosen
+        if _n_devices(out[chosen]) == 1 and best != chosen:  # one card: say why splitting loses
+            gain = out[best].decode_tok_s / out[chosen].decode_tok_s - 1
+            verdict = (f"{-gain:.0%} slower" if gain < 0 else
+                       f"only {gain:.0%} faster, under the {SPLIT_MARGIN:.0%} margin")
+            out[chosen] = dataclasses.replace(out[chosen], why=out[chosen].why + (
+                f"; one card beats splitting: the best split ({out[best].label}, "
+                f"{out[best].decode_tok_s:.1f} tok/s) is {verdict}"))
+        elif best != chosen:
+            gain = out[best].decode_tok_s / out[chosen].decode_tok_s - 1
+            verdict = (f"{-gain:.0%} slower" if gain < 0 else
+                       f"only {gain:.0%} faster, under the {SPLIT_MARGIN:.0%} margin")
+            out[chosen] = dataclasses.replace(out[chosen], why=out[chosen].why + (
+                f"; the best plan over more devices ({out[best].label}) is {verdict}"))
+        return chosen
     if req.split is not None or req.backend is not None:  # a forced choice is chosen even when it does not fit
         return min(pool, key=lambda i: sum(d.shortfall_bytes for d in out[i].devices))
     return None
@@ -207,11 +267,34 @@ def _suggestions(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> list
             n_cpu = sum(g.n_layers for g in off.groups for d in g.devices if profile.device(d).backend == "cpu")
             out.append(Suggestion(f"offload {n_cpu} layers to the CPU (--offload): "
                                   f"{off.commands.get('llama_server', '')}", {"cpu_offload": True}, off.decode_tok_s))
+    out += _moe_suggestions(profile, spec, req)
     bpw = _fitting_bpw(profile, spec, req)
     if bpw is not None:
         out.append(Suggestion(f"a quant of about {bpw:.2f} bits per weight (now {spec.bits_per_weight:.2f}) fits",
                               {"bits_per_weight": round(bpw, 2)}, 0.0))
     return out
+
+
+def _moe_suggestions(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> list[Suggestion]:
+    """For a mixture of experts: when the GPUs hold the dense part and KV once experts move to host RAM, how many
+    layers' experts must move and how much more RAM that takes; when they do not, what the GPUs still lack."""
+    ctx = Context(profile=profile, spec=spec, req=req, facts=ModelFacts(spec, req.kv_type))
+    best = moe.best_placement(ctx)
+    if best is None or best.evaluation.fits:
+        return []
+    cpu = ctx.host_cpu.id if ctx.host_cpu is not None else None
+    host = [u for u in best.evaluation.devices if u.id == cpu and not u.fits]
+    gpus_short = sum(u.shortfall_bytes for u in best.evaluation.devices if u.id != cpu)
+    gib = 1 << 30
+    if host and not gpus_short:
+        more = host[0].shortfall_bytes / gib
+        return [Suggestion(f"move the experts of {len(best.on_cpu)} of {len(ctx.facts.moe_layers)} layers to host RAM"
+                           f" (llama.cpp -ot): needs {more:.1f} GiB more RAM than the profile's {cpu} has",
+                           {"host_ram_gib_more": round(more, 1)}, 1.0 / best.evaluation.decode.total_s)]
+    if gpus_short and not host:
+        return [Suggestion(f"even with every expert in host RAM the GPUs lack {gpus_short / gib:.1f} GiB for the "
+                           "dense weights and KV cache", {}, 0.0)]
+    return []
 
 
 def scaled_spec(spec: ModelSpec, factor: float) -> ModelSpec:

@@ -1,19 +1,26 @@
 """Predicted decode and prefill time of a candidate, per backend. Every constant is documented, with its source,
-in docs/cost-model.md; the figures a profile's ``[[results]]`` recorded replace predictions where present.
+in docs/cost-model.md; the figures a profile's ``[[results]]`` recorded replace predictions where present, and the
+rig's ``[[corrections]]`` (fitted from them: :func:`fit_corrections`) rescale the rest.
 
 Decode, one sequence (memory-bound): a token walks the pipeline stages in turn. A stage costs its slowest
 device's bytes read over that device's bandwidth times an efficiency, plus a fixed launch cost per layer;
 a TP group adds two collectives per layer (latency plus bytes over the group's slowest link); a hand-off between
 stages costs the link's latency plus the hidden state's bytes; each token pays a fixed overhead.
-Prefill (compute-bound): FLOPs over the device's matmul rate times an efficiency, with the same communication
-terms for the whole prompt; stages overlap when the backend pipelines micro-batches.
+Prefill (compute-bound), per ubatch: FLOPs over the device's matmul rate times the backend's efficiency times the
+weights' quant-type factor, attention's score traffic when flash attention is off, a fixed cost per layer, and
+the split's communication (row: every matrix's input and output rows cross the bus; tensor: two all-reduces of
+ubatch x n_embd per layer); stages overlap when the backend pipelines micro-batches.
+The constants' class is the device's backend (CUDA, ROCm, Vulkan, Metal, CPU) and product line.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
-from mixrun.rig.profile import Device, RigProfile
+from mixrun.rig.profile import Correction, Device, Result, RigProfile
 
 
 @dataclass(frozen=True)
@@ -23,30 +30,49 @@ class BackendCosts:
     bw_eff: float  # share of the memory bandwidth decode achieves on the weights
     layer_overhead_s: float  # fixed cost per layer per token (kernel launches, synchronisation)
     token_overhead_s: float  # fixed cost per token (graph build, sampling, host round trip)
-    prefill_eff: float  # share of the profile's fp16_tflops (dense, FP32 accumulate) prefill achieves
+    prefill_eff: float  # share of the profile's fp16_tflops (dense, FP32 accumulate) prefill matmuls achieve
     stage_overhead_s: float = 0.0  # extra cost per pipeline boundary per token (scheduler copies, syncs)
     row_sync_fast_s: float = 0.0  # llama.cpp -sm row: synchronisation per layer over NVLink
     row_sync_slow_s: float = 0.0  # ... and over PCIe
     pipelined_prefill: bool = False
+    prefill_layer_s: float = 0.0  # fixed cost per layer per ubatch in prefill (launches, syncs; small models)
+    allreduce_extra_s: float = 0.0  # extra fixed cost per all-reduce on this backend (e.g. Vulkan's host staging)
 
 
 # Calibrated on published llama-bench, vLLM and exllama figures: docs/cost-model.md gives each constant's source.
+# llama.cpp constants describe builds of 2025-26 (b5000-b8xxx: CUDA graphs, MMQ int8 kernels, flash attention on
+# by default); 2023-24 rows were weighted half in choosing them and are over-predicted by ~10% for decode.
 # The torch GPU figures are targets for mixrun's own runtime (fused GGUF dequant-matmul kernels, CUDA graphs), not
 # yet measured; a profile's recorded results replace every prediction they cover.
+_LCPP_GPU = BackendCosts(bw_eff=0.85, layer_overhead_s=20e-6, token_overhead_s=0.4e-3, prefill_eff=1.05,
+                         stage_overhead_s=150e-6, row_sync_fast_s=75e-6, row_sync_slow_s=400e-6,
+                         pipelined_prefill=True, prefill_layer_s=60e-6)
 COSTS: dict[tuple[str, str], BackendCosts] = {
-    ("llama.cpp", "gpu"): BackendCosts(bw_eff=0.85, layer_overhead_s=20e-6, token_overhead_s=0.4e-3,
-                                       prefill_eff=0.85, stage_overhead_s=150e-6, row_sync_fast_s=75e-6,
-                                       row_sync_slow_s=400e-6, pipelined_prefill=True),
+    ("llama.cpp", "gpu"): _LCPP_GPU,
     # RTX A-series / PRO / Quadro: their datasheet FP16 rate is not halved like GeForce's, llama.cpp reaches half
-    ("llama.cpp", "workstation"): BackendCosts(bw_eff=0.85, layer_overhead_s=20e-6, token_overhead_s=0.4e-3,
-                                               prefill_eff=0.425, stage_overhead_s=150e-6, row_sync_fast_s=75e-6,
-                                               row_sync_slow_s=400e-6, pipelined_prefill=True),
-    ("llama.cpp", "pascal"): BackendCosts(bw_eff=0.73, layer_overhead_s=100e-6, token_overhead_s=0.4e-3,
-                                          prefill_eff=0.9, stage_overhead_s=150e-6, row_sync_fast_s=75e-6,
-                                          row_sync_slow_s=300e-6, pipelined_prefill=True),
-    ("llama.cpp", "datacenter"): BackendCosts(bw_eff=0.70, layer_overhead_s=60e-6, token_overhead_s=0.4e-3,
-                                              prefill_eff=0.35, stage_overhead_s=150e-6, row_sync_fast_s=75e-6,
-                                              row_sync_slow_s=400e-6, pipelined_prefill=True),
+    ("llama.cpp", "workstation"): replace(_LCPP_GPU, prefill_eff=0.425),
+    ("llama.cpp", "pascal"): replace(_LCPP_GPU, bw_eff=0.73, layer_overhead_s=100e-6, prefill_eff=0.9,
+                                     row_sync_slow_s=300e-6, prefill_layer_s=100e-6),
+    ("llama.cpp", "datacenter"): replace(_LCPP_GPU, bw_eff=0.70, layer_overhead_s=60e-6, prefill_eff=0.35),
+    # Apple GPUs: no published multi-device data in docs/cost-model-data.toml; the GeForce constants as a prior.
+    ("llama.cpp", "metal"): _LCPP_GPU,
+    # ROCm (HIP) on AMD cards with matrix units (RDNA3/4 WMMA, CDNA MFMA): 2025-26 rows of MI100, R9700 and
+    # 7900 XTX decode at 0.64 of the bandwidth; prefill reaches 0.25 of the datasheet matrix rate (MI100 Q8_0).
+    ("llama.cpp", "rocm-matrix"): replace(_LCPP_GPU, bw_eff=0.64, prefill_eff=0.25),
+    # ROCm on RDNA1/2 and GCN/Vega (no matrix units; their fp16_tflops is the packed vector rate): MI50 Q4_0
+    # prefill 0.58 of it; decode as rocm-matrix (no fitted row of its own). Between two such cards a copy stalls:
+    # issue 17's RX 6800 + RX 6700 XT decode a 3B F16 at 25 tok/s split by layer against 57 on the 6800 alone,
+    # ~16 ms per token at the one boundary. Each -sm tensor all-reduce takes the same path and is assumed to pay
+    # the same (no tensor measurement on these cards).
+    ("llama.cpp", "rocm"): replace(_LCPP_GPU, bw_eff=0.64, prefill_eff=0.58, stage_overhead_s=16e-3,
+                                   allreduce_extra_s=16e-3),
+    # Vulkan on AMD: 7900 XTX / 7900 XT / 5700 XT 2025-26 rows decode at ~0.70 of the bandwidth and prefill at
+    # ~0.3 of the matrix or vector rate (2024 builds lower still); each all-reduce of -sm tensor costs ~15 us more.
+    ("llama.cpp", "vulkan-amd"): replace(_LCPP_GPU, bw_eff=0.70, prefill_eff=0.32, allreduce_extra_s=15e-6),
+    # Vulkan on Intel Arc (B60): one fitted row (2x B60 -sm tensor, 1B Q8_0); decode as Vulkan on AMD. Its
+    # all-reduce is staged through the host (~150 us each), its prefill reaches ~0.2 of the XMX FP16 rate.
+    ("llama.cpp", "vulkan-intel"): replace(_LCPP_GPU, bw_eff=0.70, prefill_eff=0.13, allreduce_extra_s=150e-6,
+                                           prefill_layer_s=150e-6),
     ("llama.cpp", "cpu"): BackendCosts(bw_eff=0.60, layer_overhead_s=250e-6, token_overhead_s=0.5e-3,
                                        prefill_eff=1.0),
     ("torch", "gpu"): BackendCosts(bw_eff=0.85, layer_overhead_s=30e-6, token_overhead_s=1.0e-3, prefill_eff=0.6,
@@ -60,19 +86,41 @@ COSTS: dict[tuple[str, str], BackendCosts] = {
     # CPU: measured against llama.cpp in one run (benchmarks/torch_vs_llamacpp.py, docs/cost-model.md)
     ("torch", "cpu"): BackendCosts(bw_eff=0.60, layer_overhead_s=250e-6, token_overhead_s=0.5e-3, prefill_eff=0.5),
 }
-# One all-reduce: a fixed launch cost plus hops of the slowest link's latency, plus the bytes. llama.cpp's ring
-# takes 2(n-1) hops; mixrun's torch backend, like vLLM's one-shot all-reduce for small messages, takes 2.
+# One all-reduce: a fixed launch cost plus hops of the slowest link's latency, plus the bytes. mixrun's torch
+# backend, like vLLM's one-shot all-reduce for small messages, takes 2 hops; llama.cpp's -sm tensor (its CUDA
+# AllReduce or NCCL's low-latency protocol) 2 on two GPUs plus half a hop per further GPU: a 4-GPU ring's 6 hops
+# made a 1B model's tensor split slower than its layer split on four 4090s, where it measures 1.3x faster.
 # 2 GPUs over PCIe (10 us) give 35 us, about the 75 us per layer (two all-reduces) llama.cpp -sm tensor measures.
 ALLREDUCE_BASE_S = 15e-6
 _PASCAL = ("P40", "P100", "P4 ", "P6000", "GTX 10", "TITAN X", "TITAN Xp")
 _WORKSTATION = ("RTX A", "RTX PRO", "Quadro", "Ada Generation", "RTX 6000", "RTX 5000", "RTX 4000")
 _DATACENTER = ("A100", "A800", "H100", "H800", "H200", "GH200", "B200", "B100", "V100")
+# AMD cards with matrix units (RDNA3/4 WMMA, CDNA MFMA): their fp16_tflops is a matrix rate
+_AMD_MATRIX = ("RX 7", "RX 9", "R9700", "W7", "W9", "MI100", "MI210", "MI250", "MI3", "Radeon 8")
+_AMD = ("AMD", "Radeon", "Instinct")
+
+# Prefill matmul throughput per quant type, relative to F16/Q8_0/Q4_0 (llama.cpp's MMQ kernels unpack K-quants
+# and i-quants more slowly): fitted rows 3090 and 4090 Llama 3 8B Q4_K_M vs F16 pp512 (0.91, 0.76), 3090 Vulkan
+# Q4_0 vs Q8_0 (0.98). F32 weights run at the FP32 rate.
+QUANT_PREFILL = {"F32": 0.5, "F16": 1.0, "BF16": 1.0, "Q8_0": 1.0, "Q4_0": 1.0, "Q4_1": 1.0, "Q5_0": 0.95,
+                 "Q5_1": 0.95, "Q2_K": 0.85, "Q3_K": 0.85, "Q4_K": 0.85, "Q5_K": 0.85, "Q6_K": 0.85}
+QUANT_PREFILL_OTHER = 0.75  # i-quants and anything else
 
 
 def device_class(device: Device) -> str:
+    """The constants' class of a device: its backend, and for CUDA its product line."""
     if device.backend == "cpu":
         return "cpu"
     name = device.name + " "
+    if device.backend == "metal":
+        return "metal"
+    amd = any(k in name for k in _AMD)
+    if device.backend == "rocm" or (amd and device.backend != "vulkan"):
+        return "rocm-matrix" if any(k in name for k in _AMD_MATRIX) else "rocm"
+    if device.backend == "vulkan" and amd:
+        return "vulkan-amd"
+    if device.backend == "vulkan" and "Intel" in name:
+        return "vulkan-intel"
     if any(k in name for k in _PASCAL):
         return "pascal"
     if any(k in name for k in _DATACENTER):
@@ -83,7 +131,9 @@ def device_class(device: Device) -> str:
 
 
 def costs(backend: str, device: Device) -> BackendCosts:
-    return COSTS[(backend, device_class(device))]
+    """The constants of ``backend`` on ``device``; a class a backend has no figures for takes its GeForce ones."""
+    cls = device_class(device)
+    return COSTS.get((backend, cls)) or COSTS[(backend, "cpu" if cls == "cpu" else "gpu")]
 
 
 # On a GPU the torch backend keeps quantized matrices in their GGUF blocks and multiplies them with its fused Triton
@@ -106,8 +156,10 @@ def read_time_s(n_bytes: float, device: Device, backend: str) -> float:
     return n_bytes / (device.mem_bandwidth_gbs * 1e9 * costs(backend, device).bw_eff)
 
 
-def flop_time_s(flops: float, device: Device, backend: str) -> float:
-    return flops / (device.fp16_tflops * 1e12 * costs(backend, device).prefill_eff)
+def flop_time_s(flops: float, device: Device, backend: str, quant_factor: float = 1.0) -> float:
+    """Seconds of prefill matmuls: ``flops`` at the device's rate times the backend's efficiency times the weights'
+    quant-type factor (:data:`QUANT_PREFILL`)."""
+    return flops / (device.fp16_tflops * 1e12 * costs(backend, device).prefill_eff * quant_factor)
 
 
 def transfer_s(profile: RigProfile, a: str, b: str, n_bytes: float) -> float:
@@ -116,13 +168,80 @@ def transfer_s(profile: RigProfile, a: str, b: str, n_bytes: float) -> float:
 
 
 def allreduce_s(profile: RigProfile, devices: tuple[str, ...], n_bytes: float, one_shot: bool = False) -> float:
-    """One all-reduce of ``n_bytes`` over a group: a launch cost, the slowest link's latency per hop (2(n-1) hops
-    for a ring, 2 for a one-shot all-reduce), and 2(n-1)/n of the bytes over the slowest link."""
+    """One all-reduce of ``n_bytes`` over a group: a launch cost, the slowest link's latency per hop (2 for a
+    one-shot all-reduce, 2 + (n-2)/2 for llama.cpp's), the backend's extra fixed cost (host-staged Vulkan), and
+    2(n-1)/n of the bytes over the slowest link."""
     n = len(devices)
     if n < 2:
         return 0.0
     links = [profile.link(a, b) for i, a in enumerate(devices) for b in devices[i + 1:]]
     bw = min(lk.bandwidth_gbs for lk in links) * 1e9
     lat = max(lk.latency_us or 10.0 for lk in links) * 1e-6
-    hops = 2 if one_shot else 2 * (n - 1)
-    return ALLREDUCE_BASE_S + hops * lat + 2 * (n - 1) / n * n_bytes / bw
+    hops = 2 if one_shot else 2 + (n - 2) / 2
+    extra = 0.0 if one_shot else max(costs("llama.cpp", profile.device(d)).allreduce_extra_s for d in devices)
+    return ALLREDUCE_BASE_S + extra + hops * lat + 2 * (n - 1) / n * n_bytes / bw
+
+
+# ---- what a rig's recorded runs teach ------------------------------------------------------------------------------
+
+CORRECTION_BOUNDS = (0.05, 20.0)  # a factor outside these says the fit is degenerate, not that the rig is
+
+
+def fit_corrections(results: Iterable[Result], date: str | None = None) -> list[Correction]:
+    """One :class:`Correction` per backend and set of devices the recorded ``results`` ran on (those that recorded
+    their devices and what was predicted).
+
+    Decode: the measured time per token is fitted as ``read_factor`` x the predicted weight-streaming time plus
+    ``fixed_factor`` x the predicted fixed time (per-layer launches, collectives, hand-offs, per-token costs),
+    least squares on relative error. Runs of models of different sizes tell the two apart; with one run, or runs
+    that do not (the same model twice), both factors are the one ratio measured / predicted. Prefill: the geometric
+    mean of measured / predicted prefill time."""
+    groups: dict[tuple[str, tuple[str, ...]], list[Result]] = {}
+    for r in results:
+        if r.devices and r.backend is not None and r.predicted_decode_tok_s:
+            groups.setdefault((r.backend.value, tuple(sorted(r.devices))), []).append(r)
+    out = []
+    for (backend, devices), rs in groups.items():
+        read, fixed = _fit_decode(rs)
+        pre = [r.predicted_prefill_tok_s / r.prefill_tok_s for r in rs
+               if r.prefill_tok_s and r.predicted_prefill_tok_s]
+        out.append(Correction(backend=backend, devices=devices, read_factor=round(read, 4),
+                              fixed_factor=round(fixed, 4),
+                              prefill_factor=round(math.exp(statistics.fmean(map(math.log, pre))), 4) if pre else None,
+                              from_models=tuple(dict.fromkeys(r.model for r in rs)),
+                              date=date or max((r.date for r in rs if r.date), default=None)))
+    return out
+
+
+def _fit_decode(rs: list[Result]) -> tuple[float, float]:
+    """(read_factor, fixed_factor) for one device set's runs (see :func:`fit_corrections`)."""
+    ratios = [r.predicted_decode_tok_s / r.decode_tok_s for r in rs if r.predicted_decode_tok_s]
+    uniform = math.exp(statistics.fmean(map(math.log, ratios)))
+    parts = [(r.predicted_read_s / (1 / r.decode_tok_s), r.predicted_fixed_s / (1 / r.decode_tok_s)) for r in rs
+             if r.predicted_read_s is not None and r.predicted_fixed_s is not None]
+    if len({round(x / (x + y), 2) for x, y in parts if x + y > 0}) < 2:
+        return uniform, uniform
+    sxx = sum(x * x for x, _ in parts)
+    syy = sum(y * y for _, y in parts)
+    sxy = sum(x * y for x, y in parts)
+    sx, sy = sum(x for x, _ in parts), sum(y for _, y in parts)
+    det = sxx * syy - sxy * sxy
+    if det <= 1e-12 * sxx * syy:
+        return uniform, uniform
+    a, b = (sx * syy - sy * sxy) / det, (sy * sxx - sx * sxy) / det
+    lo, hi = CORRECTION_BOUNDS
+    if not (lo <= a <= hi and lo <= b <= hi):
+        return uniform, uniform
+    return a, b
+
+
+def correction_for(corrections: Iterable[Correction], backend: str, devices: Iterable[str]) -> Correction | None:
+    """The correction of ``backend`` on exactly this set of devices, if the rig has one."""
+    key = tuple(sorted(set(devices)))
+    return next((c for c in corrections if c.backend.value == backend and tuple(sorted(c.devices)) == key), None)
+
+
+# Per MoE layer on a GPU, beyond a dense layer's launches: the router's softmax/top-k, the expert-id sort and the
+# MUL_MAT_ID kernels (Qwen3-30B-A3B on one RTX 3090 Ti: 166.9 tok/s published, 274 predicted without this term;
+# docs/cost-model-data.toml [[moe]], benchmarks/moe_cost_check.py).
+MOE_LAYER_OVERHEAD_S = 40e-6

@@ -7,7 +7,17 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from mixrun.model.spec import ModelSpec
-from mixrun.planner.cost import allreduce_s, costs, flop_time_s, quant_kernel_bytes, read_time_s, transfer_s
+from mixrun.planner.cost import (
+    MOE_LAYER_OVERHEAD_S,
+    QUANT_PREFILL,
+    QUANT_PREFILL_OTHER,
+    allreduce_s,
+    costs,
+    flop_time_s,
+    quant_kernel_bytes,
+    read_time_s,
+    transfer_s,
+)
 from mixrun.planner.memory import GPU_OVERHEAD_BYTES, ExtraBuffers, ModelFacts, compute_bytes, output_buffer_bytes
 from mixrun.planner.tensor_split import TensorSplitModel
 from mixrun.planner.types import DeviceUse, Group, PlanRequest, Timing
@@ -60,6 +70,38 @@ class Context:
     def tensor_model(self) -> TensorSplitModel:
         """llama.cpp's tensor-split placement of this model, shared by every ``-ts`` the planner tries."""
         return TensorSplitModel(self.spec, self.facts.kv_bytes_per_cell)
+
+    @cached_property
+    def quant_factor(self) -> float:
+        """Prefill matmul rate of this model's layer matrices relative to F16 (:data:`cost.QUANT_PREFILL`),
+        weighted by their elements."""
+        num = den = 0.0
+        for t in self.spec.tensors:
+            if t.layer is not None and len(t.shape) >= 2:
+                num += t.n_elements * QUANT_PREFILL.get(t.qtype, QUANT_PREFILL_OTHER)
+                den += t.n_elements
+        return num / den if den else 1.0
+
+    @cached_property
+    def row_floats_per_token(self) -> tuple[int, int]:
+        """llama.cpp ``-sm row``, per token per layer: the floats every split matmul writes (its output rows, of
+        which the other GPUs' part crosses to the main GPU) and reads (its input, sent from the main GPU to every
+        other GPU), summed over one layer's matrices (the first layer's)."""
+        out = inp = 0
+        for t in self.spec.tensors:
+            if t.layer == 0 and len(t.shape) == 2:
+                out += t.shape[0]
+                inp += t.shape[1]
+        return out, inp
+
+    def attention_s(self, n_layers: int, share: float, dev: Device, backend: str) -> float:
+        """Prefill attention beyond its FLOPs: without flash attention the KQ scores (prompt x prompt / 2 per
+        head, F32) are written, read by the softmax, written and read again, at the device's decode bandwidth."""
+        if self.req.flash_attn:
+            return 0.0
+        P = self.req.prompt_tokens
+        kq_bytes = 4 * F32 * P * P / 2 * self.spec.n_head * n_layers * share
+        return read_time_s(kq_bytes, dev, backend)
 
     @cached_property
     def layer_params(self) -> tuple[int, ...]:
@@ -132,7 +174,9 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
         dev_s, dev_pre = [], []
         for dev, s in zip(devs, g.shares, strict=True):
             w = facts.weights(a, b, s)
-            read = w + quant_kernel_bytes(facts.quant_bytes(a, b, s), dev, backend)
+            # a MoE layer's decode step reads only the experts its token picks (used / count of them)
+            unread = (sum(facts.expert_bytes[a:b]) - sum(facts.active_expert_bytes[a:b])) * s
+            read = w - unread + quant_kernel_bytes(facts.quant_bytes(a, b, s) - unread, dev, backend)
             on_this = dev.id == cpu.id if out_on_host else last
             if on_this:
                 out = int(facts.output_bytes * (s if (torch or split_output) else 1.0))
@@ -150,20 +194,23 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
             ovh = GPU_OVERHEAD_BYTES[backend] if dev.backend != "cpu" else 0
             led.add(dev.id, weights=w, kv=kv, comp=comp, ovh=ovh)
             dev_s.append(read_time_s(read, dev, backend))
-            flops = 2.0 * sum(ctx.layer_params[a:b]) * s * req.prompt_tokens
+            flops = 2.0 * sum(facts.active_params[a:b]) * s * req.prompt_tokens  # MoE: the used experts' share
             flops += 2.0 * req.prompt_tokens**2 * spec.n_head * spec.head_dim * (b - a) * s  # causal attention
-            dev_pre.append(flop_time_s(flops, dev, backend))
+            dev_pre.append(flop_time_s(flops, dev, backend, ctx.quant_factor)
+                           + ctx.attention_s(b - a, s, dev, backend))
         c0 = costs(backend, devs[0])
         g_compute = max(dev_s)
-        g_overhead = c0.layer_overhead_s * (b - a)
+        g_overhead = c0.layer_overhead_s * (b - a) + MOE_LAYER_OVERHEAD_S * sum(1 for e in facts.expert_bytes[a:b] if e)
         g_tp = 2 * (b - a) * allreduce_s(p, g.devices, spec.n_embd * act_bytes, one_shot=torch) if g.tp > 1 else 0.0
         compute += g_compute
         overhead += g_overhead
         tp_comm += g_tp
         stage_s.append(g_compute + g_overhead + g_tp)
-        pre = max(dev_pre) + c0.layer_overhead_s * (b - a) * n_micro
+        # per ubatch: each layer's fixed cost, and under TP two all-reduces of ubatch x n_embd activations
+        pre = max(dev_pre) + max(c0.layer_overhead_s, c0.prefill_layer_s) * (b - a) * n_micro
         if g.tp > 1:
-            pre += 2 * (b - a) * allreduce_s(p, g.devices, req.prompt_tokens * spec.n_embd * act_bytes, one_shot=torch)
+            ub = min(req.ubatch, req.prompt_tokens)
+            pre += n_micro * 2 * (b - a) * allreduce_s(p, g.devices, ub * spec.n_embd * act_bytes, one_shot=torch)
         if not first:
             prev = groups[gi - 1].devices[-1]
             handoff += transfer_s(p, prev, g.devices[0], spec.n_embd * act_bytes) + c0.stage_overhead_s
@@ -217,7 +264,10 @@ def evaluate_row(ctx: Context, gpus: list[Device], ratios: list[float], main: st
         led.add(dev.id, weights=w, kv=kv, comp=comp, ovh=GPU_OVERHEAD_BYTES["llama.cpp"])
         read = matrix * s + (others + facts.output_bytes if dev.id == main else 0)
         dev_s.append(read_time_s(read, dev, "llama.cpp"))
-        dev_pre.append(flop_time_s(2.0 * sum(ctx.layer_params) * s * req.prompt_tokens, dev, "llama.cpp"))
+        flops = 2.0 * sum(ctx.layer_params) * s * req.prompt_tokens
+        flops += 2.0 * req.prompt_tokens**2 * spec.n_head * spec.head_dim * L * (1.0 if dev.id == main else 0.0)
+        dev_pre.append(flop_time_s(flops, dev, "llama.cpp", ctx.quant_factor)
+                       + (ctx.attention_s(L, 1.0, dev, "llama.cpp") if dev.id == main else 0.0))
     c = costs("llama.cpp", p.device(main))
     others = [p.link(d.id, main) for d in gpus if d.id != main]
     fast = all(lk.kind in ("nvlink", "nvswitch") for lk in others)
@@ -225,14 +275,19 @@ def evaluate_row(ctx: Context, gpus: list[Device], ratios: list[float], main: st
     # measured per-layer synchronisation of row split (grows with the number of GPUs: 400 us for 2, ~550 for 4)
     per_layer = (c.row_sync_fast_s if fast else c.row_sync_slow_s) * (1 + 0.2 * (len(gpus) - 2))
     sync_s = per_layer * L
-    gather = spec.n_embd * F32  # the typical output row of a split matmul, gathered to the main GPU
     compute = max(dev_s)
     overhead = c.layer_overhead_s * L + c.token_overhead_s
     handoff = 0.0
     if cpu is not None:
         handoff = transfer_s(p, cpu.id, main, spec.n_embd * F32) + transfer_s(p, main, cpu.id, spec.n_vocab * F32)
-    pre = max(dev_pre) + sync_s * max(1, math.ceil(req.prompt_tokens / req.ubatch)) \
-        + 7 * L * req.prompt_tokens * gather / worst_bw
+    # prefill, per ubatch: every split matmul's input goes from the main GPU to each other GPU and their part of
+    # its output comes back, all F32 through the main GPU's link; then the per-layer sync and fixed cost
+    n = len(gpus)
+    out_f, in_f = ctx.row_floats_per_token
+    bus_bytes = L * req.prompt_tokens * F32 * (out_f * (n - 1) / n + in_f * (n - 1))
+    n_micro = max(1, math.ceil(req.prompt_tokens / req.ubatch))
+    pre = max(dev_pre) + (sync_s + max(c.layer_overhead_s, c.prefill_layer_s) * L) * n_micro \
+        + bus_bytes / worst_bw
     return Evaluation(devices=led.uses(p), decode=Timing(compute, sync_s, handoff, overhead), prefill_s=pre,
                       stage_s=(compute + sync_s,))
 
@@ -259,7 +314,8 @@ def evaluate_tensor(ctx: Context, gpus: list[Device], ts: list[float]) -> Evalua
         frac = total_read[k] / max(1, sum(total_read))
         flops = 2.0 * sum(ctx.layer_params) * frac * req.prompt_tokens
         flops += 2.0 * req.prompt_tokens**2 * spec.n_head * spec.head_dim * L * frac
-        pre.append(flop_time_s(flops, dev, "llama.cpp"))
+        pre.append(flop_time_s(flops, dev, "llama.cpp", ctx.quant_factor)
+                   + ctx.attention_s(L, frac, dev, "llama.cpp"))
     compute = sum(max(r[k] / rates[k] for k in range(len(gpus))) for r in place.layer_reads)
     compute += max(place.output_reads[k] / rates[k] for k in range(len(gpus)))
     ids = tuple(d.id for d in gpus)
@@ -270,7 +326,8 @@ def evaluate_tensor(ctx: Context, gpus: list[Device], ts: list[float]) -> Evalua
     if cpu is not None:
         handoff = transfer_s(p, cpu.id, ids[0], spec.n_embd * F32) + transfer_s(p, ids[-1], cpu.id, spec.n_vocab * F32)
     n_micro = max(1, math.ceil(req.prompt_tokens / req.ubatch))
-    prefill = max(pre) + c.layer_overhead_s * L * n_micro \
-        + 2 * L * allreduce_s(p, ids, req.prompt_tokens * spec.n_embd * F32)
+    ub = min(req.ubatch, req.prompt_tokens)
+    prefill = max(pre) + max(c.layer_overhead_s, c.prefill_layer_s) * L * n_micro \
+        + n_micro * 2 * L * allreduce_s(p, ids, ub * spec.n_embd * F32)
     return Evaluation(devices=led.uses(p), decode=Timing(compute, tp, handoff, overhead), prefill_s=prefill,
                       stage_s=(compute + tp,))

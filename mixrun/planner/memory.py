@@ -112,6 +112,59 @@ class ModelFacts:
         """Weight bytes of layers ``[start, end)`` for a device holding ``share`` of every matrix."""
         return int(sum(self.layer_matrix_bytes[start:end]) * share) + sum(self.layer_other_bytes[start:end])
 
+    # ---- mixtures of experts (zeros for dense models) ----
+
+    @cached_property
+    def expert_bytes(self) -> tuple[int, ...]:
+        """Routed-expert bytes per layer: what a MoE plan may hold in host RAM apart from the rest of the layer."""
+        return self.spec.layer_expert_bytes
+
+    @cached_property
+    def active_expert_bytes(self) -> tuple[float, ...]:
+        """Routed-expert bytes a batch-1 decode step reads per layer (``used / count`` of them)."""
+        return tuple(float(d - self.spec.layer_dense_bytes[i]) for i, d in enumerate(self.spec.layer_decode_bytes))
+
+    @cached_property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Layers with routed experts."""
+        return tuple(i for i, e in enumerate(self.expert_bytes) if e)
+
+    @cached_property
+    def _expert_tally(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        params, experts, largest = ([0] * self.spec.n_layers for _ in range(3))
+        for t in self.spec.tensors:
+            if t.layer is None or t.layer >= self.spec.n_layers:
+                continue
+            params[t.layer] += t.n_elements
+            if t.routed_expert:
+                experts[t.layer] += t.n_elements
+                largest[t.layer] = max(largest[t.layer], t.n_bytes)
+        return tuple(params), tuple(experts), tuple(largest)
+
+    @cached_property
+    def expert_params(self) -> tuple[int, ...]:
+        """Routed-expert parameters per layer."""
+        return self._expert_tally[1]
+
+    @cached_property
+    def dense_params(self) -> tuple[int, ...]:
+        """Parameters per layer other than the routed experts."""
+        return tuple(p - e for p, e in zip(self._expert_tally[0], self._expert_tally[1], strict=True))
+
+    @cached_property
+    def active_params(self) -> tuple[float, ...]:
+        """Parameters one token multiplies per layer: the dense ones plus ``used / count`` of the experts'."""
+        spec = self.spec
+        used = [spec.layer_expert_used[i] if i < len(spec.layer_expert_used) else spec.n_expert_used
+                for i in range(spec.n_layers)]
+        return tuple(d + e * u / max(1, spec.n_expert)
+                     for d, e, u in zip(self.dense_params, self.expert_params, used, strict=True))
+
+    @cached_property
+    def largest_expert_tensor(self) -> tuple[int, ...]:
+        """Per layer, its largest routed-expert tensor: what op_offload copies to the GPU at a time."""
+        return self._expert_tally[2]
+
 
 # ---- llama.cpp's CPU extra buffer types (repacked weights) -------------------------------------------------------
 # Read from llama.cpp's source as vendored by llama-cpp-python 0.3.36 (see docs/cost-model.md, "Repacked weights").
@@ -278,6 +331,11 @@ def compute_bytes(spec: ModelSpec, *, ctx: int, ubatch: int, n_layers: int, last
     q_terms = 3 if spec.arch in ("gemma2", "gemma3") else 2  # soft-capping adds a copy of the scores' inputs
     attn = mask + F32 * ((0 if flash_attn else n_head * cells) + 3 * spec.n_embd + q_terms * n_q + 2 * n_kv_dim + 5)
     ffn = mask + F32 * (5 * spec.n_embd + 3 * n_ff + 7)
+    if spec.is_moe:  # a routed FFN: router probabilities, the used experts' gate/up/activation and their outputs
+        used, n_ff_exp = spec.n_expert_used, max(1, math.ceil(spec.n_ff_exp * share))
+        shared = 3 * n_ff_exp * spec.n_expert_shared
+        ffn = max(ffn, mask + F32 * (5 * spec.n_embd + 2 * spec.n_expert + 3 * used * n_ff_exp
+                                     + 2 * used * spec.n_embd + shared + 7))
     per_token = max(attn, ffn) if n_layers > 0 else 0
     if last:
         per_token = max(per_token, F32 * (spec.n_vocab + 2 * spec.n_embd + 1))

@@ -177,17 +177,25 @@ def cpu_info(text: str | None = None) -> tuple[str, frozenset[str]]:
     return name or platform.processor() or platform.machine() or "CPU", flags
 
 
-def measure_host_bandwidth_gbs(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Best-of-N large array copy; counts bytes read plus bytes written, as STREAM's copy does."""
+def measure_host_bandwidth_gbs(n_bytes: int = 256 << 20, repeats: int = 5, budget_s: float = 3.0) -> float:
+    """Host memory bandwidth in GB/s: the best of ``repeats`` copies of an ``n_bytes`` array (far beyond any CPU
+    cache), counting bytes read plus bytes written, as STREAM's copy does. Stops early once ``budget_s`` seconds
+    have gone (at least one copy runs), so a slow or busy machine does not stall ``profile detect``. The planner
+    uses it for the experts a MoE plan leaves in RAM (planner/moe.py); one thread's copy is a lower bound of
+    what llama.cpp's threads reach."""
     import numpy as np
 
     src = np.ones(n_bytes // 8, dtype=np.float64)
     dst = np.empty_like(src)
+    np.copyto(dst, src)  # first touch: page faults are not bandwidth
     best = float("inf")
+    start = time.perf_counter()
     for _ in range(repeats):
         t0 = time.perf_counter()
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
     return round(2 * src.nbytes / best / 1e9, 1)
 
 

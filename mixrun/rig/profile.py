@@ -181,7 +181,7 @@ class Result(_Strict):
     devices: Annotated[tuple[Id, ...], Field(strict=False, max_length=MAX_DEVICES)] | None = None
 
 
-Factor = Annotated[float, Field(gt=0, le=100)]
+Factor = Annotated[float, Field(gt=0, le=1e6)]
 
 
 class Correction(_Strict):

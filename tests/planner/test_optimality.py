@@ -8,7 +8,7 @@ import random
 import pytest
 
 from mixrun.model.spec import ModelSpec
-from mixrun.planner.candidates import torch_plan, torch_units
+from mixrun.planner.candidates import SPLIT_MARGIN, torch_plan, torch_units
 from mixrun.planner.evaluate import Context, evaluate_pipeline
 from mixrun.planner.memory import ModelFacts
 from mixrun.planner.types import Group, PlanRequest
@@ -99,7 +99,7 @@ def llamacpp_exhaustive(ctx: Context) -> float | None:
 @pytest.mark.parametrize("seed", range(8))
 def test_plan_is_the_best_over_subsets_and_backends(small_spec: ModelSpec, seed: int) -> None:
     """The chosen plan is as fast as the best of an exhaustive search over device subsets, llama.cpp splits and
-    torch layouts, under the same cost model."""
+    torch layouts, under the same cost model, but for the split margin: more devices only for a gain past it."""
     from mixrun.planner import plan
 
     rng = random.Random(100 + seed)
@@ -112,7 +112,8 @@ def test_plan_is_the_best_over_subsets_and_backends(small_spec: ModelSpec, seed:
         assert best is None or not best.fits
         return
     assert best is not None and best.fits
-    assert best.decode.total_s == pytest.approx(min(wants), rel=1e-9), (best.label, best.groups)
+    # the fastest, or a plan on fewer devices that the fastest does not beat by the split margin
+    assert best.decode.total_s <= min(wants) * (1 + SPLIT_MARGIN) * (1 + 1e-9), (best.label, best.groups)
 
 
 def _never_worse(profile: RigProfile, spec: ModelSpec, req: PlanRequest) -> None:
