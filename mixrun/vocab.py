@@ -34,8 +34,9 @@ PLANNABLE_ARCHS = frozenset({"llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi
                              # mixtures of experts (planned with per-layer expert placement, planner/moe.py);
                              # deepseek2's MLA cache is modelled as llama.cpp stores it (one latent + rope key per token)
                              "qwen3moe", "gpt-oss", "glm4moe", "deepseek2"})
-# Architectures each backend runs. The torch backend implements the Llama equation and its qwen2 (QKV bias) and
-# qwen3 (QK norm) variants; gemma's soft-capping and sliding windows and phi3's fused projections are not there.
+# Architectures each backend runs. The torch backend implements the Llama equation, its qwen2 (QKV bias) and
+# qwen3 (QK norm) variants, and qwen3moe's routed experts (backends/torch/moe.py); gemma's soft-capping and sliding
+# windows, phi3's fused projections and the other MoE architectures are not there.
 BACKEND_ARCHS = {
     Backend.LLAMACPP: PLANNABLE_ARCHS,
     Backend.TORCH: frozenset({"llama", "qwen2", "qwen3", "qwen3moe"}),
