@@ -64,6 +64,18 @@ def test_bad_model_exit_2_no_traceback(tmp_path: Path) -> None:
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
+@pytest.mark.parametrize("backend", ["llama.cpp", "torch"])
+def test_a_model_llama_cpp_cannot_load_is_one_line(tmp_path: Path, backend: str) -> None:
+    """A GGUF mixrun reads but llama.cpp refuses (here: a vocabulary without merges) is one line on both backends;
+    the torch backend loads its vocabulary through llama.cpp too."""
+    import gguf_factory
+
+    path = gguf_factory.write_model(tmp_path / "novocab.gguf", n_vocab=16)
+    r = run("chat", str(path), "--prompt", "hi", "--max-tokens", "2", "--backend", backend)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith(f"mixrun: {path}: llama.cpp could not load")
+
+
 def test_missing_bundled_model_message(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 

@@ -19,6 +19,7 @@ from textual.widgets import DataTable, Footer, Input, Label, Select, Static
 from mixrun.errors import MixrunError
 from mixrun.planner.types import PlanReport, PlanRequest
 from mixrun.rig.profile import RigProfile
+from mixrun.tui.experts import expert_placement, experts_text
 from mixrun.tui.state import PlanState, shared
 from mixrun.tui.views import candidate_detail, commands_text, memory_table, rig_diagram
 from mixrun.tui.widgets import CandidateTable, MemoryBars
@@ -196,8 +197,20 @@ class PlanScreen(Screen[None]):
         cand = st.candidate
         self.query_one("#detail", Static).update(candidate_detail(st.report, st.selected))
         self.query_one("#commands", Static).update(commands_text(cand))
-        self.query_one("#rig", Static).update(rig_diagram(st.profile, cand))
-        self.query_one(MemoryBars).show(cand)
+        labels: dict[str, str] = {}
+        if st.spec.is_moe:  # where the routed experts are, and host RAM named as such in the bars
+            hosts = frozenset(d.id for d in st.profile.devices if d.backend == "cpu")
+            ram = any(p.in_ram for p in expert_placement(st.spec, cand, hosts))
+            rig = rig_diagram(st.profile, cand, busy=hosts if ram else frozenset())
+            experts = experts_text(st.spec, cand, hosts)
+            if experts:
+                rig.append("\n")
+                rig.append_text(experts)
+            labels = {h: f"{h} RAM" for h in hosts}
+        else:
+            rig = rig_diagram(st.profile, cand)
+        self.query_one("#rig", Static).update(rig)
+        self.query_one(MemoryBars).show(cand, labels)
         self.query_one("#memory-table", Static).update(memory_table(cand) if cand is not None else "")
 
     @on(DataTable.RowHighlighted, "#candidates")

@@ -64,9 +64,10 @@ def _dev_label(profile: RigProfile, dev_id: str) -> Text:
     return Text.assemble((dev_id, "bold"), (f" {short_name(d)} {d.vram_gib:g}G", "dim"))
 
 
-def rig_diagram(profile: RigProfile, cand: Candidate | None) -> Text:
+def rig_diagram(profile: RigProfile, cand: Candidate | None, busy: frozenset[str] = frozenset()) -> Text:
     """The rig under one candidate: pipeline stages top to bottom, the TP group inside each with its link, the
-    hand-off link between stages, idle devices, and every link the profile declares."""
+    hand-off link between stages, idle devices, and every link the profile declares. ``busy`` devices are in no
+    stage but not idle either (host RAM holding a mixture's experts)."""
     out = Text()
     hosts = {h.id: h for h in profile.hosts}
     if len(hosts) > 1:
@@ -100,7 +101,7 @@ def rig_diagram(profile: RigProfile, cand: Candidate | None) -> Text:
         out.append("\n")
     if cand is None:
         out.append("no candidate chosen: nothing to draw\n", style="yellow")
-    idle = [d.id for d in profile.devices if d.id not in used]
+    idle = [d.id for d in profile.devices if d.id not in used and d.id not in busy]
     if idle and cand is not None:
         out.append("idle: ", style="dim")
         out.append(", ".join(idle) + "\n", style="dim")
@@ -140,16 +141,18 @@ def memory_bar(use: Any, width: int) -> Text:
     return bar
 
 
-def memory_bars(cand: Candidate | None, width: int) -> Text:
-    """A bar per device with ``used / capacity`` (or the shortfall), and a legend."""
+def memory_bars(cand: Candidate | None, width: int, labels: dict[str, str] | None = None) -> Text:
+    """A bar per device with ``used / capacity`` (or the shortfall), and a legend. ``labels`` names rows other
+    than by device id (the host's ``cpu`` as ``cpu RAM`` for a mixture of experts)."""
     out = Text()
     if cand is None:
         return Text("no candidate chosen", style="yellow")
-    id_w = max(len(d.id) for d in cand.devices)
+    labels = labels or {}
+    id_w = max(len(labels.get(d.id, d.id)) for d in cand.devices)
     text_w = 24
     bar_w = max(8, width - id_w - text_w - 3)
     for d in cand.devices:
-        out.append(f"{d.id:<{id_w}} ", style="bold")
+        out.append(f"{labels.get(d.id, d.id):<{id_w}} ", style="bold")
         out.append_text(memory_bar(d, bar_w))
         if d.fits:
             out.append(f" {fmt_bytes(d.total_bytes)} / {fmt_bytes(d.capacity_bytes)}")

@@ -70,13 +70,14 @@ class MemoryBars(Widget):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._cand: Candidate | None = None
+        self._labels: dict[str, str] = {}
 
-    def show(self, cand: Candidate | None) -> None:
-        self._cand = cand
+    def show(self, cand: Candidate | None, labels: dict[str, str] | None = None) -> None:
+        self._cand, self._labels = cand, labels or {}
         self.refresh(layout=True)
 
     def render(self) -> Text:
-        return memory_bars(self._cand, self.content_size.width or 60)
+        return memory_bars(self._cand, self.content_size.width or 60, self._labels)
 
     def get_content_height(self, container: Any, viewport: Any, width: int) -> int:
         return 1 + (len(self._cand.devices) if self._cand is not None else 0)

@@ -100,9 +100,7 @@ class LlamaCppEngine:
         return len(self.tokenize(text))
 
     def generate(self, prompt: str, sampling: Sampling, stats: Stats) -> Iterator[str]:
-        tokens = self.tokenize(prompt)
-        if not tokens:  # llama-cpp-python asserts on an empty prompt; fit_prompt refuses one before this
-            raise GGUFError(where(self.info.model, "the prompt is no tokens at all in this model's vocabulary"))
+        tokens = self.vocab.prompt_tokens(prompt)  # llama-cpp-python asserts on an empty prompt
         stats.prompt_tokens = len(tokens)
         room = self.info.n_ctx - len(tokens)
         if room <= 0:

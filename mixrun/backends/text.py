@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mixrun.backends.template import ChatTemplate, context_chars
+from mixrun.errors import GGUFError, where
 
 _HANDLERS_LOCK = threading.Lock()
 
@@ -57,6 +58,7 @@ class Vocab:
         import llama_cpp
 
         self.llm = llm
+        self.model = model
         self._vocab = llm._model.vocab
         self._is_eog = llama_cpp.llama_vocab_is_eog
         bos, eos = self.piece(llm.token_bos()), self.piece(llm.token_eos())
@@ -74,6 +76,14 @@ class Vocab:
     def tokenize(self, text: str) -> list[int]:
         add_bos = self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def prompt_tokens(self, text: str) -> list[int]:
+        """A prompt's tokens; a prompt that is no tokens at all is refused in one line (both backends need one to
+        give logits: llama-cpp-python asserts, the torch ranks would run an empty step)."""
+        tokens = self.tokenize(text)
+        if not tokens:
+            raise GGUFError(where(self.model, "the prompt is no tokens at all in this model's vocabulary"))
+        return tokens
 
     def is_eog(self, token: int) -> bool:
         return bool(self._is_eog(self._vocab, token))

@@ -91,8 +91,11 @@ class TorchEngine:
         from llama_cpp._utils import suppress_stdout_stderr
 
         # llama.cpp warns about the vocab-only context's size; llama-cpp-python's own template compiler is not used
-        with suppress_stdout_stderr(disable=False), without_chat_handlers(llama_cpp):
-            self._vocab_llm = llama_cpp.Llama(model_path=model, vocab_only=True, verbose=False, n_ctx=n_ctx)
+        try:
+            with suppress_stdout_stderr(disable=False), without_chat_handlers(llama_cpp):
+                self._vocab_llm = llama_cpp.Llama(model_path=model, vocab_only=True, verbose=False, n_ctx=n_ctx)
+        except ValueError as e:  # llama-cpp-python raises ValueError("Failed to load model from file: ...")
+            raise GGUFError(where(model, f"llama.cpp could not load its vocabulary ({e})")) from None
         self.vocab = Vocab(self._vocab_llm, model)
         self.template = self.vocab.template
         self._eog = self.vocab.eog_ids()
@@ -164,7 +167,7 @@ class TorchEngine:
         return len(self.vocab.tokenize(text))
 
     def generate(self, prompt: str, sampling: Sampling, stats: Stats) -> Iterator[str]:
-        ids = self.vocab.tokenize(prompt)
+        ids = self.vocab.prompt_tokens(prompt)
         stats.prompt_tokens = len(ids)
         room = self.info.n_ctx - len(ids)
         if room <= 0:
