@@ -21,7 +21,15 @@ from mixrun.planner.evaluate import (
     planned_capacity,
 )
 from mixrun.planner.memory import F32, GPU_OVERHEAD_BYTES, ModelFacts, compute_bytes
-from mixrun.planner.search import StageCosts, Unit, best_layout, exact_boundaries, kv_head_counts, tp_cliques
+from mixrun.planner.search import (
+    StageCosts,
+    Unit,
+    best_layout,
+    exact_boundaries,
+    kv_head_counts,
+    shift_descent,
+    tp_cliques,
+)
 from mixrun.planner.types import Candidate, Group
 from mixrun.rig.profile import Device
 from mixrun.units import shortfalls
@@ -338,29 +346,18 @@ def _tensor_ts(ctx: Context, gpus: list[Device]) -> tuple[list[float], Evaluatio
             break
         ts = [f if f is not None else free * b / rest for b, f in zip(bw, fixed, strict=True)]
         tries.append(list(ts))
-    def score(t: list[float]) -> tuple[tuple, list[float], Evaluation]:
-        ev = evaluate_tensor(ctx, gpus, t)
-        return (not ev.fits, sum(u.shortfall_bytes for u in ev.devices), ev.decode.total_s), t, ev
 
-    best = min((score(_rounded(t)) for t in tries), key=lambda b: b[0])
+    def score(t: list[float]) -> tuple[tuple, Evaluation]:
+        ev = evaluate_tensor(ctx, gpus, t)
+        return (not ev.fits, sum(u.shortfall_bytes for u in ev.devices), ev.decode.total_s), ev
+
+    (_key, ev), ts = min(((score(t), t) for t in map(_rounded, tries)), key=lambda b: b[0][0])
     if len(gpus) > TS_SEARCH_GPUS or len({(d.name, d.capacity_bytes, d.mem_bandwidth_gbs) for d in gpus}) == 1:
-        return best[1], best[2]  # identical GPUs: equal shares; many GPUs: the water-filled -ts
+        return ts, ev  # identical GPUs: equal shares; many GPUs: the water-filled -ts
     # llama.cpp rounds every split point down, so the best -ts sits near, not at, the proportional one: move share
     # between pairs of GPUs in shrinking steps while that reads faster (or comes closer to fitting)
-    for step in (0.02, 0.01, 0.005, 0.0025):
-        improved = True
-        while improved:
-            improved = False
-            for i, j in itertools.permutations(range(len(gpus)), 2):
-                t = list(best[1])
-                if t[i] - step < 0.001:
-                    continue
-                t[i] -= step
-                t[j] += step
-                cand = score(_rounded(t))
-                if cand[0] < best[0]:
-                    best, improved = cand, True
-    return best[1], best[2]
+    _key, ts, ev = shift_descent(ts, (0.02, 0.01, 0.005, 0.0025), 0.001, score, normalize=_rounded)
+    return ts, ev
 
 
 def _rounded(ts: Sequence[float]) -> list[float]:

@@ -33,6 +33,7 @@ from mixrun.planner.candidates import (
 from mixrun.planner.cost import MOE_LAYER_OVERHEAD_S, costs, flop_time_s, read_time_s, transfer_s
 from mixrun.planner.evaluate import Context, planned_capacity
 from mixrun.planner.memory import F32, GPU_OVERHEAD_BYTES, compute_bytes, output_buffer_bytes
+from mixrun.planner.search import shift_descent
 from mixrun.planner.types import Candidate, DeviceUse, Group, Timing
 from mixrun.rig.profile import Device
 from mixrun.units import shortfalls
@@ -394,22 +395,14 @@ def _counts_search(ctx: Context, gpus: Sequence[Device]
     assert best is not None
     if len(gpus) == 1:
         return best
-    step = max(1, L // 8)
-    while step >= 1:
-        improved = True
-        while improved:
-            improved = False
-            for i, j in itertools.permutations(range(len(gpus)), 2):
-                c = list(best[1])
-                if c[i] - step < 1:
-                    continue
-                c[i] -= step
-                c[j] += step
-                sc, on_cpu, ev = _score(ctx, gpus, c)
-                if sc < best[0]:
-                    best, improved = (sc, tuple(c), on_cpu, ev), True
-        step //= 2
-    return best
+    steps = [max(1, L // 8) >> k for k in range(max(1, L // 8).bit_length())]  # L/8, L/16, ..., 1 layers
+
+    def score(c: list[int]) -> tuple[tuple[bool, int, float], tuple[frozenset[int], MoEEvaluation]]:
+        sc, on_cpu, ev = _score(ctx, gpus, c)
+        return sc, (on_cpu, ev)
+
+    sc, counts, (on_cpu, ev) = shift_descent(best[1], steps, 1, score)
+    return sc, tuple(counts), on_cpu, ev
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mixrun.alloc import allocate, shares_of
 from mixrun.rig.profile import Device, RigProfile
@@ -244,3 +245,29 @@ def exact_boundaries(n_layers: int, n_stages: int, stage_time: Callable[[int, in
         end = arg[k][end]
         bounds.append(end)
     return bounds[::-1], dp[n_stages][n_layers]
+
+
+def shift_descent(start: Sequence[float], steps: Sequence[float], floor: float,
+                  score: Callable[[list], tuple[Any, Any]],
+                  normalize: Callable[[list], list] = list) -> tuple[Any, list, Any]:
+    """Local search over a split vector (``-ts`` shares, layer counts): for each step in turn, move ``step`` from one
+    entry to another (never below ``floor``) while ``score`` improves. ``score(x)`` gives (a key, smaller is better;
+    anything it computed on the way); ``normalize`` puts a moved vector in the form it is scored and kept in.
+    Returns the best (key, vector, payload)."""
+    best_x = normalize(list(start))
+    best_key, best_payload = score(best_x)
+    for step in steps:
+        improved = True
+        while improved:
+            improved = False
+            for i, j in itertools.permutations(range(len(best_x)), 2):
+                if best_x[i] - step < floor:
+                    continue
+                x = list(best_x)
+                x[i] -= step
+                x[j] += step
+                x = normalize(x)
+                key, payload = score(x)
+                if key < best_key:
+                    best_key, best_x, best_payload, improved = key, x, payload, True
+    return best_key, best_x, best_payload
