@@ -421,3 +421,17 @@ QWEN3_235B_A22B = dict(n_layers=94, n_embd=4096, n_head=64, n_head_kv=4, head_di
 GPT_OSS_120B = dict(n_layers=36, n_embd=2880, n_head=64, n_head_kv=8, head_dim=64, n_ff=2880, n_vocab=201088,
                     n_ctx=131072, tied=False, sliding_window=128,
                     moe=MoEShape(n_expert=128, n_expert_used=4, n_ff_exp=2880, expert_qtype="MXFP4"))
+
+
+def speaking_hi(path: str | os.PathLike[str]) -> Path:
+    """A tiny model's vocabulary ("t0".."t63") cannot spell text: rename token "t1" to "hi" and the one merge "t 0"
+    to "h i" in place (same lengths), so that the prompt "hi" is one token."""
+    path = Path(path)
+    data = bytearray(path.read_bytes())
+    for old, new in ((b"t1", b"hi"), (b"t 0", b"h i")):
+        key = struct.pack("<Q", len(old)) + old
+        at = data.find(key)
+        assert at >= 0 and data.find(key, at + 1) < 0
+        data[at:at + len(key)] = struct.pack("<Q", len(new)) + new
+    path.write_bytes(bytes(data))
+    return path

@@ -20,12 +20,11 @@ import psutil
 import pytest
 import torch
 import torch.nn.functional as F
+from llama_reference import reference
 
 import gguf_factory
 from mixrun.alloc import allocate
 from mixrun.backends.base import Sampling
-from mixrun.backends.llamacpp_cpu import finding
-from mixrun.backends.llamacpp_load import llama_params
 from mixrun.backends.torch import parallel, weights
 from mixrun.backends.torch.cpu_matvec import cpu_chunks
 from mixrun.backends.torch.engine import TorchEngine
@@ -39,26 +38,6 @@ from mixrun.model.gguf import TensorFile
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=64)
 
 
-def _llama(path: str | Path, n_ctx: int = 256) -> llama_cpp.Llama:
-    # an F32 KV cache, so the reference stores what the torch backend stores; repacked weights as mixrun loads them
-    with llama_params(llama_cpp, extra_buffers=finding().extra_buffers):
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
-                               type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-
-
-def _reference(path: str | Path, toks: list[int], n_tokens: int, n_ctx: int) -> tuple[np.ndarray, list[int]]:
-    """llama.cpp's logits for ``toks`` and its first ``n_tokens`` greedy tokens after them."""
-    ref = _llama(path, n_ctx)
-    ref.eval(toks)
-    logits = np.array(ref.scores[: len(toks)])
-    ref.reset()
-    tokens: list[int] = []
-    for t in ref.generate(toks, temp=0.0, top_k=1, repeat_penalty=1.0):
-        tokens.append(t)
-        if len(tokens) == n_tokens:
-            break
-    ref.close()
-    return logits, tokens
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -242,7 +221,7 @@ def test_f32_smollm2_matches_llamacpp(smollm2_f32: Path) -> None:
     toks = vocab.tokenize(b"<|im_start|>user\nTell me about the Moon.<|im_end|>\n<|im_start|>assistant\n",
                           add_bos=False, special=True)
     vocab.close()
-    ref_logits, ref_tokens = _reference(smollm2_f32, toks, 64, 256)
+    ref_logits, ref_tokens = reference(smollm2_f32, toks, 64, 256)
     eng = TorchEngine(str(smollm2_f32), n_ctx=256)
     try:
         logits = eng.logits(toks)
@@ -260,7 +239,7 @@ def test_random_qwen_matches_llamacpp(arch: str, tmp_path: Path) -> None:
                                     head_dim=48 if arch == "qwen3" else None, n_ff=256, n_vocab=64, tied=False,
                                     merges=True, seed=3)
     toks = [1, 5, 9, 3, 7, 2, 11, 4]
-    ref_logits, ref_tokens = _reference(path, toks, 32, 64)
+    ref_logits, ref_tokens = reference(path, toks, 32, 64)
     eng = TorchEngine(str(path), n_ctx=64)
     try:
         assert _rel(eng.logits(toks), ref_logits) < 1e-5  # measured 5e-7 (qwen2), 9e-7 (qwen3)

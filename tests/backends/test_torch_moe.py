@@ -6,16 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 import torch
 import torch.nn.functional as F
+from llama_reference import reference
 
 import gguf_factory
 from mixrun.alloc import allocate
 from mixrun.backends.base import Sampling
-from mixrun.backends.llamacpp_cpu import finding
-from mixrun.backends.llamacpp_load import llama_params
 from mixrun.backends.torch import weights
 from mixrun.backends.torch.engine import TorchEngine
 from mixrun.backends.torch.model import ModelConfig, Transformer
@@ -31,23 +29,6 @@ TOKS = [1, 5, 9, 3, 7, 2, 11, 4]
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=16)
 
 
-def _reference(path: Path, toks: list[int], n_tokens: int, n_ctx: int) -> tuple[np.ndarray, list[int]]:
-    """llama.cpp's logits for ``toks`` (F32 KV cache, as the torch backend keeps) and its greedy tokens after."""
-    with llama_params(llama_cpp, extra_buffers=finding().extra_buffers):
-        ref = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
-                              type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    try:
-        ref.eval(toks)
-        logits = np.array(ref.scores[: len(toks)])
-        ref.reset()
-        tokens: list[int] = []
-        for t in ref.generate(toks, temp=0.0, top_k=1, repeat_penalty=1.0):
-            tokens.append(t)
-            if len(tokens) == n_tokens:
-                break
-    finally:
-        ref.close()
-    return logits, tokens
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -146,7 +127,7 @@ def test_tiny_qwen3moe_matches_llamacpp(tmp_path: Path) -> None:
     within the dense models' bound of llama.cpp's and the same 16 greedy tokens."""
     assert "qwen3moe" in BACKEND_ARCHS[Backend.TORCH]
     path = gguf_factory.write_moe_model(tmp_path / "qwen3moe.gguf", "qwen3moe")
-    ref_logits, ref_tokens = _reference(path, TOKS, 16, 64)
+    ref_logits, ref_tokens = reference(path, TOKS, 16, 64)
     eng = TorchEngine(str(path), n_ctx=64)
     try:
         assert _rel(eng.logits(TOKS), ref_logits) < 1e-5  # measured 4.9e-7
@@ -181,7 +162,7 @@ def test_expert_parallel_and_pipelines_equal_one_process(tmp_path: Path) -> None
     moe = gguf_factory.MoEShape(n_expert=6, n_expert_used=3, n_ff_exp=32)
     path = str(gguf_factory.write_moe_model(tmp_path / "moe6.gguf", "qwen3moe", n_layers=4, n_head_kv=4, moe=moe,
                                             seed=11))
-    ref_logits, ref_tokens = _reference(Path(path), TOKS, 16, 64)
+    ref_logits, ref_tokens = reference(Path(path), TOKS, 16, 64)
     base_logits, base_tokens, _t, base_ready = _run(path, None)
     assert _rel(base_logits, ref_logits) < 1e-5  # measured 5.5e-7
     assert base_tokens == ref_tokens
@@ -210,7 +191,7 @@ def test_the_gpu_configuration_on_cpu_ranks(tmp_path: Path) -> None:
     moe = gguf_factory.MoEShape(n_expert=6, n_expert_used=3, n_ff_exp=32, expert_qtype="Q8_0")
     path = str(gguf_factory.write_moe_model(tmp_path / "q8.gguf", "qwen3moe", n_layers=4, n_head_kv=4, moe=moe,
                                             seed=11))
-    ref_logits, ref_tokens = _reference(Path(path), TOKS, 16, 64)
+    ref_logits, ref_tokens = reference(Path(path), TOKS, 16, 64)
     logits, tokens, tele, _r = _run(path, LAYOUTS["hybrid"], weights="blocks", dtype="bfloat16")
     assert _rel(logits, ref_logits) < 5e-2  # measured 3.2e-2 (float32 ranks: 1.0e-3, llama.cpp's Q8_0 activations)
     assert (logits.argmax(-1) == ref_logits.argmax(-1)).all() and tokens == ref_tokens

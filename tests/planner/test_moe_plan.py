@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -215,21 +214,8 @@ def test_suggests_more_ram_for_experts(sparse: dict[str, ModelSpec]) -> None:
 # ---- end to end on the CPU ----------------------------------------------------------------------------------------
 
 
-def _speaks_hi(path: Path) -> Path:
-    """The tiny vocabulary ("t0".."t63") cannot spell text: rename token "t1" to "hi" and the one merge "t 0" to
-    "h i" in place (same lengths), so that the prompt "hi" is one token."""
-    data = bytearray(path.read_bytes())
-    for old, new in ((b"t1", b"hi"), (b"t 0", b"h i")):
-        key = struct.pack("<Q", len(old)) + old
-        at = data.find(key)
-        assert at >= 0 and data.find(key, at + 1) < 0
-        data[at:at + len(key)] = struct.pack("<Q", len(new)) + new
-    path.write_bytes(bytes(data))
-    return path
-
-
 def test_tiny_moe_plans_and_chats_on_cpu_only(tmp_path: Path) -> None:
-    model = _speaks_hi(gguf_factory.write_moe_model(tmp_path / "tiny-qwen3moe.gguf", "qwen3moe"))
+    model = gguf_factory.speaking_hi(gguf_factory.write_moe_model(tmp_path / "tiny-qwen3moe.gguf", "qwen3moe"))
     rep = plan(load_profile("cpu-only"), read_spec(model), PlanRequest(ctx=512))
     assert rep.best is not None and rep.best.fits and rep.best.backend.value == "llama.cpp"
     assert not rep.best.llama_kwargs.get("override_tensor")

@@ -4,7 +4,6 @@ and `mixrun plan`, `mixrun bench` and `mixrun chat` run it on the CPU (llama.cpp
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import pytest
@@ -26,16 +25,9 @@ from mixrun.tui.widgets import MemoryBars
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny qwen3moe (2 layers, 4 experts) whose vocabulary ("t0".."t63") is made to spell "hi": token "t1" and the
-    one merge "t 0" renamed in place to "hi" and "h i" (same lengths), as tests/planner/test_moe_plan.py does."""
-    path = gguf_factory.write_moe_model(tmp_path_factory.mktemp("tiny-moe") / "tiny-qwen3moe.gguf", "qwen3moe")
-    data = bytearray(path.read_bytes())
-    for old, new in ((b"t1", b"hi"), (b"t 0", b"h i")):
-        key = struct.pack("<Q", len(old)) + old
-        at = data.find(key)
-        assert at >= 0 and data.find(key, at + 1) < 0
-        data[at:at + len(key)] = struct.pack("<Q", len(new)) + new
-    path.write_bytes(bytes(data))
-    return path
+    one merge "t 0" renamed in place to "hi" and "h i" (gguf_factory.speaking_hi)."""
+    return gguf_factory.speaking_hi(
+        gguf_factory.write_moe_model(tmp_path_factory.mktemp("tiny-moe") / "tiny-qwen3moe.gguf", "qwen3moe"))
 
 
 def _small_gpu_rig() -> RigProfile:
