@@ -91,15 +91,11 @@ def sum_cost(text: str) -> str:
 
 
 def sum_memory(text: str) -> str:
-    rows = json.loads(text)
-    real = [r for r in rows if not r["model"].startswith("tiny")]
+    sys.path.insert(0, str(HERE))
+    from memory_vs_llamacpp import summary_groups, worst
 
-    def worst(rs: list[dict[str, Any]]) -> str:
-        w = {k: max((abs(r["error"][k]) for r in rs), default=0.0) for k in ("weights", "kv", "compute")}
-        return f"weights {w['weights']:.2%}, KV {w['kv']:.2%}, compute {w['compute']:.2%}"
-
-    return (f"worst |error| vs llama.cpp's buffer report (saved), real shapes ({len(real)} cases): {worst(real)}; "
-            f"all {len(rows)} cases: {worst(rows)}")
+    return "worst |error| vs llama.cpp's buffer report: " + "; ".join(
+        f"{label} ({len(rows)} cases): {worst(rows)}" for label, rows in summary_groups(json.loads(text)))
 
 
 def sum_chat(text: str) -> str:
@@ -169,7 +165,7 @@ BENCHES = [
           "planner_speed.py"),
     Bench("cost model vs published", [str(HERE / "cost_model_check.py"), "--json"], "all rows", sum_cost, 180,
           "cost_model_check.py"),
-    Bench("memory model vs llama.cpp", [str(HERE / "memory_vs_llamacpp.py"), "--json"], "saved measurements",
+    Bench("memory model vs llama.cpp", [str(HERE / "memory_vs_llamacpp.py"), "--json"], "saved + live MoE",
           sum_memory, 120, "memory_vs_llamacpp.py"),
     Bench("mixrun bench, cpu-only", ["-m", "mixrun.cli", "bench", "--profile", "cpu-only", "--tokens", "32",
                                      "--prompt-tokens", "128", "--repeats", "2", "--json"],

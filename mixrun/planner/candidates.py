@@ -135,8 +135,10 @@ def _device_list(ctx: Context, gpus: Sequence[Device], llama: dict) -> tuple[str
 
 
 def _kv_flags(ctx: Context) -> str:
-    kv = ctx.req.kv_type
-    return f" -ctk {kv} -ctv {kv}" if kv != "f16" else ""
+    """llama-server flags for the cache type and micro-batch the plan's memory assumes (its defaults otherwise)."""
+    kv, ub = ctx.req.kv_type, ctx.req.ubatch
+    flags = f" -ctk {kv} -ctv {kv}" if kv != "f16" else ""
+    return flags + (f" -ub {ub} -b {max(2048, ub)}" if ub != 512 else "")
 
 
 def _finish(ctx: Context, split: Split, backend: Backend, label: str, groups: list[Group], ev: Evaluation,
@@ -214,6 +216,10 @@ def single_device(ctx: Context) -> Candidate | None:
 
 def _llama_common(ctx: Context, llama: dict) -> None:
     llama["flash_attn"] = ctx.req.flash_attn
+    if ctx.req.ubatch != 512:  # llama-cpp-python's n_batch and n_ubatch are 512
+        llama["n_batch"] = llama["n_ubatch"] = ctx.req.ubatch
+    if ctx.spec.sliding_window:  # llama-cpp-python defaults to a full-size cache for sliding-window layers
+        llama["swa_full"] = False  # (llama_context_default_params); the plan and llama-server size them to the window
     if ctx.req.kv_type != KVType.F16:
         llama["type_k"] = llama["type_v"] = GGML_TYPE[ctx.req.kv_type]
 
@@ -314,7 +320,8 @@ def tensor_llamacpp(ctx: Context, gpus: Sequence[Device] | None = None) -> Candi
         return None
     ts, ev = _tensor_ts(ctx, gpus)
     groups = [Group(tuple(d.id for d in gpus), (0, ctx.spec.n_layers), shares=tuple(t / sum(ts) for t in ts))]
-    llama = {"n_gpu_layers": -1, "split_mode": 3, "tensor_split": ts, "n_ctx": ctx.req.ctx, "flash_attn": True}
+    llama = {"n_gpu_layers": -1, "split_mode": 3, "tensor_split": ts, "n_ctx": ctx.req.ctx}
+    _llama_common(ctx, llama)
     flag, which = _device_list(ctx, gpus, llama)
     return _finish(ctx, Split.TENSOR, Backend.LLAMACPP, f"llama.cpp tensor parallel ({which})", groups, ev,
                    llama, f"-ngl 999 -sm tensor -ts {','.join(f'{t:g}' for t in ts)} -fa on{flag}")

@@ -190,7 +190,7 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
                 cpu_layers = range(a, b)
             kv = int(facts.kv_bytes(req.ctx, req.ubatch, a, b) * s)
             comp = compute_bytes(spec, ctx=req.ctx, ubatch=req.ubatch, n_layers=b - a, last=last,
-                                 flash_attn=req.flash_attn, share=s)
+                                 flash_attn=req.flash_attn, share=s, start=a)
             ovh = GPU_OVERHEAD_BYTES[backend] if dev.backend != "cpu" else 0
             led.add(dev.id, weights=w, kv=kv, comp=comp, ovh=ovh)
             dev_s.append(read_time_s(read, dev, backend))

@@ -21,11 +21,13 @@ sends the hidden state to the first stage.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cached_property
 
 from mixrun.model.spec import ModelSpec, TensorSpec
+from mixrun.planner import compute_graph
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -308,38 +310,42 @@ class ExtraBuffers:
 
 
 def compute_bytes(spec: ModelSpec, *, ctx: int, ubatch: int, n_layers: int, last: bool, flash_attn: bool,
-                  share: float = 1.0) -> int:
+                  share: float = 1.0, start: int = 0, first: bool | None = None, swa_full: bool = False) -> int:
     """Scratch memory of one device's slice of the graph for one ubatch (llama.cpp's "compute buffer").
 
-    ggml's allocator reuses memory between ops, so the buffer is ``ubatch x`` the largest per-token live set of
-    three phases (fitted on llama.cpp's own reports within 0-8% for real model shapes, see
-    benchmarks/memory_vs_llamacpp.py): attention (the mask, the scores without flash attention, Q/K/V and the
-    hidden state), the FFN (gate/up/down intermediates), and on the last device the logits. ``share`` is the
-    device's fraction of heads and FFN rows under tensor parallelism.
+    Found as llama.cpp finds it: ggml's graph allocator replayed over the graph of the device's layers
+    ``[start, start + n_layers)`` (planner/compute_graph.py). ``first``: the slice starts the model (the token
+    lookup's inputs are its own; default: ``start == 0``); ``last``: it ends it with the output layer. ``share`` is
+    the device's fraction of heads and FFN rows under tensor parallelism. ``swa_full``: sliding-window layers keep a
+    full-size cache (llama.cpp's ``--swa-full``), so their mask spans the whole context.
     """
-    if n_layers <= 0 and not last:
+    end = min(spec.n_layers, start + max(0, n_layers))
+    if end <= start and not last:
         return 0
     ub = min(ubatch, ctx)
     cells = math.ceil(ctx / KV_CTX_PAD) * KV_CTX_PAD
-    n_head = max(1, math.ceil(spec.n_head * share))
-    n_q = n_head * spec.head_dim
-    n_kv_dim = max(1, math.ceil(spec.n_head_kv * share)) * spec.head_dim
-    n_ff = max(1, math.ceil(spec.n_ff * share))
-    mask = cells * (2 if flash_attn else F32)
-    if spec.sliding_window:  # a second mask over the sliding-window cache (full-size, llama-cpp-python's default)
-        mask *= 2
-    q_terms = 3 if spec.arch in ("gemma2", "gemma3") else 2  # soft-capping adds a copy of the scores' inputs
-    attn = mask + F32 * ((0 if flash_attn else n_head * cells) + 3 * spec.n_embd + q_terms * n_q + 2 * n_kv_dim + 5)
-    ffn = mask + F32 * (5 * spec.n_embd + 3 * n_ff + 7)
-    if spec.is_moe:  # a routed FFN: router probabilities, the used experts' gate/up/activation and their outputs
-        used, n_ff_exp = spec.n_expert_used, max(1, math.ceil(spec.n_ff_exp * share))
-        shared = 3 * n_ff_exp * spec.n_expert_shared
-        ffn = max(ffn, mask + F32 * (5 * spec.n_embd + 2 * spec.n_expert + 3 * used * n_ff_exp
-                                     + 2 * used * spec.n_embd + shared + 7))
-    per_token = max(attn, ffn) if n_layers > 0 else 0
-    if last:
-        per_token = max(per_token, F32 * (spec.n_vocab + 2 * spec.n_embd + 1))
-    return ub * per_token
+    swa_cells = cells
+    if spec.sliding_window and not swa_full:
+        swa_cells = min(cells, math.ceil((spec.sliding_window + ub) / KV_CTX_PAD) * KV_CTX_PAD)
+    return compute_graph.graph_bytes(_dims(spec, share), ubatch=ub, cells=cells, swa_cells=swa_cells,
+                                     flash_attn=flash_attn, start=start, n_layers=max(0, end - start),
+                                     first=start == 0 if first is None else first, last=last)
+
+
+# ModelSpec hashes every tensor it lists, so the graph dimensions are cached per spec object, not by its hash
+_DIMS: dict[int, tuple[weakref.ref[ModelSpec], dict[float, compute_graph.Dims]]] = {}
+
+
+def _dims(spec: ModelSpec, share: float) -> compute_graph.Dims:
+    key = id(spec)
+    entry = _DIMS.get(key)
+    if entry is None or entry[0]() is not spec:
+        entry = (weakref.ref(spec, lambda _ref: _DIMS.pop(key, None)), {})
+        _DIMS[key] = entry
+    by_share = entry[1]
+    if share not in by_share:
+        by_share[share] = compute_graph.dims_for(spec, share)
+    return by_share[share]
 
 
 def output_buffer_bytes(spec: ModelSpec, batch: int = 1) -> int:

@@ -168,7 +168,7 @@ def test_untied_output_last_in_the_file_leaves_the_mapped_range(tmp_path: Path) 
 def test_offload_search_leaves_room_for_the_copies(tmp_path: Path) -> None:
     """The layer search budgets the CPU's copies: it offers no offload layout the evaluation then finds too big.
 
-    A 16-layer Q4_0 model on a 1.5 GiB GPU: 9 layers must go to the CPU. A CPU with room for 12 layers' GGUF bytes
+    A 16-layer Q4_0 model on a 1.5 GiB GPU: 8 layers must go to the CPU. A CPU with room for 12 layers' GGUF bytes
     takes them with extra buffers off, and cannot once each is held twice."""
     spec = read_spec(gguf_factory.write_model(tmp_path / "q4_0.gguf", "llama", n_layers=16, n_embd=4096, n_head=32,
                                               n_head_kv=8, n_ff=14336, n_vocab=32000, qtype="Q4_0", sparse=True,
@@ -180,14 +180,14 @@ def test_offload_search_leaves_room_for_the_copies(tmp_path: Path) -> None:
         rep = plan(rig, spec, PlanRequest(backend="llama.cpp", split="layer", ctx=512, cpu_offload=True))
         return [c for c in rep.candidates if "offloaded to the CPU" in c.label]
 
-    assert [(c.fits, c.groups[0].layers) for c in offloads(None, 12)] == [(True, (0, 9))]
-    assert offloads(("CPU_REPACK",), 12) == []  # a search blind to the copies offers 9 CPU layers that do not fit
+    assert [(c.fits, c.groups[0].layers) for c in offloads(None, 12)] == [(True, (0, 8))]
+    assert offloads(("CPU_REPACK",), 12) == []  # a search blind to the copies offers 8 CPU layers that do not fit
     (roomy,) = offloads(("CPU_REPACK",), 18)
-    assert roomy.fits and roomy.groups[0].layers == (0, 9)
+    assert roomy.fits and roomy.groups[0].layers == (0, 8)
     cpu = next(d for d in roomy.devices if d.id == "cpu")
-    # 9 layers, their matrices again, token_embd, and the output repacked (last in the file, so no longer mapped)
+    # 8 layers, their matrices again, token_embd, and the output repacked (last in the file, so no longer mapped)
     matrices = ModelFacts(spec, "f16").layer_matrix_bytes[0]
-    assert cpu.weights_bytes == 9 * (layer + matrices) + spec.other_bytes["token_embd.weight"] + \
+    assert cpu.weights_bytes == 8 * (layer + matrices) + spec.other_bytes["token_embd.weight"] + \
         spec.other_bytes["output.weight"] + spec.other_bytes["output_norm.weight"]
 
 

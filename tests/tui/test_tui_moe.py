@@ -33,7 +33,7 @@ def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _small_gpu_rig() -> RigProfile:
     """One GPU with room for the dense part, KV, compute and one of the two layers' experts (its 400 MiB CUDA
     overhead included), and 64 GiB of host RAM: the planner sends one layer's experts to RAM."""
-    devices = [{"id": "gpu0", "host": "h", "backend": "cuda", "name": "NVIDIA GeForce RTX 3060", "vram_gib": 0.3932,
+    devices = [{"id": "gpu0", "host": "h", "backend": "cuda", "name": "NVIDIA GeForce RTX 3060", "vram_gib": 0.39258,
                 "mem_bandwidth_gbs": 360.0, "fp16_tflops": 25.6},
                {"id": "cpu", "host": "h", "backend": "cpu", "name": "Host CPU", "vram_gib": 64.0, "reserved_gib": 4.0,
                 "mem_bandwidth_gbs": 60.0, "fp16_tflops": 1.0}]
