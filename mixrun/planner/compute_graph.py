@@ -175,6 +175,8 @@ def allocate(g: Graph, alignment: int = CPU_ALIGNMENT) -> int:
 
 # Projection order per architecture: the order in which the model's code expands Q, K and V into the graph
 # (llama.cpp's build_attn expands q, then v, then k for most; gemma2/3 and openai-moe build q, k, v in turn).
+# phi3 (one fused wqkv, read from phi3.cpp and build_qkv) is the one graph not checked against llama.cpp: a tiny phi3
+# needs a SentencePiece vocabulary the test factory does not write.
 QKV_ORDER = {"gemma2": "qkv", "gemma3": "qkv", "gpt-oss": "qkv", "phi3": "fused", "deepseek2": "mla"}
 # Router: softmax over the experts (qwen3moe, deepseek2 v2), sigmoid (glm4moe), or the top-k logits softmaxed
 # after selection (gpt-oss, LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT); qwen3moe renormalises the weights.

@@ -38,6 +38,10 @@ class BackendCosts:
     prefill_layer_s: float = 0.0  # fixed cost per layer per ubatch in prefill (launches, syncs; small models)
     allreduce_extra_s: float = 0.0  # extra fixed cost per all-reduce on this backend (e.g. Vulkan's host staging)
 
+    def prefill_fixed_s(self, n_layers: int, n_micro: int) -> float:
+        """Prefill's fixed cost for ``n_layers`` layers over ``n_micro`` ubatches (at least a decode step's)."""
+        return max(self.layer_overhead_s, self.prefill_layer_s) * n_layers * n_micro
+
 
 # Calibrated on published llama-bench, vLLM and exllama figures: docs/cost-model.md gives each constant's source.
 # llama.cpp constants describe builds of 2025-26 (b5000-b8xxx: CUDA graphs, MMQ int8 kernels, flash attention on

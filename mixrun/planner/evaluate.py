@@ -94,6 +94,11 @@ class Context:
                 inp += t.shape[1]
         return out, inp
 
+    def prefill_compute_s(self, flops: float, n_layers: int, share: float, dev: Device, backend: str) -> float:
+        """One device's prefill work on its layers: the matmul FLOPs at its prefill rate for the model's quant
+        types, and attention's traffic beyond its FLOPs."""
+        return flop_time_s(flops, dev, backend, self.quant_factor) + self.attention_s(n_layers, share, dev, backend)
+
     def attention_s(self, n_layers: int, share: float, dev: Device, backend: str) -> float:
         """Prefill attention beyond its FLOPs: without flash attention the KQ scores (prompt x prompt / 2 per
         head, F32) are written, read by the softmax, written and read again, at the device's decode bandwidth."""
@@ -196,8 +201,7 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
             dev_s.append(read_time_s(read, dev, backend))
             flops = 2.0 * sum(facts.active_params[a:b]) * s * req.prompt_tokens  # MoE: the used experts' share
             flops += 2.0 * req.prompt_tokens**2 * spec.n_head * spec.head_dim * (b - a) * s  # causal attention
-            dev_pre.append(flop_time_s(flops, dev, backend, ctx.quant_factor)
-                           + ctx.attention_s(b - a, s, dev, backend))
+            dev_pre.append(ctx.prefill_compute_s(flops, b - a, s, dev, backend))
         c0 = costs(backend, devs[0])
         g_compute = max(dev_s)
         g_overhead = c0.layer_overhead_s * (b - a) + MOE_LAYER_OVERHEAD_S * sum(1 for e in facts.expert_bytes[a:b] if e)
@@ -207,7 +211,7 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
         tp_comm += g_tp
         stage_s.append(g_compute + g_overhead + g_tp)
         # per ubatch: each layer's fixed cost, and under TP two all-reduces of ubatch x n_embd activations
-        pre = max(dev_pre) + max(c0.layer_overhead_s, c0.prefill_layer_s) * (b - a) * n_micro
+        pre = max(dev_pre) + c0.prefill_fixed_s(b - a, n_micro)
         if g.tp > 1:
             ub = min(req.ubatch, req.prompt_tokens)
             pre += n_micro * 2 * (b - a) * allreduce_s(p, g.devices, ub * spec.n_embd * act_bytes, one_shot=torch)
@@ -266,8 +270,7 @@ def evaluate_row(ctx: Context, gpus: list[Device], ratios: list[float], main: st
         dev_s.append(read_time_s(read, dev, "llama.cpp"))
         flops = 2.0 * sum(ctx.layer_params) * s * req.prompt_tokens
         flops += 2.0 * req.prompt_tokens**2 * spec.n_head * spec.head_dim * L * (1.0 if dev.id == main else 0.0)
-        dev_pre.append(flop_time_s(flops, dev, "llama.cpp", ctx.quant_factor)
-                       + (ctx.attention_s(L, 1.0, dev, "llama.cpp") if dev.id == main else 0.0))
+        dev_pre.append(ctx.prefill_compute_s(flops, L if dev.id == main else 0, 1.0, dev, "llama.cpp"))
     c = costs("llama.cpp", p.device(main))
     others = [p.link(d.id, main) for d in gpus if d.id != main]
     fast = all(lk.kind in ("nvlink", "nvswitch") for lk in others)
@@ -286,7 +289,7 @@ def evaluate_row(ctx: Context, gpus: list[Device], ratios: list[float], main: st
     out_f, in_f = ctx.row_floats_per_token
     bus_bytes = L * req.prompt_tokens * F32 * (out_f * (n - 1) / n + in_f * (n - 1))
     n_micro = max(1, math.ceil(req.prompt_tokens / req.ubatch))
-    pre = max(dev_pre) + (sync_s + max(c.layer_overhead_s, c.prefill_layer_s) * L) * n_micro \
+    pre = max(dev_pre) + sync_s * n_micro + c.prefill_fixed_s(L, n_micro) \
         + bus_bytes / worst_bw
     return Evaluation(devices=led.uses(p), decode=Timing(compute, sync_s, handoff, overhead), prefill_s=pre,
                       stage_s=(compute + sync_s,))
@@ -314,8 +317,7 @@ def evaluate_tensor(ctx: Context, gpus: list[Device], ts: list[float]) -> Evalua
         frac = total_read[k] / max(1, sum(total_read))
         flops = 2.0 * sum(ctx.layer_params) * frac * req.prompt_tokens
         flops += 2.0 * req.prompt_tokens**2 * spec.n_head * spec.head_dim * L * frac
-        pre.append(flop_time_s(flops, dev, "llama.cpp", ctx.quant_factor)
-                   + ctx.attention_s(L, frac, dev, "llama.cpp"))
+        pre.append(ctx.prefill_compute_s(flops, L, frac, dev, "llama.cpp"))
     compute = sum(max(r[k] / rates[k] for k in range(len(gpus))) for r in place.layer_reads)
     compute += max(place.output_reads[k] / rates[k] for k in range(len(gpus)))
     ids = tuple(d.id for d in gpus)
@@ -327,7 +329,7 @@ def evaluate_tensor(ctx: Context, gpus: list[Device], ts: list[float]) -> Evalua
         handoff = transfer_s(p, cpu.id, ids[0], spec.n_embd * F32) + transfer_s(p, ids[-1], cpu.id, spec.n_vocab * F32)
     n_micro = max(1, math.ceil(req.prompt_tokens / req.ubatch))
     ub = min(req.ubatch, req.prompt_tokens)
-    prefill = max(pre) + max(c.layer_overhead_s, c.prefill_layer_s) * L * n_micro \
+    prefill = max(pre) + c.prefill_fixed_s(L, n_micro) \
         + n_micro * 2 * L * allreduce_s(p, ids, ub * spec.n_embd * F32)
     return Evaluation(devices=led.uses(p), decode=Timing(compute, tp, handoff, overhead), prefill_s=prefill,
                       stage_s=(compute + tp,))

@@ -30,7 +30,7 @@ from mixrun.planner.candidates import (
     gpu_subsets,
     ts_for_counts,
 )
-from mixrun.planner.cost import MOE_LAYER_OVERHEAD_S, costs, flop_time_s, read_time_s, transfer_s
+from mixrun.planner.cost import MOE_LAYER_OVERHEAD_S, costs, read_time_s, transfer_s
 from mixrun.planner.evaluate import Context, planned_capacity
 from mixrun.planner.memory import F32, GPU_OVERHEAD_BYTES, compute_bytes, output_buffer_bytes
 from mixrun.planner.search import shift_descent
@@ -254,18 +254,21 @@ def _prefill(ctx: Context, gpus: Sequence[Device], counts: Sequence[int], owner:
     p, spec, req = ctx.profile, ctx.spec, ctx.req
     mf = ctx.facts
     P = req.prompt_tokens
-    total = 0.0
+    n_micro = max(1, math.ceil(P / req.ubatch))
+    total, prev = 0.0, None
     for k, dev in enumerate(gpus):
         layers = [i for i, o in enumerate(owner) if o == k]
         if not layers:
             continue
-        # the GPU multiplies its layers' active parameters; those of CPU-held experts are counted below
+        # as a pipeline stage is costed (evaluate_pipeline), less the RAM experts' FLOPs, which are counted below
         flops = sum(2.0 * (mf.dense_params[i] if i in on_cpu else mf.active_params[i]) for i in layers) * P
         flops += 2.0 * P**2 * spec.n_head * spec.head_dim * len(layers)
-        total += flop_time_s(flops, dev, "llama.cpp")
+        total += ctx.prefill_compute_s(flops, len(layers), 1.0, dev, "llama.cpp")
+        total += costs("llama.cpp", dev).prefill_fixed_s(len(layers), n_micro)
+        if prev is not None:  # the prompt's hidden states cross to the next GPU
+            total += transfer_s(p, prev.id, dev.id, P * spec.n_embd * F32)
+        prev = dev
     c0 = costs("llama.cpp", gpus[first])
-    n_micro = max(1, math.ceil(P / req.ubatch))
-    total += c0.layer_overhead_s * spec.n_layers * n_micro
     cpu = ctx.host_cpu
     if not on_cpu or cpu is None:
         return total, None
