@@ -326,16 +326,40 @@ def dequantized_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
     reader = gguf.GGUFReader(str(src))
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     w = GGUFWriter(str(dst), arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE):
-            continue
-        vtype = field.types[0]
-        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+    _copy_fields(reader, w, lambda key: key != gguf.Keys.General.FILE_TYPE)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         w.add_tensor(t.name, data.reshape(tuple(int(d) for d in reversed(t.shape.tolist()))))
+    return _finish(w, dst)
+
+
+def with_tokenizer(src: str | os.PathLike[str], donor: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Copy ``src`` (tensors as they are) with ``donor``'s tokenizer (every ``tokenizer.*`` key but the chat
+    template, which stays ``src``'s), so llama.cpp tokenizes real text for a random model. ``src`` must have been
+    written with the donor's vocabulary size."""
+    reader, vocab = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(donor))
+    w = GGUFWriter(str(dst), reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    template = gguf.Keys.Tokenizer.CHAT_TEMPLATE
+    _copy_fields(reader, w, lambda key: not key.startswith("tokenizer.") or key == template)
+    _copy_fields(vocab, w, lambda key: key.startswith("tokenizer.") and key != template)
+    for t in reader.tensors:
+        plain = t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+        w.add_tensor(t.name, np.asarray(t.data), raw_shape=None if plain else t.data.shape, raw_dtype=t.tensor_type)
+    return _finish(w, dst)
+
+
+def _copy_fields(reader: gguf.GGUFReader, w: GGUFWriter, keep: Any) -> None:
+    """Copy the key/values of ``reader`` that ``keep(key)`` accepts (never its header or architecture)."""
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == gguf.Keys.General.ARCHITECTURE or not keep(key):
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+
+
+def _finish(w: GGUFWriter, dst: str | os.PathLike[str]) -> Path:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
