@@ -205,6 +205,8 @@ def _what_cards_add(profile: RigProfile, spec: ModelSpec, req: PlanRequest, out:
     used = {d for g in chosen.groups for d in g.devices}
     weights = {u.id: u.weights_bytes for u in chosen.devices}
     total = sum(weights.get(d, 0) for d in used) or 1
+    light = min(LIGHT_SHARE, 0.5 / len(used))  # well under an even share: eight GPUs at 1/8 each are not light
+    without: dict[tuple, Candidate | None] = {}  # a GPU like one already re-planned without has the same answer
     parts = []
     for d in gpus:
         if d.id not in used:
@@ -215,8 +217,13 @@ def _what_cards_add(profile: RigProfile, spec: ModelSpec, req: PlanRequest, out:
                              f"{_relative(o.decode_tok_s, chosen.decode_tok_s)}")
             else:
                 parts.append(f"{d.id} left out: no plan using it fits or is faster")
-        elif weights.get(d.id, 0) / total < LIGHT_SHARE:
-            alone = plan(profile.without(d.id), spec, req, suggest=False).best
+        elif weights.get(d.id, 0) / total < light:
+            twin = (d.name, d.host, d.vram_gib, d.mem_bandwidth_gbs, d.fp16_tflops, weights.get(d.id, 0),
+                    tuple(sorted((lk.kind, lk.bandwidth_gbs) for lk in (profile.link(d.id, o.id) for o in gpus
+                                                                        if o.id != d.id))))
+            if twin not in without:
+                without[twin] = plan(profile.without(d.id), spec, req, suggest=False).best
+            alone = without[twin]
             if alone is None or not alone.fits:
                 parts.append(f"{d.id} holds {weights.get(d.id, 0) / total:.0%}: without it nothing fits")
             else:

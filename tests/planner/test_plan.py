@@ -294,3 +294,11 @@ def test_backends_are_offered_only_for_architectures_they_run(arch: str, tmp_pat
     offered = {c.backend for c in rep.candidates}
     assert offered == {b for b in Backend if arch in BACKEND_ARCHS[b]}
     assert (Backend.TORCH in offered) == (arch in ("llama", "qwen2", "qwen3"))
+
+
+def test_even_shares_are_not_reported_as_light(llama70b: ModelSpec) -> None:
+    """Eight H100s at 1/8 of the weights each are not "lightly used": the why names no GPU to drop, and plan()
+    re-plans nothing for it. A 3060 at 14% beside two 3090s is (test_tensor_split.py)."""
+    best = plan(load_profile("8x-h100-sxm"), llama70b, PlanRequest(ctx=4096)).best
+    assert best is not None and best.fits and len({d for g in best.groups for d in g.devices}) == 8
+    assert "without gpu" not in best.why and "holds" not in best.why
