@@ -166,3 +166,19 @@ def test_inspect_escapes_untrusted_strings(tmp_path: Path, arch: str, capsys: py
     assert not any(c in out for c in "\x1b\x07\x9b\u202e"), repr(out)
     assert "\\x1b]8;;http://x\\x07[bold red]pwn[/]\\x9b31m\\u202eevil" in out
     assert "token_embd\\x1b[31m.weight" in out and "gpt2\\x1b[5m" in out
+
+
+def test_with_tokenizer_gives_a_random_model_a_real_vocabulary(smollm2: str, tmp_path: Path) -> None:
+    """benchmarks/rig_teaches.py benches random models with SmolLM2's tokenizer: llama.cpp then tokenizes text as
+    for SmolLM2, and mixrun reads the copy as a model with that vocabulary."""
+    import llama_cpp
+
+    n_vocab = len(gguf.GGUFReader(smollm2).fields["tokenizer.ggml.tokens"].data)
+    raw = gguf_factory.write_model(tmp_path / "raw.gguf", "llama", n_vocab=n_vocab, tied=False, qtype="Q8_0")
+    out = gguf_factory.with_tokenizer(raw, smollm2, tmp_path / "m.gguf")
+    spec = read_spec(out)
+    assert spec.n_vocab == n_vocab and spec.tokenizer_model == read_spec(smollm2).tokenizer_model
+    assert spec.n_layers == 2 and spec.total_bytes == read_spec(raw).total_bytes  # tensors copied as they were
+    text = b"Hello world, how are you?"
+    ids = [llama_cpp.Llama(p, n_ctx=64, verbose=False).tokenize(text) for p in (smollm2, str(out))]
+    assert ids[0] == ids[1] and len(ids[0]) > 3
