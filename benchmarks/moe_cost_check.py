@@ -43,8 +43,17 @@ DATA = ROOT / "docs" / "cost-model-data.toml"
 GPT_OSS_20B = dict(n_layers=24, n_embd=2880, n_head=64, n_head_kv=8, head_dim=64, n_ff=2880, n_vocab=201088,
                    n_ctx=131072, tied=False, sliding_window=128,
                    moe=MoEShape(n_expert=32, n_expert_used=4, n_ff_exp=2880, expert_qtype="MXFP4"))
+# deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct config.json: 27 layers, hidden 2048, 16 heads, MLA (kv_lora_rank 512,
+# no q_lora, qk_nope 128 + qk_rope 64, v_head_dim 128), 64 routed experts of 1408, 6 per token, 2 shared, the first
+# layer dense (intermediate 10944), vocab 102400. Its 1408-wide experts are not whole Q4_K blocks: Q4_0 (4.5 bits)
+# stands in for the Q4_K_M file's mix.
+DEEPSEEK_V2_LITE = dict(n_layers=27, n_embd=2048, n_head=16, n_head_kv=16, head_dim=192, n_ff=10944, n_vocab=102400,
+                        n_ctx=163840, tied=False,
+                        moe=MoEShape(n_expert=64, n_expert_used=6, n_ff_exp=1408, n_expert_shared=2, n_dense_lead=1,
+                                     kv_lora_rank=512, rope_dim=64, v_head_dim=128))
 MODELS = {  # row model prefix -> (arch, shape, qtype of the non-expert tensors)
     "Qwen3-30B-A3B": ("qwen3moe", gguf_factory.QWEN3_30B_A3B, "Q4_K_M"),
+    "DeepSeek-Coder-V2-Lite": ("deepseek2", DEEPSEEK_V2_LITE, "Q4_0"),
     "gpt-oss-120b": ("gpt-oss", gguf_factory.GPT_OSS_120B, "BF16"),
     "gpt-oss-20b": ("gpt-oss", GPT_OSS_20B, "BF16"),
 }

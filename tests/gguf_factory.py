@@ -88,10 +88,13 @@ def moe_tensors(arch: str, moe: MoEShape, *, n_layers: int, n_embd: int, n_head:
         out.append((b + "attn_norm.weight", (n_embd,)))
         if arch == "deepseek2":  # MLA: q through a low-rank pair, K/V through the cached latent (kv_lora + rope)
             k_mla = head_dim  # nope + rope per head
-            out += [(b + "attn_q_a_norm.weight", (moe.q_lora_rank,)),
-                    (b + "attn_kv_a_norm.weight", (moe.kv_lora_rank,)),
-                    (b + "attn_q_a.weight", (moe.q_lora_rank, n_embd)),
-                    (b + "attn_q_b.weight", (n_head * k_mla, moe.q_lora_rank)),
+            if moe.q_lora_rank:
+                out += [(b + "attn_q_a_norm.weight", (moe.q_lora_rank,)),
+                        (b + "attn_q_a.weight", (moe.q_lora_rank, n_embd)),
+                        (b + "attn_q_b.weight", (n_head * k_mla, moe.q_lora_rank))]
+            else:  # DeepSeek-V2-Lite: a plain query projection
+                out.append((b + "attn_q.weight", (n_head * k_mla, n_embd)))
+            out += [(b + "attn_kv_a_norm.weight", (moe.kv_lora_rank,)),
                     (b + "attn_kv_a_mqa.weight", (moe.kv_lora_rank + moe.rope_dim, n_embd)),
                     (b + "attn_k_b.weight", (n_head, moe.kv_lora_rank, k_mla - moe.rope_dim)),
                     (b + "attn_v_b.weight", (n_head, moe.v_head_dim, moe.kv_lora_rank)),
@@ -141,7 +144,7 @@ def _moe_header(w: GGUFWriter, arch: str, moe: MoEShape, head_dim: int) -> None:
         w.add_expert_shared_count(moe.n_expert_shared)
         w.add_leading_dense_block_count(moe.n_dense_lead)
     if arch == "deepseek2":  # as convert_hf_to_gguf.py writes MLA: one KV "head" of latent + rope, V inside it
-        w.add_q_lora_rank(moe.q_lora_rank)
+        w.add_q_lora_rank(moe.q_lora_rank)  # 0 without a low-rank query (DeepSeek-V2-Lite); llama.cpp needs the key
         w.add_kv_lora_rank(moe.kv_lora_rank)
         w.add_key_length_mla(head_dim)
         w.add_value_length_mla(moe.v_head_dim)

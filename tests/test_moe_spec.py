@@ -291,3 +291,28 @@ def test_inspect_shows_experts_and_active_parameters(tmp_path: Path, capsys: pyt
     assert js["moe"]["n_expert"] == 128 and js["moe"]["n_expert_used"] == 8 and js["moe"]["n_expert_shared"] == 0
     assert js["moe"]["expert_share"] == 0.9462 and len(js["moe"]["layer_expert_bytes"]) == 48
     assert js["moe"]["expert_bytes"] + js["moe"]["dense_bytes"] == js["weights_bytes"]
+
+
+def test_mla_without_q_lora_and_distinct_head_widths(tmp_path: Path) -> None:
+    """DeepSeek-V2-Lite's layout: no low-rank query (a plain attn_q), and a latent (kv_lora_rank) wider than a head's
+    value (value_length_mla) and key (key_length_mla) widths, so no two of the MLA widths coincide as they do in
+    TINY_MOE. The reader checks attn_q and attn_output against the heads' own widths, and llama.cpp's weights, KV
+    cache and compute buffer are what mixrun says."""
+    from mixrun.planner.memory import compute_bytes
+
+    moe = MoEShape(n_expert=4, n_expert_used=2, n_ff_exp=32, n_expert_shared=1, n_dense_lead=1, kv_lora_rank=48,
+                   rope_dim=16, v_head_dim=20)
+    path = gguf_factory.write_moe_model(tmp_path / "lite.gguf", "deepseek2", head_dim=40, moe=moe)
+    spec = read_spec(path)
+    assert spec.kv_lora_rank == 48 and spec.kv_layers[0].k_dim == 48 + 16 and spec.kv_layers[0].v_dim == 0
+    assert any(t.name == "blk.1.attn_q.weight" and t.shape == (4 * 40, 64) for t in spec.tensors)
+    res = llamacpp_memory.llamacpp_buffers(str(path), 512, n_batch=128, n_ubatch=128, swa_full=False,
+                                           extra_buffers=False, timeout=120)
+    assert res["model_size"] == spec.total_bytes
+    assert abs(res["kv"] - 512 * spec.kv_bytes_per_token("f16")) <= llamacpp_memory.LOG_PRECISION_BYTES
+    for fa in (False, True):
+        theirs = llamacpp_memory.llamacpp_buffers(str(path), 512, n_batch=128, n_ubatch=128, swa_full=False,
+                                                  extra_buffers=False, flash_attn=fa, no_alloc=True,
+                                                  timeout=120)["compute"]
+        ours = compute_bytes(spec, ctx=512, ubatch=128, n_layers=spec.n_layers, last=True, flash_attn=fa)
+        assert abs(ours / theirs - 1) <= 0.03, (fa, ours, theirs)

@@ -473,6 +473,9 @@ def _check_shapes(source: str, arch: str, meta: _Meta, by_name: dict[str, Tensor
                                           f"({why})"))
 
     n_heads = meta.per_layer(Keys.Attention.HEAD_COUNT, n_layers, 0)
+    # MLA (deepseek2): key/value_length describe the cached latent; the heads' own widths are the _mla keys
+    q_dim = meta.int(Keys.Attention.KEY_LENGTH_MLA, 0) or head_dim if arch == "deepseek2" else head_dim
+    o_dim = meta.int(Keys.Attention.VALUE_LENGTH_MLA, 0) or head_dim_v if arch == "deepseek2" else head_dim_v
     has_ff = meta.raw(Keys.LLM.FEED_FORWARD_LENGTH) is not None
     n_ffs = meta.per_layer(Keys.LLM.FEED_FORWARD_LENGTH, n_layers, 0) if has_ff else [None] * n_layers
     emb = f"{arch}.embedding_length"
@@ -480,7 +483,7 @@ def _check_shapes(source: str, arch: str, meta: _Meta, by_name: dict[str, Tensor
     expect("output.weight", (None, n_embd), emb)
     expect("output_norm.weight", (n_embd,), emb)
     for i in range(n_layers):
-        b, q, kv = f"blk.{i}.", n_heads[i] * head_dim, kv_heads[i]
+        b, q, kv = f"blk.{i}.", n_heads[i] * q_dim, kv_heads[i]
         heads = f"{emb}, head_count {n_heads[i]}, head_count_kv {kv}, head dims {head_dim}/{head_dim_v}"
         expect(b + "attn_norm.weight", (n_embd,), emb)
         expect(b + "ffn_norm.weight", (n_embd,), emb)
@@ -488,7 +491,7 @@ def _check_shapes(source: str, arch: str, meta: _Meta, by_name: dict[str, Tensor
         expect(b + "attn_k.weight", (kv * head_dim, n_embd), heads)
         expect(b + "attn_v.weight", (kv * head_dim_v, n_embd), heads)
         expect(b + "attn_qkv.weight", (q + kv * (head_dim + head_dim_v), n_embd), heads)
-        expect(b + "attn_output.weight", (n_embd, n_heads[i] * head_dim_v), heads)
+        expect(b + "attn_output.weight", (n_embd, n_heads[i] * o_dim), heads)
         ff = f"{emb}, {arch}.feed_forward_length {n_ffs[i]}"
         expect(b + "ffn_gate.weight", (n_ffs[i], n_embd), ff)
         up = n_ffs[i] * 2 if arch == "phi3" and n_ffs[i] is not None and b + "ffn_gate.weight" not in by_name \

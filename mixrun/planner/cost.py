@@ -249,3 +249,9 @@ def correction_for(corrections: Iterable[Correction], backend: str, devices: Ite
 # MUL_MAT_ID kernels (Qwen3-30B-A3B on one RTX 3090 Ti: 166.9 tok/s published, 274 predicted without this term;
 # docs/cost-model-data.toml [[moe]], benchmarks/moe_cost_check.py).
 MOE_LAYER_OVERHEAD_S = 40e-6
+# Prefill of routed experts (MUL_MAT_ID): each expert multiplies only the tokens routed to it (ubatch x used /
+# count: 16 to 64 for gpt-oss-20b at ubatch 128 to 512, below the 128-token tiles llama.cpp's MMQ kernels fill,
+# ggml-cuda/mmq-config-*.cuh), gathered and scattered back. Share of the dense prefill rate they reach, fitted on the
+# two all-GPU MoE prefill figures of docs/cost-model-data.toml [[moe]] (gpt-oss-20b: RTX 3090 pp512 4739 tok/s,
+# RTX PRO 6000 pp128 5128), which the dense rate over-predicted 1.9x and 2.25x. No held-back MoE data checks it.
+MOE_PREFILL_EFF = 0.45

@@ -9,6 +9,7 @@ from functools import cached_property
 from mixrun.model.spec import ModelSpec
 from mixrun.planner.cost import (
     MOE_LAYER_OVERHEAD_S,
+    MOE_PREFILL_EFF,
     QUANT_PREFILL,
     QUANT_PREFILL_OTHER,
     allreduce_s,
@@ -94,10 +95,19 @@ class Context:
                 inp += t.shape[1]
         return out, inp
 
-    def prefill_compute_s(self, flops: float, n_layers: int, share: float, dev: Device, backend: str) -> float:
+    def prefill_compute_s(self, flops: float, n_layers: int, share: float, dev: Device, backend: str,
+                          expert_flops: float = 0.0) -> float:
         """One device's prefill work on its layers: the matmul FLOPs at its prefill rate for the model's quant
-        types, and attention's traffic beyond its FLOPs."""
-        return flop_time_s(flops, dev, backend, self.quant_factor) + self.attention_s(n_layers, share, dev, backend)
+        types (routed experts' at :data:`MOE_PREFILL_EFF` of it), and attention's traffic beyond its FLOPs."""
+        return (flop_time_s(flops + expert_flops / MOE_PREFILL_EFF, dev, backend, self.quant_factor)
+                + self.attention_s(n_layers, share, dev, backend))
+
+    def prompt_flops(self, layers: range, share: float = 1.0) -> tuple[float, float]:
+        """(dense, routed-expert) matmul FLOPs of the prompt through ``layers``, for ``share`` of every matrix: the
+        experts' are those of the ``used`` experts a token runs."""
+        mf, P = self.facts, self.req.prompt_tokens
+        dense = 2.0 * sum(mf.dense_params[i] for i in layers) * share * P
+        return dense, 2.0 * sum(mf.active_params[i] for i in layers) * share * P - dense
 
     def attention_s(self, n_layers: int, share: float, dev: Device, backend: str) -> float:
         """Prefill attention beyond its FLOPs: without flash attention the KQ scores (prompt x prompt / 2 per
@@ -107,14 +117,6 @@ class Context:
         P = self.req.prompt_tokens
         kq_bytes = 4 * F32 * P * P / 2 * self.spec.n_head * n_layers * share
         return read_time_s(kq_bytes, dev, backend)
-
-    @cached_property
-    def layer_params(self) -> tuple[int, ...]:
-        out = [0] * self.spec.n_layers
-        for t in self.spec.tensors:
-            if t.layer is not None:
-                out[t.layer] += t.n_elements
-        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -199,9 +201,9 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
             ovh = GPU_OVERHEAD_BYTES[backend] if dev.backend != "cpu" else 0
             led.add(dev.id, weights=w, kv=kv, comp=comp, ovh=ovh)
             dev_s.append(read_time_s(read, dev, backend))
-            flops = 2.0 * sum(facts.active_params[a:b]) * s * req.prompt_tokens  # MoE: the used experts' share
+            flops, experts = ctx.prompt_flops(range(a, b), s)
             flops += 2.0 * req.prompt_tokens**2 * spec.n_head * spec.head_dim * (b - a) * s  # causal attention
-            dev_pre.append(ctx.prefill_compute_s(flops, b - a, s, dev, backend))
+            dev_pre.append(ctx.prefill_compute_s(flops, b - a, s, dev, backend, experts))
         c0 = costs(backend, devs[0])
         g_compute = max(dev_s)
         g_overhead = c0.layer_overhead_s * (b - a) + MOE_LAYER_OVERHEAD_S * sum(1 for e in facts.expert_bytes[a:b] if e)
@@ -268,9 +270,9 @@ def evaluate_row(ctx: Context, gpus: list[Device], ratios: list[float], main: st
         led.add(dev.id, weights=w, kv=kv, comp=comp, ovh=GPU_OVERHEAD_BYTES["llama.cpp"])
         read = matrix * s + (others + facts.output_bytes if dev.id == main else 0)
         dev_s.append(read_time_s(read, dev, "llama.cpp"))
-        flops = 2.0 * sum(ctx.layer_params) * s * req.prompt_tokens
+        flops, experts = ctx.prompt_flops(range(L), s)
         flops += 2.0 * req.prompt_tokens**2 * spec.n_head * spec.head_dim * L * (1.0 if dev.id == main else 0.0)
-        dev_pre.append(ctx.prefill_compute_s(flops, L if dev.id == main else 0, 1.0, dev, "llama.cpp"))
+        dev_pre.append(ctx.prefill_compute_s(flops, L if dev.id == main else 0, 1.0, dev, "llama.cpp", experts))
     c = costs("llama.cpp", p.device(main))
     others = [p.link(d.id, main) for d in gpus if d.id != main]
     fast = all(lk.kind in ("nvlink", "nvswitch") for lk in others)
@@ -315,9 +317,9 @@ def evaluate_tensor(ctx: Context, gpus: list[Device], ts: list[float]) -> Evalua
         kv = sum(c * place.kv_per_cell[il][k] for il, c in enumerate(cells))
         led.add(dev.id, weights=place.weights[k], kv=kv, comp=comp, ovh=GPU_OVERHEAD_BYTES["llama.cpp"])
         frac = total_read[k] / max(1, sum(total_read))
-        flops = 2.0 * sum(ctx.layer_params) * frac * req.prompt_tokens
+        flops, experts = ctx.prompt_flops(range(L), frac)
         flops += 2.0 * req.prompt_tokens**2 * spec.n_head * spec.head_dim * L * frac
-        pre.append(ctx.prefill_compute_s(flops, L, frac, dev, "llama.cpp"))
+        pre.append(ctx.prefill_compute_s(flops, L, frac, dev, "llama.cpp", experts))
     compute = sum(max(r[k] / rates[k] for k in range(len(gpus))) for r in place.layer_reads)
     compute += max(place.output_reads[k] / rates[k] for k in range(len(gpus)))
     ids = tuple(d.id for d in gpus)

@@ -261,9 +261,10 @@ def _prefill(ctx: Context, gpus: Sequence[Device], counts: Sequence[int], owner:
         if not layers:
             continue
         # as a pipeline stage is costed (evaluate_pipeline), less the RAM experts' FLOPs, which are counted below
-        flops = sum(2.0 * (mf.dense_params[i] if i in on_cpu else mf.active_params[i]) for i in layers) * P
+        flops, _ = ctx.prompt_flops(layers)
+        _, experts = ctx.prompt_flops([i for i in layers if i not in on_cpu])
         flops += 2.0 * P**2 * spec.n_head * spec.head_dim * len(layers)
-        total += ctx.prefill_compute_s(flops, len(layers), 1.0, dev, "llama.cpp")
+        total += ctx.prefill_compute_s(flops, len(layers), 1.0, dev, "llama.cpp", experts)
         total += costs("llama.cpp", dev).prefill_fixed_s(len(layers), n_micro)
         if prev is not None:  # the prompt's hidden states cross to the next GPU
             total += transfer_s(p, prev.id, dev.id, P * spec.n_embd * F32)
