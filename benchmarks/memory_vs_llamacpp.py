@@ -45,7 +45,7 @@ def predict(spec: ModelSpec, row: dict) -> dict[str, int]:
     else:
         kv = facts.kv_bytes(row["n_ctx"], ub, 0, spec.n_layers)
     comp = compute_bytes(spec, ctx=row["n_ctx"], ubatch=ub, n_layers=spec.n_layers, last=True,
-                         flash_attn=row["flash_attn"], swa_full=swa_full)
+                         flash_attn=row["flash_attn"], swa_full=swa_full, kv_type=kv_type)
     return {"weights": spec.total_bytes, "kv": kv, "compute": comp}
 
 

@@ -481,7 +481,7 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
     def fixed_bytes(dev: Device, s: float, last: bool) -> int:
         b = GPU_OVERHEAD_BYTES[backend] if dev.backend != "cpu" else 0
         b += compute_bytes(spec, ctx=req.ctx, ubatch=req.ubatch, n_layers=1, last=last, flash_attn=req.flash_attn,
-                           share=s)
+                           share=s, kv_type=req.kv_type)
         if last:
             b += facts.misc_bytes + int(facts.output_bytes * (s if torch else 1.0))
             b += int(facts.embd_bytes * s) if torch and not spec.tied_output else 0

@@ -243,12 +243,22 @@ def dims_for(spec: ModelSpec, share: float = 1.0) -> Dims:
 
 
 def _attention(g: Graph, d: Dims, an: int, T: int, cells: int, fa: bool, inputs: dict[str, int], pos: int) -> int:
-    """Q/K/V, the KV-cache stores and attention for one layer; returns the attention output (before ``wo``)."""
+    """Q/K/V, the KV-cache stores and attention for one layer; returns the attention output (before ``wo``).
+
+    With a quantized cache llama.cpp rotates K and Q (and V, undoing it on the output) by a Hadamard matrix before
+    storing, each a product into a new tensor (``inputs`` then has ``k_rot``/``v_rot``; llama-kv-cache.cpp
+    ``attn_rot_k``/``attn_rot_v``)."""
     n_q, n_kv, n_v = d.n_head * d.head_dim, d.n_head_kv * d.head_dim, d.n_head_kv * d.head_dim_v
+    n_out = d.n_head * d.head_dim_v
     order = QKV_ORDER.get(d.arch, "qvk")
+    k_rot, v_rot = inputs.get("k_rot"), inputs.get("v_rot")
 
     def rope_of(mm: int, n: int) -> int:
-        return g.op(n * T * F32, g.view(mm), pos, inplace=True)  # a rope of a (reshape) view: a new tensor
+        r = g.op(n * T * F32, g.view(mm), pos, inplace=True)  # a rope of a (reshape) view: a new tensor
+        return r if k_rot is None else g.op(n * T * F32, g.view(r), k_rot)
+
+    def value(mm: int) -> int:
+        return g.view(mm) if v_rot is None else g.op(n_v * T * F32, g.view(g.view(mm)), v_rot)
 
     if order == "fused":  # phi3: one wqkv product, Q/K/V views of it
         qkv = g.op((n_q + n_kv + n_v) * T * F32, an)
@@ -263,17 +273,18 @@ def _attention(g: Graph, d: Dims, an: int, T: int, cells: int, fa: bool, inputs:
             elif which == "k":
                 projections["k"] = rope_of(g.op(n_kv * T * F32, an), n_kv)
             else:
-                projections["v"] = g.view(g.op(n_v * T * F32, an))
+                projections["v"] = value(g.op(n_v * T * F32, an))
         q = projections["q"]
         g.store(g.view(projections["k"]), inputs["k_idxs"])
         g.store(g.view(projections["v"]), inputs["v_idxs"])
     qp = g.view(g.view(q))
     if fa:
-        return g.view(g.op(d.n_head * d.head_dim_v * T * F32, qp, inputs["mask"]))
-    kq = g.op(cells * T * d.n_head * F32, qp)
-    kq = g.op(cells * T * d.n_head * F32, kq, inputs["mask"], inplace=True)  # soft_max
-    kqv = g.op(d.n_head * d.head_dim_v * T * F32, kq)
-    return g.op(d.n_head * d.head_dim_v * T * F32, g.view(kqv))  # cont of the permuted heads
+        out = g.view(g.op(n_out * T * F32, qp, inputs["mask"]))
+    else:
+        kq = g.op(cells * T * d.n_head * F32, qp)
+        kq = g.op(cells * T * d.n_head * F32, kq, inputs["mask"], inplace=True)  # soft_max
+        out = g.op(n_out * T * F32, g.view(g.op(n_out * T * F32, kq)))  # cont of the permuted heads
+    return out if v_rot is None else g.view(g.op(n_out * T * F32, g.view(out), v_rot))  # rotated back
 
 
 def _attention_mla(g: Graph, d: Dims, an: int, T: int, cells: int, fa: bool, inputs: dict[str, int],
@@ -347,8 +358,9 @@ def _moe(g: Graph, d: Dims, x: int, T: int, used: int) -> int:
 
 
 def build(d: Dims, *, ubatch: int, cells: int, swa_cells: int, flash_attn: bool,
-          kinds: Sequence[tuple[int, bool, bool]], first: bool, last: bool) -> Graph:
-    """The compute-buffer graph of one device running layers of these ``kinds`` (``Dims.layers``) for one ubatch."""
+          kinds: Sequence[tuple[int, bool, bool]], first: bool, last: bool, quantized_kv: bool = False) -> Graph:
+    """The compute-buffer graph of one device running layers of these ``kinds`` (``Dims.layers``) for one ubatch;
+    ``quantized_kv``: the cache's K and V are of a quantized type (q8_0, q4_0)."""
     g, T, emb = Graph(), ubatch, d.n_embd
     mla = d.kv_lora > 0
     kinds = [k for k in kinds if k[2]]  # llama.cpp does not run NextN/MTP layers (they have no KV cache)
@@ -356,6 +368,14 @@ def build(d: Dims, *, ubatch: int, cells: int, swa_cells: int, flash_attn: bool,
         tokens = g.input(T * 4)
         g.input(emb * T * F32)  # inp_embd: allocated with the inputs, unused when tokens are given
     pos = g.input(T * 4)
+    rot: dict[str, int] = {}
+    if quantized_kv and not mla:  # Hadamard rotations for a quantized cache, when the head width allows
+        for name, width in (("k_rot", d.head_dim), ("v_rot", d.head_dim_v)):
+            if width % 64 == 0:
+                n = 64
+                while width % (n * 2) == 0:
+                    n *= 2
+                rot[name] = g.input(n * n * F32)
     kv_inputs = {}
     sliding = dict.fromkeys(swa for _used, swa, _kv in kinds)  # in order of first use, as the graph's leafs are
     for swa in sliding:  # llama_kv_cache_iswa: one set of cache inputs per cache
@@ -364,6 +384,7 @@ def build(d: Dims, *, ubatch: int, cells: int, swa_cells: int, flash_attn: bool,
             "k_idxs": g.input(T * 8),
             "v_idxs": -1 if mla else g.input(T * 8 if flash_attn else T * 8 * d.n_head_kv * d.head_dim_v),
             "mask": g.input(n * T * (2 if flash_attn else F32)),
+            **rot,
         }
     out_ids = g.input(T * 4) if last else -1
     x = g.op(emb * T * F32, tokens) if first else g.input(emb * T * F32)  # get_rows, or the previous stage's
@@ -389,7 +410,7 @@ def build(d: Dims, *, ubatch: int, cells: int, swa_cells: int, flash_attn: bool,
 
 
 def graph_bytes(d: Dims, *, ubatch: int, cells: int, swa_cells: int, flash_attn: bool, start: int, n_layers: int,
-                first: bool, last: bool, alignment: int = CPU_ALIGNMENT) -> int:
+                first: bool, last: bool, quantized_kv: bool = False, alignment: int = CPU_ALIGNMENT) -> int:
     """The compute buffer llama.cpp reserves for a device running ``n_layers`` layers from ``start``."""
     # The per-layer graph repeats, and so does the allocation once past the first layers: replay the first four, the
     # first of every other kind of layer in the slice, and the slice's last two.
@@ -399,12 +420,12 @@ def graph_bytes(d: Dims, *, ubatch: int, cells: int, swa_cells: int, flash_attn:
         kinds.setdefault(d.layers[il], il)
     keep = sorted({*range(start, min(end, start + 4)), *kinds.values(), *range(max(start, end - 2), end)})
     return _replay(d, tuple(d.layers[il] for il in keep), ubatch, cells, swa_cells, flash_attn, first, last,
-                   alignment)
+                   quantized_kv, alignment)
 
 
 @lru_cache(maxsize=4096)
 def _replay(d: Dims, kinds: tuple[tuple[int, bool, bool], ...], ubatch: int, cells: int, swa_cells: int,
-            flash_attn: bool, first: bool, last: bool, alignment: int) -> int:
+            flash_attn: bool, first: bool, last: bool, quantized_kv: bool, alignment: int) -> int:
     g = build(d, ubatch=ubatch, cells=cells, swa_cells=swa_cells, flash_attn=flash_attn, kinds=kinds, first=first,
-              last=last)
+              last=last, quantized_kv=quantized_kv)
     return allocate(g, alignment)

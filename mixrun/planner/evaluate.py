@@ -197,7 +197,7 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
                 cpu_layers = range(a, b)
             kv = int(facts.kv_bytes(req.ctx, req.ubatch, a, b) * s)
             comp = compute_bytes(spec, ctx=req.ctx, ubatch=req.ubatch, n_layers=b - a, last=last,
-                                 flash_attn=req.flash_attn, share=s, start=a)
+                                 flash_attn=req.flash_attn, share=s, start=a, kv_type=req.kv_type)
             ovh = GPU_OVERHEAD_BYTES[backend] if dev.backend != "cpu" else 0
             led.add(dev.id, weights=w, kv=kv, comp=comp, ovh=ovh)
             dev_s.append(read_time_s(read, dev, backend))
@@ -264,7 +264,7 @@ def evaluate_row(ctx: Context, gpus: list[Device], ratios: list[float], main: st
             w += others + facts.output_bytes
             kv = facts.kv_bytes(req.ctx, req.ubatch, 0, L)
             comp = compute_bytes(spec, ctx=req.ctx, ubatch=req.ubatch, n_layers=L, last=True,
-                                 flash_attn=req.flash_attn)
+                                 flash_attn=req.flash_attn, kv_type=req.kv_type)
         else:
             comp = 2 * req.ubatch * spec.n_ff * F32
         led.add(dev.id, weights=w, kv=kv, comp=comp, ovh=GPU_OVERHEAD_BYTES["llama.cpp"])
@@ -308,7 +308,8 @@ def evaluate_tensor(ctx: Context, gpus: list[Device], ts: list[float]) -> Evalua
     cpu = ctx.host_cpu
     if cpu is not None:
         led.add(cpu.id, weights=facts.embd_bytes, comp=output_buffer_bytes(spec, req.batch))
-    comp = compute_bytes(spec, ctx=req.ctx, ubatch=req.ubatch, n_layers=L, last=True, flash_attn=req.flash_attn)
+    comp = compute_bytes(spec, ctx=req.ctx, ubatch=req.ubatch, n_layers=L, last=True, flash_attn=req.flash_attn,
+                         kv_type=req.kv_type)
     cells = [facts.kv_cells(req.ctx, req.ubatch, il) for il in range(L)]
     rates = [d.mem_bandwidth_gbs * 1e9 * costs("llama.cpp", d).bw_eff for d in gpus]
     total_read = [sum(r[k] for r in place.layer_reads) + place.output_reads[k] for k in range(len(gpus))]

@@ -38,6 +38,7 @@ KV_CTX_PAD = 256
 GPU_OVERHEAD_BYTES = {"llama.cpp": 400 * MIB, "torch": 700 * MIB}
 F32 = 4
 PLAIN_TYPES = frozenset({"F32", "F16", "BF16"})  # stored as plain floats, not in quant blocks
+PLAIN_KV = frozenset({"f32", "f16", "bf16"})  # KV-cache types that are not quantized
 
 
 @dataclass(frozen=True)
@@ -310,14 +311,16 @@ class ExtraBuffers:
 
 
 def compute_bytes(spec: ModelSpec, *, ctx: int, ubatch: int, n_layers: int, last: bool, flash_attn: bool,
-                  share: float = 1.0, start: int = 0, first: bool | None = None, swa_full: bool = False) -> int:
+                  share: float = 1.0, start: int = 0, first: bool | None = None, swa_full: bool = False,
+                  kv_type: str = "f16") -> int:
     """Scratch memory of one device's slice of the graph for one ubatch (llama.cpp's "compute buffer").
 
     Found as llama.cpp finds it: ggml's graph allocator replayed over the graph of the device's layers
     ``[start, start + n_layers)`` (planner/compute_graph.py). ``first``: the slice starts the model (the token
     lookup's inputs are its own; default: ``start == 0``); ``last``: it ends it with the output layer. ``share`` is
     the device's fraction of heads and FFN rows under tensor parallelism. ``swa_full``: sliding-window layers keep a
-    full-size cache (llama.cpp's ``--swa-full``), so their mask spans the whole context.
+    full-size cache (llama.cpp's ``--swa-full``), so their mask spans the whole context. A quantized ``kv_type``
+    adds llama.cpp's Hadamard rotations of Q, K and V.
     """
     end = min(spec.n_layers, start + max(0, n_layers))
     if end <= start and not last:
@@ -329,7 +332,8 @@ def compute_bytes(spec: ModelSpec, *, ctx: int, ubatch: int, n_layers: int, last
         swa_cells = min(cells, math.ceil((spec.sliding_window + ub) / KV_CTX_PAD) * KV_CTX_PAD)
     return compute_graph.graph_bytes(_dims(spec, share), ubatch=ub, cells=cells, swa_cells=swa_cells,
                                      flash_attn=flash_attn, start=start, n_layers=max(0, end - start),
-                                     first=start == 0 if first is None else first, last=last)
+                                     first=start == 0 if first is None else first, last=last,
+                                     quantized_kv=kv_type not in PLAIN_KV)
 
 
 # ModelSpec hashes every tensor it lists, so the graph dimensions are cached per spec object, not by its hash

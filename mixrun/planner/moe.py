@@ -183,7 +183,7 @@ def _gpu_fixed(ctx: Context, gpus: Sequence[Device], counts: Sequence[int]) -> l
         w = facts.weights(a, b) + ((facts.output_bytes + facts.misc_bytes) if last else 0)
         kv = facts.kv_bytes(req.ctx, req.ubatch, a, b)
         comp = compute_bytes(spec, ctx=req.ctx, ubatch=req.ubatch, n_layers=n, last=last, flash_attn=req.flash_attn,
-                             start=a)
+                             start=a, kv_type=req.kv_type)
         rows.append([w, kv, comp, GPU_OVERHEAD_BYTES["llama.cpp"] if dev.backend != "cpu" else 0])
     return rows
 
