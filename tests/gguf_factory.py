@@ -206,16 +206,18 @@ def write_model(path: str | os.PathLike[str], arch: str = "llama", *, n_layers: 
                 n_ctx: int = 2048, tied: bool = True, qtype: str = "F32", sparse: bool = False,
                 sliding_window: int | None = None, extra_kv: dict[str, Any] | None = None,
                 split_max_tensors: int = 0, seed: int = 0, merges: bool = False,
-                chat_template: str | None = None, moe: MoEShape | None = None) -> Path:
+                chat_template: str | None = None, moe: MoEShape | None = None, name: str | None = None) -> Path:
     """Write a model; returns the path (the first part's when split). ``qtype`` is a GGML type name or
     ``Q4_K_M`` (llama.cpp's mix of Q4_K and Q6_K). ``merges`` makes the file loadable by llama.cpp.
     ``chat_template`` replaces the default one (which prints the messages' contents). ``moe`` makes it a mixture
-    of experts (``arch`` one of MOE_ARCHS; for deepseek2 ``head_dim`` is the query/key head width, nope + rope)."""
+    of experts (``arch`` one of MOE_ARCHS; for deepseek2 ``head_dim`` is the query/key head width, nope + rope).
+    ``name`` (general.name, default ``tiny-ARCH``): llama.cpp sets token attributes by it, and for a name with
+    "phi3" in it looks up "</s>", which the tiny vocabulary lacks."""
     head_dim = head_dim or n_embd // n_head
     mla = moe is not None and moe.kv_lora_rank > 0
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     w = GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
-    w.add_name(f"tiny-{arch}")
+    w.add_name(name or f"tiny-{arch}")
     w.add_block_count(n_layers)
     w.add_context_length(n_ctx)
     w.add_embedding_length(n_embd)

@@ -175,8 +175,7 @@ def allocate(g: Graph, alignment: int = CPU_ALIGNMENT) -> int:
 
 # Projection order per architecture: the order in which the model's code expands Q, K and V into the graph
 # (llama.cpp's build_attn expands q, then v, then k for most; gemma2/3 and openai-moe build q, k, v in turn).
-# phi3 (one fused wqkv, read from phi3.cpp and build_qkv) is the one graph not checked against llama.cpp: a tiny phi3
-# needs a SentencePiece vocabulary the test factory does not write.
+# phi3 has one fused wqkv (phi3.cpp, build_qkv) whose Q/K/V are views.
 QKV_ORDER = {"gemma2": "qkv", "gemma3": "qkv", "gpt-oss": "qkv", "phi3": "fused", "deepseek2": "mla"}
 # Router: softmax over the experts (qwen3moe, deepseek2 v2), sigmoid (glm4moe), or the top-k logits softmaxed
 # after selection (gpt-oss, LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT); qwen3moe renormalises the weights.
@@ -368,18 +367,19 @@ def build(d: Dims, *, ubatch: int, cells: int, swa_cells: int, flash_attn: bool,
         tokens = g.input(T * 4)
         g.input(emb * T * F32)  # inp_embd: allocated with the inputs, unused when tokens are given
     pos = g.input(T * 4)
-    rot: dict[str, int] = {}
-    if quantized_kv and not mla:  # Hadamard rotations for a quantized cache, when the head width allows
+    rot_sizes: dict[str, int] = {}  # Hadamard rotations for a quantized cache, when the head width allows
+    if quantized_kv and not mla:
         for name, width in (("k_rot", d.head_dim), ("v_rot", d.head_dim_v)):
             if width % 64 == 0:
                 n = 64
                 while width % (n * 2) == 0:
                     n *= 2
-                rot[name] = g.input(n * n * F32)
+                rot_sizes[name] = n * n * F32
     kv_inputs = {}
     sliding = dict.fromkeys(swa for _used, swa, _kv in kinds)  # in order of first use, as the graph's leafs are
-    for swa in sliding:  # llama_kv_cache_iswa: one set of cache inputs per cache
+    for swa in sliding:  # llama_kv_cache_iswa: one set of cache inputs (rotations included) per cache
         n = swa_cells if swa else cells
+        rot = {name: g.input(size) for name, size in rot_sizes.items()}
         kv_inputs[swa] = {
             "k_idxs": g.input(T * 8),
             "v_idxs": -1 if mla else g.input(T * 8 if flash_attn else T * 8 * d.n_head_kv * d.head_dim_v),

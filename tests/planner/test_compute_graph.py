@@ -3,7 +3,10 @@ that its buffers are the ones planned."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+import pytest
 
 import gguf_factory
 from mixrun.model.gguf import read_spec
@@ -11,6 +14,9 @@ from mixrun.planner import PlanRequest, plan
 from mixrun.planner.compute_graph import Graph, _Allocator, allocate
 from mixrun.planner.memory import compute_bytes
 from mixrun.rig.profile import load_profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import llamacpp_memory  # noqa: E402
 
 
 def test_best_fit_skips_the_open_end_and_merges_neighbours() -> None:
@@ -81,3 +87,20 @@ def test_llama_gets_the_buffers_planned(tmp_path: Path) -> None:
     dense = read_spec(gguf_factory.write_model(tmp_path / "dense.gguf", "llama"))
     kwargs = plan(rig, dense, PlanRequest(backend="llama.cpp", ctx=2048)).candidates[0].llama_kwargs
     assert "swa_full" not in kwargs and "n_ubatch" not in kwargs
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+def test_dense_graphs_match_llamacpp(tmp_path: Path, arch: str) -> None:
+    """Each dense architecture's graph (Q/K/V order, sliding-window masks, phi3's fused QKV and FFN) gives llama.cpp's
+    own compute buffer, with and without flash attention, f16 and q8_0 caches (the latter's Hadamard rotations)."""
+    swa = {"sliding_window": 64} if arch in ("gemma2", "gemma3") else {}
+    path = gguf_factory.write_model(tmp_path / f"{arch}.gguf", arch, n_layers=7, n_embd=256, n_head=4, n_head_kv=2,
+                                    head_dim=64, n_ff=768, n_vocab=640, merges=True, tied=arch.startswith("gemma"),
+                                    name="tiny", **swa)
+    spec = read_spec(path)
+    for ctx, ub, fa, kv in ((1024, 256, False, "f16"), (2048, 512, True, "f16"), (2048, 128, True, "q8_0")):
+        res = llamacpp_memory.llamacpp_buffers(str(path), ctx, n_batch=ub, n_ubatch=ub, flash_attn=fa, type_k=kv,
+                                               type_v=kv, no_alloc=True, extra_buffers=False, swa_full=False,
+                                               timeout=120)
+        ours = compute_bytes(spec, ctx=ctx, ubatch=ub, n_layers=spec.n_layers, last=True, flash_attn=fa, kv_type=kv)
+        assert abs(ours / res["compute"] - 1) <= 0.01, (ctx, ub, fa, kv, ours, res["compute"])
