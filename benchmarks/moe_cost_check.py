@@ -63,6 +63,9 @@ GPUS = {
     "RTX 3090": ("NVIDIA GeForce RTX 3090", 24.0, 936.0, 71.0),
     "RTX 3090 Ti": ("NVIDIA GeForce RTX 3090 Ti", 24.0, 1008.0, 80.0),
     "RTX PRO 6000 Blackwell Workstation Edition": ("NVIDIA RTX PRO 6000 Blackwell", 96.0, 1792.0, 250.0),
+    # AMD (ROCm): RDNA3's WMMA matrix rate; RDNA2 has no matrix units, so its packed-FP16 vector rate
+    "RX 7900 XT": ("AMD Radeon RX 7900 XT", 20.0, 800.0, 103.0),
+    "RX 6900 XT": ("AMD Radeon RX 6900 XT", 16.0, 512.0, 46.1),
 }
 PCIE = {"RTX 2080 8GB": 12.0}  # X299 boards are PCIe 3.0 x16 (~12 GB/s achieved); others PCIe 4.0 x16 (25)
 DEFAULT_HOST_GBS = 80.0  # used where the source does not say; such rows are not scored for decode
@@ -92,7 +95,8 @@ def _rig(row: dict) -> RigProfile:
     name = row["gpus"][0]
     full, vram, bw, tf = GPUS[name]
     host_bw = row.get("host_bw_gbs", DEFAULT_HOST_GBS)
-    devices = (Device(id="gpu0", host="h", backend="cuda", name=full, vram_gib=vram, mem_bandwidth_gbs=bw,
+    backend = "rocm" if full.startswith("AMD") else "cuda"  # the AMD rows ran llama.cpp's ROCm build
+    devices = (Device(id="gpu0", host="h", backend=backend, name=full, vram_gib=vram, mem_bandwidth_gbs=bw,
                       fp16_tflops=tf),
                Device(id="cpu", host="h", backend="cpu", name=row.get("host_cpu", "host CPU"), vram_gib=256.0,
                       reserved_gib=8.0, mem_bandwidth_gbs=host_bw, fp16_tflops=1.0))
