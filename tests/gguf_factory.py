@@ -206,13 +206,15 @@ def write_model(path: str | os.PathLike[str], arch: str = "llama", *, n_layers: 
                 n_ctx: int = 2048, tied: bool = True, qtype: str = "F32", sparse: bool = False,
                 sliding_window: int | None = None, extra_kv: dict[str, Any] | None = None,
                 split_max_tensors: int = 0, seed: int = 0, merges: bool = False,
-                chat_template: str | None = None, moe: MoEShape | None = None, name: str | None = None) -> Path:
+                chat_template: str | None = None, moe: MoEShape | None = None, name: str | None = None,
+                rope_dim: int | None = None) -> Path:
     """Write a model; returns the path (the first part's when split). ``qtype`` is a GGML type name or
     ``Q4_K_M`` (llama.cpp's mix of Q4_K and Q6_K). ``merges`` makes the file loadable by llama.cpp.
     ``chat_template`` replaces the default one (which prints the messages' contents). ``moe`` makes it a mixture
     of experts (``arch`` one of MOE_ARCHS; for deepseek2 ``head_dim`` is the query/key head width, nope + rope).
     ``name`` (general.name, default ``tiny-ARCH``): llama.cpp sets token attributes by it, and for a name with
-    "phi3" in it looks up "</s>", which the tiny vocabulary lacks."""
+    "phi3" in it looks up "</s>", which the tiny vocabulary lacks. ``rope_dim``: rotate only that many features of
+    each head (GLM's partial rotary embedding; default the whole head)."""
     head_dim = head_dim or n_embd // n_head
     mla = moe is not None and moe.kv_lora_rank > 0
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +236,7 @@ def write_model(path: str | os.PathLike[str], arch: str = "llama", *, n_layers: 
         if head_dim != n_embd // n_head:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
-        w.add_rope_dimension_count(head_dim)
+        w.add_rope_dimension_count(rope_dim or head_dim)
     if moe is not None:
         _moe_header(w, arch, moe, head_dim)
     w.add_rope_freq_base(10000.0)
@@ -251,7 +253,9 @@ def write_model(path: str | os.PathLike[str], arch: str = "llama", *, n_layers: 
     w.add_chat_template(chat_template if chat_template is not None else
                         "{% for m in messages %}{{ m['content'] }}{% endfor %}")
     for k, v in (extra_kv or {}).items():
-        if isinstance(v, str):
+        if isinstance(v, bool):
+            w.add_bool(k, v)
+        elif isinstance(v, str):
             w.add_string(k, v)
         elif isinstance(v, float):
             w.add_float32(k, v)

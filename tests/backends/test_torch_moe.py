@@ -1,5 +1,5 @@
-"""The torch backend's mixture of experts (qwen3moe): the FFN against its formula, logits and greedy tokens against
-llama.cpp on a tiny random MoE, expert parallelism inside a TP group and pipelines against one process, and
+"""The torch backend's mixture of experts (qwen3moe, glm4moe): the FFN against its formula, logits and greedy tokens
+against llama.cpp on tiny random MoEs, expert parallelism inside a TP group and pipelines against one process, and
 quantized experts kept in their GGUF blocks."""
 
 from __future__ import annotations
@@ -225,3 +225,42 @@ def test_quantized_experts_in_gguf_blocks_equal_dense(tmp_path: Path) -> None:
         a = dense.logits(dense(dense.embed_tokens(tok), len(TOKS)))
         b = kept.logits(kept(kept.embed_tokens(tok), len(TOKS)))
         assert _rel(b.numpy(), a.numpy()) < 1e-5
+
+
+# ---- glm4moe: sigmoid routing with a selection bias, a shared expert, leading dense layers, partial RoPE ----------
+
+GLM_MOE = gguf_factory.MoEShape(n_expert=6, n_expert_used=3, n_ff_exp=32, n_expert_shared=1, n_dense_lead=1)
+
+
+def test_tiny_glm4moe_matches_llamacpp(tmp_path: Path) -> None:
+    """GLM-4.5's layer: QKV bias, RoPE over half of each head (NEOX), a dense first layer, sigmoid router
+    probabilities chosen with exp_probs_b and weighed without it, a shared expert. With the weights normalized
+    and scaled (GLM-4.5: 2.5) and without (the defaults), and with a trailing NextN layer, which neither llama.cpp's
+    main graph nor the torch backend runs: logits within the dense models' bound of llama.cpp's, the same 16 greedy
+    tokens."""
+    assert "glm4moe" in BACKEND_ARCHS[Backend.TORCH]
+    cases = {"norm-scale": {"glm4moe.expert_weights_norm": True, "glm4moe.expert_weights_scale": 2.5},
+             "defaults": {}, "nextn": {"glm4moe.nextn_predict_layers": 1}}
+    for name, extra in cases.items():
+        path = gguf_factory.write_moe_model(tmp_path / f"glm-{name}.gguf", "glm4moe", n_layers=4, n_head_kv=4,
+                                            moe=GLM_MOE, seed=11, rope_dim=16, extra_kv=extra)
+        ref_logits, ref_tokens = reference(path, TOKS, 16, 64)
+        eng = TorchEngine(str(path), n_ctx=64)
+        try:
+            assert _rel(eng.logits(TOKS), ref_logits) < 1e-5, name  # measured 4.3e-7 to 7.0e-7
+            ours = list(eng.generate_ids(TOKS, GREEDY))
+        finally:
+            eng.close()
+        assert ours == ref_tokens and len(ours) == 16, name
+
+
+def test_glm4moe_expert_parallel_and_pipelines_match_llamacpp(tmp_path: Path) -> None:
+    """Gloo CPU ranks: the shared expert's rows split like a dense FFN's and the routed experts by member inside a
+    TP group (uneven), and a hybrid of TP and a pipeline, give llama.cpp's logits and greedy tokens."""
+    path = str(gguf_factory.write_moe_model(tmp_path / "glm.gguf", "glm4moe", n_layers=4, n_head_kv=4, moe=GLM_MOE,
+                                            seed=11, rope_dim=16))
+    ref_logits, ref_tokens = reference(Path(path), TOKS, 16, 64)
+    for name in ("tp2-uneven", "hybrid"):
+        logits, tokens, _tele, _ready = _run(path, LAYOUTS[name])
+        assert _rel(logits, ref_logits) < 1e-5, name  # measured 3.8e-7, 4.0e-7
+        assert tokens == ref_tokens, name

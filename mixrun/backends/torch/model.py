@@ -2,7 +2,8 @@
 
 One sequence at a time (the chat case): activations are ``(T, dim)``. Architectures: llama (Mistral, SmolLM2 with
 tied embeddings), qwen2 (QKV bias), qwen3 (QK norm, explicit head dim), qwen3moe (qwen3 with routed experts for its
-FFN, :mod:`.moe`). A model object may hold only a slice of the network: layers ``[start, end)``, with or without the
+FFN, :mod:`.moe`), glm4moe (QKV bias, partial NEOX rotation, leading dense layers, sigmoid routing with a selection
+bias and a shared expert; its trailing NextN/MTP layers are not run, as llama.cpp's main graph does not). A model object may hold only a slice of the network: layers ``[start, end)``, with or without the
 embedding and the output head, so a pipeline stage builds just its own part. Tensor parallelism is applied
 afterwards by :mod:`mixrun.backends.torch.parallel`, which shrinks the linears to their shards; the head counts
 below are therefore read from the modules, never from the config.
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixrun.backends.torch import cpu_matvec, quant
+from mixrun.backends.torch.ffn import FeedForward
 from mixrun.backends.torch.linear import Norm, Product, cpu_kernel, row_split, weight
 from mixrun.backends.torch.moe import MoEFeedForward
 
@@ -51,10 +53,18 @@ class ModelConfig:
     qkv_bias: bool
     qk_norm: bool
     tied: bool
-    # mixture of experts (qwen3moe): every layer's FFN is routed experts when n_expert > 0 (:mod:`.moe`)
+    # mixture of experts (qwen3moe, glm4moe): a layer's FFN is routed experts when n_expert > 0 (:mod:`.moe`),
+    # after the first n_dense_lead layers
     n_expert: int = 0
     n_expert_used: int = 0
     n_ff_exp: int = 0  # one expert's FFN width
+    n_dense_lead: int = 0
+    n_ff_shared: int = 0  # the shared expert's FFN width (0: none)
+    gating: str = "softmax"  # the router's probabilities: "softmax" over the experts, or "sigmoid" of each
+    probs_bias: bool = False  # a per-expert bias added to the probabilities to choose the experts, not to weigh them
+    norm_w: bool = True  # the chosen experts' weights divided by their sum
+    w_scale: float = 1.0  # and then multiplied by this
+    n_nextn: int = 0  # trailing NextN/MTP layers: counted in n_layers (the plan's ranges), never run
 
     @classmethod
     def from_gguf(cls, spec: Any, fields: dict[str, Any]) -> ModelConfig:
@@ -63,12 +73,25 @@ class ModelConfig:
         n_used = spec.n_expert_used if spec.n_expert else 0
         # llama.cpp: an expert's width is expert_feed_forward_length, else feed_forward_length / expert_used_count
         n_ff_exp = (spec.n_ff_exp or spec.n_ff // n_used) if n_used else 0
-        return cls(arch=arch, n_layers=spec.n_layers, dim=spec.n_embd, n_head=spec.n_head, n_head_kv=spec.n_head_kv,
-                   head_dim=spec.head_dim, ffn_dim=spec.n_ff, vocab=spec.n_vocab, norm_eps=float(eps),
-                   rope_base=spec.rope.freq_base, rope_dim=spec.rope.dim or spec.head_dim,
-                   rope_neox=arch in ("qwen2", "qwen3", "qwen3moe"), qkv_bias=arch == "qwen2",
-                   qk_norm=arch in ("qwen3", "qwen3moe"), tied=spec.tied_output, n_expert=spec.n_expert,
-                   n_expert_used=n_used, n_ff_exp=n_ff_exp)
+        names = {t.name for t in spec.tensors}
+        shared = next((t.shape[0] for t in spec.tensors if t.name.endswith(".ffn_up_shexp.weight")), 0)
+        glm = arch == "glm4moe"
+        # llama.cpp's build_moe_ffn arguments: qwen3moe passes softmax and norm_w = true; glm4moe reads its
+        # expert_gating_func (sigmoid when absent), expert_weights_norm (false) and expert_weights_scale (none)
+        gating = fields.get(f"{arch}.expert_gating_func", 2 if glm else 1)
+        return cls(arch=arch, n_layers=spec.n_layers, dim=spec.n_embd, n_head=spec.n_head,
+                   n_head_kv=spec.n_head_kv, head_dim=spec.head_dim, ffn_dim=spec.n_ff, vocab=spec.n_vocab,
+                   norm_eps=float(eps), rope_base=spec.rope.freq_base, rope_dim=spec.rope.dim or spec.head_dim,
+                   rope_neox=arch in ("qwen2", "qwen3", "qwen3moe", "glm4moe"),
+                   qkv_bias=arch == "qwen2" or (glm and "blk.0.attn_q.bias" in names),
+                   qk_norm=arch in ("qwen3", "qwen3moe") or (glm and "blk.0.attn_q_norm.weight" in names),
+                   tied=spec.tied_output, n_expert=spec.n_expert, n_expert_used=n_used, n_ff_exp=n_ff_exp,
+                   n_dense_lead=spec.n_layer_dense_lead, n_ff_shared=shared,
+                   gating="sigmoid" if gating == 2 else "softmax",
+                   probs_bias=any(n.endswith(".exp_probs_b.bias") for n in names),
+                   norm_w=bool(fields.get(f"{arch}.expert_weights_norm", False)) if glm else True,
+                   w_scale=float(fields.get(f"{arch}.expert_weights_scale", 0.0) or 1.0) if glm else 1.0,
+                   n_nextn=spec.n_layer_nextn)
 
 
 class RMSNorm(nn.Module):
@@ -221,39 +244,17 @@ class Attention(nn.Module):
         return self.out(out, add)
 
 
-class FeedForward(nn.Module):
-    """SwiGLU ``w2(silu(gate x) * up x)``: gate and up as one fused linear ``w13``, down as ``w2``."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)  # gate rows, then up rows
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
-        self.gate_up: Product | None = None  # w13 as a step computes it (.linear), made by prepare()
-        self.down: Product | None = None  # w2
-
-    def linears(self) -> tuple[nn.Linear, ...]:
-        return self.w13, self.w2
-
-    def prepare(self, device: torch.device, split: int) -> None:
-        self.gate_up, self.down = weight(self.w13, device, split), weight(self.w2, device, split)
-
-    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        """(T, dim) -> (T, dim); with tensor parallelism a partial sum. ``add``: as in :meth:`Attention.forward`."""
-        assert self.gate_up is not None and self.down is not None, "setup_cache() first"
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (T, ffn) each
-        return self.down(F.silu(gate).mul_(up), add)
-
-
 class Block(nn.Module):
     """One decoder layer. With tensor parallelism the attention's and the FFN's outputs are this member's partial
     sums; the hooks :func:`.parallel.apply_tp` adds all-reduce them over the stage's group."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn: FeedForward | MoEFeedForward = MoEFeedForward(cfg) if cfg.n_expert else FeedForward(cfg)
+        routed = cfg.n_expert and layer >= cfg.n_dense_lead
+        self.ffn: FeedForward | MoEFeedForward = MoEFeedForward(cfg) if routed else FeedForward(cfg.dim, cfg.ffn_dim)
 
     def setup_cache(self, max_pos: int, dtype: torch.dtype, device: torch.device, split: int) -> None:
         self.attn_norm.prepare()
@@ -299,7 +300,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, layers: tuple[int, int], head: bool, max_pos: int) -> None:
         super().__init__()
         self.cfg, self.max_pos = cfg, max_pos
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(layers[1] - layers[0]))
+        run = min(layers[1], cfg.n_layers - cfg.n_nextn)  # llama.cpp's main graph runs no NextN layer either
+        self.layers = nn.ModuleList(Block(cfg, il) for il in range(layers[0], run))
         self.rope = Rope(cfg, max_pos)
         self.embed = Embedding(cfg.vocab, cfg.dim) if head else None
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if head else None

@@ -1,10 +1,11 @@
-"""A mixture-of-experts FFN (qwen3moe) in plain PyTorch, with no distributed code in it.
+"""A mixture-of-experts FFN (qwen3moe, glm4moe) in plain PyTorch, with no distributed code in it.
 
-The equation is llama.cpp's ``build_moe_ffn`` for qwen3moe (src/llama-graph.cpp, src/models/qwen3moe.cpp): router
-logits ``ffn_gate_inp x``, a softmax over all experts, the top ``n_used`` of them, their probabilities divided by
-their sum (clamped below at 2^-14, as llama.cpp does), each chosen expert's SwiGLU ``down(silu(gate x) * up x)``,
-and the sum of the experts' outputs weighted by those probabilities. No shared expert, no selection bias, no weight
-scale.
+The equation is llama.cpp's ``build_moe_ffn`` (src/llama-graph.cpp; src/models/qwen3moe.cpp, glm4-moe.cpp): router
+logits ``ffn_gate_inp x``; probabilities by a softmax over all experts (qwen3moe) or a sigmoid of each (glm4moe);
+the top ``n_used`` of them, chosen on the probabilities plus a per-expert selection bias where the model has one
+(``exp_probs_b``), weighed by the probabilities without it; the weights divided by their sum (clamped below at
+2^-14, as llama.cpp does) where the model says so, and scaled; each chosen expert's SwiGLU
+``down(silu(gate x) * up x)``, summed with those weights; plus a shared expert's SwiGLU where the model has one.
 
 The experts' matrices stay stacked as in the GGUF: ``gate_exps`` and ``up_exps`` hold ``n_local`` experts'
 ``(ffn, dim)`` matrices one after another by rows, ``down_exps`` their ``(dim, ffn)`` ones. A module may hold only
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixrun.backends.torch.ffn import FeedForward
 from mixrun.backends.torch.linear import Product, stacked, weight
 
 WEIGHTS_SUM_MIN = 6.103515625e-5  # llama.cpp clamps the chosen probabilities' sum to the smallest normal float16
@@ -31,12 +33,18 @@ WEIGHTS_SUM_MIN = 6.103515625e-5  # llama.cpp clamps the chosen probabilities' s
 class MoEFeedForward(nn.Module):
     """The routed experts of one layer; holds experts ``[first, first + n_local)`` of ``n_expert``."""
 
-    def __init__(self, cfg: Any, first: int = 0, n_local: int | None = None) -> None:
+    def __init__(self, cfg: Any, first: int = 0, n_local: int | None = None, shared: int | None = None) -> None:
+        """``shared``: this member's rows of the shared expert (default: all of them)."""
         super().__init__()
         n = cfg.n_expert if n_local is None else n_local
         self.n_expert, self.n_used, self.ffn = cfg.n_expert, cfg.n_expert_used, cfg.n_ff_exp
         self.first, self.n_local, self.dim = first, n, cfg.dim
+        self.sigmoid, self.norm_w, self.w_scale = cfg.gating == "sigmoid", cfg.norm_w, cfg.w_scale
         self.router = nn.Linear(cfg.dim, cfg.n_expert, bias=False)  # ffn_gate_inp, whole on every TP member
+        # exp_probs_b: added to the probabilities to choose experts (not to weigh them); whole on every member
+        self.probs_bias = nn.Parameter(torch.empty(cfg.n_expert)) if cfg.probs_bias else None
+        width = cfg.n_ff_shared if shared is None else shared
+        self.shared = FeedForward(cfg.dim, width) if cfg.n_ff_shared else None  # rows sharded like a dense FFN
         with warnings.catch_warnings():  # a member without experts (more members than experts) has empty ones
             warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
             self.gate_exps = nn.Linear(cfg.dim, n * cfg.n_ff_exp, bias=False)  # (n ffn, dim): expert after expert
@@ -47,10 +55,13 @@ class MoEFeedForward(nn.Module):
         self.experts: list[tuple[Product, Product, Product]] = []  # (gate, up, down) of each local expert
 
     def linears(self) -> tuple[nn.Linear, ...]:
-        return self.router, self.gate_exps, self.up_exps, self.down_exps
+        extra = self.shared.linears() if self.shared is not None else ()
+        return self.router, self.gate_exps, self.up_exps, self.down_exps, *extra
 
     def prepare(self, device: torch.device, split: int) -> None:
         n = self.n_local
+        if self.shared is not None:
+            self.shared.prepare(device, split)
         self.route = weight(self.router, device, split)
         self.experts = list(zip(stacked(self.gate_exps, n, device, split), stacked(self.up_exps, n, device, split),
                                 stacked(self.down_exps, n, device, split), strict=True))
@@ -59,9 +70,16 @@ class MoEFeedForward(nn.Module):
         """The experts each token of ``x`` (T, dim) runs, (T, n_used) global indices by falling probability, and
         their weights, (T, n_used) float32 summing to 1 per token."""
         assert self.route is not None, "setup_cache() first"
-        probs = torch.softmax(self.route(x).float(), dim=-1)  # (T, n_expert)
-        w, idx = torch.topk(probs, self.n_used, dim=-1)  # (T, n_used) each
-        return w / w.sum(dim=-1, keepdim=True).clamp_min(WEIGHTS_SUM_MIN), idx
+        logits = self.route(x).float()  # (T, n_expert)
+        probs = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
+        if self.probs_bias is None:
+            w, idx = torch.topk(probs, self.n_used, dim=-1)  # (T, n_used) each
+        else:  # chosen on the biased probabilities, weighed by the plain ones
+            idx = torch.topk(probs + self.probs_bias.float(), self.n_used, dim=-1).indices
+            w = probs.gather(-1, idx)
+        if self.norm_w:
+            w = w / w.sum(dim=-1, keepdim=True).clamp_min(WEIGHTS_SUM_MIN)
+        return (w * self.w_scale if self.w_scale != 1.0 else w), idx
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Local expert ``e``'s SwiGLU on ``x`` (T, dim) -> (T, dim)."""
@@ -86,4 +104,6 @@ class MoEFeedForward(nn.Module):
                 rows, slot = torch.nonzero(local == e, as_tuple=True)  # the tokens that chose e, and where
                 y = self.expert(e, x.index_select(0, rows))  # (rows, dim)
                 out.index_add_(0, rows, y.mul_(w[rows, slot].to(x.dtype)[:, None]))  # (rows,) -> (rows, 1)
+        if self.shared is not None:
+            out = self.shared(x, out)  # the shared expert's output added to the routed ones'
         return out if add is None else out + add

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mixrun.alloc import allocate
-from mixrun.backends.torch.model import Embedding, FeedForward, ModelConfig, Transformer
+from mixrun.backends.torch.ffn import FeedForward
+from mixrun.backends.torch.model import Embedding, ModelConfig, Transformer
 from mixrun.backends.torch.moe import MoEFeedForward
 
 if TYPE_CHECKING:
@@ -182,6 +183,8 @@ def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[
     shards: dict[str, tuple[Shard, ...]] = {}
     experts = expert_counts(cfg, stage)
     e0, e1 = sum(experts[:member]), sum(experts[: member + 1])
+    shared = allocate(cfg.n_ff_shared, kv) if cfg.n_ff_shared else []  # a shared expert's rows, as the FFN's
+    fs = Shard(0, sum(shared[:member]), sum(shared[: member + 1])) if shared else None
     for i, blk in enumerate(model.layers):
         a, ff = blk.attn, blk.ffn
         p = f"layers.{i}."
@@ -192,9 +195,10 @@ def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[
             if isinstance(ff, FeedForward):
                 ff.w13 = _linear(ff.w13, cfg.dim, 2 * (f.stop - f.start))
                 ff.w2 = _linear(ff.w2, f.stop - f.start, cfg.dim)
-            else:  # expert parallel: this member's experts, whole
+            else:  # expert parallel: this member's experts, whole, and its rows of a shared expert
                 with torch.device(a.wo.weight.device):  # the meta device: nothing allocated
-                    blk.ffn = ff = MoEFeedForward(cfg, e0, e1 - e0).to(a.wo.weight.dtype)
+                    width = fs.stop - fs.start if fs is not None else None
+                    blk.ffn = ff = MoEFeedForward(cfg, e0, e1 - e0, width).to(a.wo.weight.dtype)
             a.register_forward_hook(_all_reduced(comm))
             ff.register_forward_hook(_all_reduced(comm))
         shards[p + "attn.wqkv.weight"] = shards[p + "attn.wqkv.bias"] = (q, k, k)
@@ -206,6 +210,9 @@ def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[
             fe = cfg.n_ff_exp
             shards[p + "ffn.gate_exps.weight"] = shards[p + "ffn.up_exps.weight"] = (Shard(0, e0 * fe, e1 * fe),)
             shards[p + "ffn.down_exps.weight"] = (Shard(0, e0 * cfg.dim, e1 * cfg.dim),)
+            if fs is not None:
+                shards[p + "ffn.shared.w13.weight"] = (fs, fs)
+                shards[p + "ffn.shared.w2.weight"] = (Shard(1, fs.start, fs.stop),)
     if model.embed is not None:
         vocab = vocab_sizes(cfg, stage)
         v0, v1 = sum(vocab[:member]), sum(vocab[: member + 1])

@@ -44,18 +44,29 @@ _BLOCK: dict[str, tuple[tuple[MODEL_TENSOR, str], ...]] = {
     "ffn.gate_exps.weight": ((MODEL_TENSOR.FFN_GATE_EXP, "weight"),),
     "ffn.up_exps.weight": ((MODEL_TENSOR.FFN_UP_EXP, "weight"),),
     "ffn.down_exps.weight": ((MODEL_TENSOR.FFN_DOWN_EXP, "weight"),),
+    "ffn.probs_bias": ((MODEL_TENSOR.FFN_EXP_PROBS_B, "bias"),),
+    "ffn.shared.w13.weight": ((MODEL_TENSOR.FFN_GATE_SHEXP, "weight"), (MODEL_TENSOR.FFN_UP_SHEXP, "weight")),
+    "ffn.shared.w2.weight": ((MODEL_TENSOR.FFN_DOWN_SHEXP, "weight"),),
 }
+# where a model names a tensor otherwise: glm4moe norms before the FFN with post_attention_norm
+_ELSE = {MODEL_TENSOR.FFN_NORM: MODEL_TENSOR.ATTN_POST_NORM}
 # tensors whose features within a head follow the RoPE pair order (reordered for NEOX models)
 _ROTATED = (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K, MODEL_TENSOR.ATTN_Q_NORM, MODEL_TENSOR.ATTN_K_NORM)
 
 
-def gguf_parts(param: str, first_layer: int, tied: bool) -> list[tuple[str, bool]]:
+def gguf_parts(param: str, first_layer: int, tied: bool, present: Callable[[str], bool] = lambda _name: True
+               ) -> list[tuple[str, bool]]:
     """The GGUF tensors behind a parameter of a model part whose first layer is ``first_layer``, in row order,
-    each with whether its head features are rotated by RoPE."""
+    each with whether its head features are rotated by RoPE; ``present`` says whether the file has a tensor (the
+    other name of :data:`_ELSE` is taken when it has not)."""
     if param.startswith("layers."):
         _, idx, rest = param.split(".", 2)
-        return [(TENSOR_NAMES[kind].format(bid=first_layer + int(idx)) + "." + suffix, kind in _ROTATED)
-                for kind, suffix in _BLOCK[rest]]
+
+        def name(kind: MODEL_TENSOR, suffix: str) -> str:
+            return TENSOR_NAMES[kind].format(bid=first_layer + int(idx)) + "." + suffix
+
+        return [(name(kind, suffix) if kind not in _ELSE or present(name(kind, suffix)) else
+                 name(_ELSE[kind], suffix), kind in _ROTATED) for kind, suffix in _BLOCK[rest]]
     if param == "embed.weight" or (param == "output.weight" and tied):
         return [(TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight", False)]
     if param == "norm.weight":
@@ -147,7 +158,7 @@ def _kept_in_blocks(model: torch.nn.Module, tf: Any, shards: dict[str, tuple[Sha
     for pname, p in model.named_parameters():
         if p.dim() != 2:
             continue
-        parts = gguf_parts(pname, first_layer, tied)
+        parts = gguf_parts(pname, first_layer, tied, tf.__contains__)
         pshards = shards.get(pname) or [None] * len(parts)
         keep = []
         for (name, rotated), shard in zip(parts, pshards, strict=True):
@@ -191,7 +202,7 @@ def load(model: torch.nn.Module, tf: Any, shards: dict[str, tuple[Shard, ...]], 
     for pname, param in params.items():
         if pname in kept:
             continue
-        parts = gguf_parts(pname, first_layer, tied)
+        parts = gguf_parts(pname, first_layer, tied, tf.__contains__)
         row = 0
         for (name, rotated), shard in zip(parts, shards.get(pname) or [None] * len(parts), strict=True):
             if name not in tf:
