@@ -47,6 +47,12 @@ OP_OFFLOAD_MIN_BATCH = 32
 # A CPU thread streams at most this many GB/s of expert weights (a desktop core's share of a DDR4/DDR5 channel
 # pair); the host reads at min(threads x this, bandwidth x llama.cpp's CPU efficiency). Assumption, see the docs.
 CPU_THREAD_GBS = 10.0
+# Share of the host's memory bandwidth its threads stream RAM-held experts at during decode (llama.cpp's CPU
+# MUL_MAT_ID: small per-expert products gathered per token, a thread barrier per layer), below the 0.6 a dense CPU
+# decode reaches. Set from the first published row with the host's bandwidth stated (Qwen3-30B-A3B, i9-10900X,
+# 102 GB/s measured: 0.45 explains it, docs/benchmarks.md), then checked on three rows added after it: gpt-oss-20b
+# and DeepSeek-Coder-V2-Lite on the same host (x1.10, x1.32) and gpt-oss-120b on a Ryzen 7900 DDR5 host (x1.00).
+CPU_EXPERT_BW_EFF = 0.45
 # Per layer with experts in RAM: the scheduler's two extra graph splits (GPU -> CPU and back), each a
 # synchronisation and a wake-up of the CPU threads, beyond the copies' own link time. An estimate, not a fit: the
 # one published row with the host's bandwidth stated (docs/cost-model-data.toml [[moe]]) is 21% slower than
@@ -164,7 +170,7 @@ def cpu_expert_rate(ctx: Context) -> float:
     cpu = ctx.host_cpu
     if cpu is None:
         return 1.0
-    bw = cpu.mem_bandwidth_gbs * 1e9 * costs("llama.cpp", cpu).bw_eff
+    bw = cpu.mem_bandwidth_gbs * 1e9 * CPU_EXPERT_BW_EFF
     return min(bw, host_threads(ctx) * CPU_THREAD_GBS * 1e9)
 
 
