@@ -35,11 +35,11 @@ PLANNABLE_ARCHS = frozenset({"llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi
                              # deepseek2's MLA cache is modelled as llama.cpp stores it (one latent + rope key per token)
                              "qwen3moe", "gpt-oss", "glm4moe", "deepseek2"})
 # Architectures each backend runs. The torch backend implements the Llama equation, its qwen2 (QKV bias) and
-# qwen3 (QK norm) variants, and qwen3moe's and glm4moe's routed experts (backends/torch/moe.py); gemma's soft-capping
-# and sliding windows, phi3's fused projections, gpt-oss and deepseek2 are not there.
+# qwen3 (QK norm) variants, and qwen3moe's, glm4moe's and gpt-oss's routed experts (backends/torch/moe.py); gemma's
+# soft-capping and sliding windows, phi3's fused projections and deepseek2 are not there.
 BACKEND_ARCHS = {
     Backend.LLAMACPP: PLANNABLE_ARCHS,
-    Backend.TORCH: frozenset({"llama", "qwen2", "qwen3", "qwen3moe", "glm4moe"}),
+    Backend.TORCH: frozenset({"llama", "qwen2", "qwen3", "qwen3moe", "glm4moe", "gpt-oss"}),
 }
 # Architectures llama.cpp's -sm tensor runs (its tensor-parallel graph is written for these).
 LLAMACPP_TENSOR_ARCHS = frozenset({"llama", "qwen2", "qwen3"})

@@ -467,13 +467,13 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
     unread = (sum(facts.expert_bytes) - sum(facts.active_expert_bytes)) / L  # experts a MoE token does not pick
     quant = sum(facts.layer_quant_bytes) / L - unread
     oth = sum(facts.layer_other_bytes) / L
-    kv = facts.kv_bytes(req.ctx, req.ubatch, 0, L) / L
+    kv = facts.kv_bytes(req.ctx, req.ubatch, 0, L, full=torch) / L
     host_cpu = ctx.host_cpu.id if (ctx.host_cpu and not torch) else None
     extra = ctx.cpu_extra if host_cpu else None  # llama.cpp's repacked copies on the CPU, beside the mapped file
     repacked = extra.layer_bytes if extra else (0,) * L
     mean_layer = (mat, oth, kv, sum(repacked) / L)
     max_layer = (max(facts.layer_matrix_bytes), max(facts.layer_other_bytes),
-                 max(facts.kv_cells(req.ctx, req.ubatch, i) * facts.kv_bytes_per_cell[i] for i in range(L)),
+                 max(facts.kv_cells(req.ctx, req.ubatch, i, torch) * facts.kv_bytes_per_cell[i] for i in range(L)),
                  max(repacked))
     layer_sizes = mean_layer  # per-layer (matrix, other, KV, CPU copies) bytes the capacity estimate assumes
     util = req.torch_gpu_util if torch else 1.0
@@ -536,7 +536,8 @@ def _refine(ctx: Context, backend: str, stages: list[Unit], fixed_bytes, util: f
     """Exact DP over layer boundaries for the chosen stage order, with every layer's true bytes."""
     p, facts, req = ctx.profile, ctx.facts, ctx.req
     L = ctx.spec.n_layers
-    kv_l = [facts.kv_cells(req.ctx, req.ubatch, i) * facts.kv_bytes_per_cell[i] for i in range(L)]
+    kv_l = [facts.kv_cells(req.ctx, req.ubatch, i, backend == "torch") * facts.kv_bytes_per_cell[i]
+            for i in range(L)]
     host_cpu = ctx.host_cpu.id if (ctx.host_cpu and backend != "torch") else None
     tables = []
     for k, u in enumerate(stages):

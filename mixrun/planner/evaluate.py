@@ -195,7 +195,7 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
                     w += int(facts.embd_bytes * s)
             if cpu is not None and dev.id == cpu.id:
                 cpu_layers = range(a, b)
-            kv = int(facts.kv_bytes(req.ctx, req.ubatch, a, b) * s)
+            kv = int(facts.kv_bytes(req.ctx, req.ubatch, a, b, full=torch) * s)
             comp = compute_bytes(spec, ctx=req.ctx, ubatch=req.ubatch, n_layers=b - a, last=last,
                                  flash_attn=req.flash_attn, share=s, start=a, kv_type=req.kv_type)
             ovh = GPU_OVERHEAD_BYTES[backend] if dev.backend != "cpu" else 0

@@ -97,10 +97,11 @@ class ModelFacts:
         skip = {"token_embd.weight", "output.weight", "output_norm.weight"}
         return sum(b for n, b in self.spec.other_bytes.items() if n not in skip)
 
-    def kv_cells(self, ctx: int, ubatch: int, layer: int) -> int:
-        """KV cells one layer allocates: the padded context, or the window (plus a ubatch) on sliding layers."""
+    def kv_cells(self, ctx: int, ubatch: int, layer: int, full: bool = False) -> int:
+        """KV cells one layer allocates: the padded context, or the window (plus a ubatch) on sliding layers unless
+        ``full`` (the torch backend keeps every layer's cache at the whole context)."""
         cells = math.ceil(ctx / KV_CTX_PAD) * KV_CTX_PAD
-        if self.spec.kv_layers[layer].sliding and self.spec.sliding_window:
+        if self.spec.kv_layers[layer].sliding and self.spec.sliding_window and not full:
             cells = min(cells, math.ceil((self.spec.sliding_window + ubatch) / KV_CTX_PAD) * KV_CTX_PAD)
         return cells
 
@@ -108,8 +109,8 @@ class ModelFacts:
     def kv_bytes_per_cell(self) -> tuple[int, ...]:
         return tuple(self.spec.kv_bytes_per_token(self.kv_type, range(i, i + 1)) for i in range(self.spec.n_layers))
 
-    def kv_bytes(self, ctx: int, ubatch: int, start: int, end: int) -> int:
-        return sum(self.kv_cells(ctx, ubatch, i) * self.kv_bytes_per_cell[i] for i in range(start, end))
+    def kv_bytes(self, ctx: int, ubatch: int, start: int, end: int, full: bool = False) -> int:
+        return sum(self.kv_cells(ctx, ubatch, i, full) * self.kv_bytes_per_cell[i] for i in range(start, end))
 
     def weights(self, start: int, end: int, share: float = 1.0) -> int:
         """Weight bytes of layers ``[start, end)`` for a device holding ``share`` of every matrix."""

@@ -264,3 +264,47 @@ def test_glm4moe_expert_parallel_and_pipelines_match_llamacpp(tmp_path: Path) ->
         logits, tokens, _tele, _ready = _run(path, LAYOUTS[name])
         assert _rel(logits, ref_logits) < 1e-5, name  # measured 3.8e-7, 4.0e-7
         assert tokens == ref_tokens, name
+
+
+# ---- gpt-oss: sinks, sliding windows, YaRN, biases, SwiGLU-OAI, softmax over the chosen logits --------------------
+
+OSS_YARN = {"gpt-oss.rope.scaling.type": "yarn", "gpt-oss.rope.scaling.factor": 32.0,
+            "gpt-oss.rope.scaling.original_context_length": 16}
+
+
+def test_tiny_gpt_oss_matches_llamacpp(tmp_path: Path) -> None:
+    """gpt-oss's layer: QKV and output biases, a sink logit per head, sliding-window attention on even layers
+    (a 4-token window here, so the 8-token prompt and 16 generated tokens leave it), NEOX RoPE with YaRN (factor 32
+    over 16 original positions: interpolated, ramped and magnitude-scaled angles), router and expert biases, the
+    clamped SwiGLU-OAI, the chosen experts weighed by a softmax of their logits. F32 experts: logits within the
+    dense bound of llama.cpp's; MXFP4 experts, as OpenAI ships them: llama.cpp multiplies those with Q8_0
+    activations, so within its quantization error, and the same greedy tokens."""
+    assert "gpt-oss" in BACKEND_ARCHS[Backend.TORCH]
+    f32 = gguf_factory.MoEShape(n_expert=4, n_expert_used=2, n_ff_exp=64)
+    cases = {"plain": (f32, {}, 1e-5), "window": (f32, {"sliding_window": 4}, 1e-5),
+             "yarn": (f32, {"sliding_window": 4, "extra_kv": OSS_YARN}, 1e-5),
+             "mxfp4": (None, {"sliding_window": 4, "extra_kv": OSS_YARN}, 5e-3)}
+    for name, (moe, kw, bound) in cases.items():
+        extra = {"moe": moe} if moe is not None else {}
+        path = gguf_factory.write_moe_model(tmp_path / f"oss-{name}.gguf", "gpt-oss", seed=5, **extra, **kw)
+        ref_logits, ref_tokens = reference(path, TOKS, 16, 64)
+        eng = TorchEngine(str(path), n_ctx=64)
+        try:
+            assert _rel(eng.logits(TOKS), ref_logits) < bound, name  # measured 3.9e-7 to 4.4e-7; MXFP4 1.2e-3
+            ours = list(eng.generate_ids(TOKS, GREEDY))
+        finally:
+            eng.close()
+        assert ours == ref_tokens and len(ours) == 16, name
+
+
+def test_gpt_oss_expert_parallel_and_pipelines_match_llamacpp(tmp_path: Path) -> None:
+    """Gloo CPU ranks: the sinks split with their query heads, the output bias added by one TP member only, each
+    member's experts with their biases; TP 2 uneven and a hybrid give llama.cpp's logits and greedy tokens."""
+    moe = gguf_factory.MoEShape(n_expert=6, n_expert_used=3, n_ff_exp=32)
+    path = str(gguf_factory.write_moe_model(tmp_path / "oss.gguf", "gpt-oss", n_layers=4, n_head_kv=4, moe=moe,
+                                            seed=11, sliding_window=4, extra_kv=OSS_YARN))
+    ref_logits, ref_tokens = reference(Path(path), TOKS, 16, 64)
+    for name in ("tp2-uneven", "hybrid"):
+        logits, tokens, _tele, _ready = _run(path, LAYOUTS[name])
+        assert _rel(logits, ref_logits) < 1e-5, name  # measured 2.3e-7, 2.9e-7
+        assert tokens == ref_tokens, name

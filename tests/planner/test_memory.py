@@ -25,8 +25,8 @@ from mixrun.planner.memory import (
     extra_buffer_for,
     extra_copy_bytes,
 )
-from mixrun.planner.types import Candidate, DeviceUse
-from mixrun.rig.profile import RigProfile
+from mixrun.planner.types import Candidate, DeviceUse, Split
+from mixrun.rig.profile import RigProfile, load_profile
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 RESULTS = BENCHMARKS / "llamacpp_memory_results.json"
@@ -235,3 +235,17 @@ def test_live_llamacpp_weights_with_and_without_extra_buffers(name: str, smollm2
             assert abs(size - res[f"weights_{buft}"]) <= 0.01 * size + llamacpp_memory.LOG_PRECISION_BYTES, buft
         mapped = spec.total_bytes - xb.unmapped_bytes(every, output=True)
         assert abs(mapped - res["weights_CPU_Mapped"]) <= 0.01 * mapped, (on, mapped, res)
+
+
+def test_torch_keeps_sliding_window_layers_at_the_whole_context(tmp_path: Path) -> None:
+    """llama.cpp sizes a sliding-window layer's cache to the window plus a ubatch; the torch backend keeps every
+    layer's cache at the whole context, and the torch plan budgets that."""
+    spec = read_spec(gguf_factory.write_moe_model(tmp_path / "oss.gguf", "gpt-oss"))
+    facts = ModelFacts(spec, "f16")
+    full, windowed = (facts.kv_bytes(4096, 512, 0, spec.n_layers, full=f) for f in (True, False))
+    assert full == 4096 * spec.kv_bytes_per_token("f16")
+    assert windowed == sum((768 if layer.sliding else 4096) * facts.kv_bytes_per_cell[i]
+                           for i, layer in enumerate(spec.kv_layers)) < full
+    rep = plan(load_profile("cpu-only"), spec, PlanRequest(ctx=4096))
+    kv = {c.backend.value: sum(d.kv_bytes for d in c.devices) for c in rep.candidates if c.split == Split.NONE}
+    assert kv["torch"] == full and kv["llama.cpp"] == windowed

@@ -121,15 +121,20 @@ def stacked(m: nn.Linear, n: int, device: torch.device, split: int) -> list[Prod
     if n == 0:  # a TP member without experts
         return []
     rows = m.out_features // n
+    b = m.bias  # each expert's bias (gpt-oss), stacked as the matrices are
+
+    def bias(e: int) -> torch.Tensor | None:
+        return None if b is None else b[e * rows:(e + 1) * rows]
+
     blocks = getattr(m, "blocks", None)
     if blocks:
         (raw, qtype), = blocks  # one GGUF tensor: (n rows, bytes per row)
         k = fused_kernels(device)
         kernel = (k.matvec, k.MAX_ROWS) if k is not None else (None, 0)
-        return [BlockWeight([(raw[e * rows:(e + 1) * rows], qtype)], m.block_cols, m.block_dtype, None, *kernel)
+        return [BlockWeight([(raw[e * rows:(e + 1) * rows], qtype)], m.block_cols, m.block_dtype, bias(e), *kernel)
                 for e in range(n)]
     chunks = cpu_chunks(rows, split) if device.type == "cpu" else 1
-    return [Weight(m.weight[e * rows:(e + 1) * rows], None, chunks) for e in range(n)]
+    return [Weight(m.weight[e * rows:(e + 1) * rows], bias(e), chunks) for e in range(n)]
 
 
 def cpu_kernel(linears: Sequence[nn.Module], device: torch.device, threads: int,

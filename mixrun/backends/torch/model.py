@@ -65,6 +65,18 @@ class ModelConfig:
     norm_w: bool = True  # the chosen experts' weights divided by their sum
     w_scale: float = 1.0  # and then multiplied by this
     n_nextn: int = 0  # trailing NextN/MTP layers: counted in n_layers (the plan's ranges), never run
+    # gpt-oss: sliding-window attention on even layers, attention sinks, biases on wo, the router and the experts,
+    # the SwiGLU-OAI activation, and the chosen experts weighed by a softmax of their logits
+    window: int = 0  # the sliding window of the layers that have one (0: none)
+    sinks: bool = False
+    o_bias: bool = False
+    activation: str = "silu"  # the experts' activation: "silu" (SwiGLU) or "oai" (gpt-oss's clamped SwiGLU)
+    # RoPE scaling as llama.cpp applies it (llama-context.cpp): freq_scale = 1/factor; YaRN's ramp between
+    # interpolated and extrapolated angles over the dims [corr_lo, corr_hi], and its magnitude factor
+    rope_freq_scale: float = 1.0
+    yarn_ext_factor: float = 0.0
+    yarn_attn_factor: float = 1.0
+    yarn_orig_ctx: int = 0
 
     @classmethod
     def from_gguf(cls, spec: Any, fields: dict[str, Any]) -> ModelConfig:
@@ -79,19 +91,40 @@ class ModelConfig:
         # llama.cpp's build_moe_ffn arguments: qwen3moe passes softmax and norm_w = true; glm4moe reads its
         # expert_gating_func (sigmoid when absent), expert_weights_norm (false) and expert_weights_scale (none)
         gating = fields.get(f"{arch}.expert_gating_func", 2 if glm else 1)
+        oss = arch == "gpt-oss"
+        rope = _rope_scaling(spec, fields)
         return cls(arch=arch, n_layers=spec.n_layers, dim=spec.n_embd, n_head=spec.n_head,
                    n_head_kv=spec.n_head_kv, head_dim=spec.head_dim, ffn_dim=spec.n_ff, vocab=spec.n_vocab,
                    norm_eps=float(eps), rope_base=spec.rope.freq_base, rope_dim=spec.rope.dim or spec.head_dim,
-                   rope_neox=arch in ("qwen2", "qwen3", "qwen3moe", "glm4moe"),
-                   qkv_bias=arch == "qwen2" or (glm and "blk.0.attn_q.bias" in names),
+                   rope_neox=arch in ("qwen2", "qwen3", "qwen3moe", "glm4moe", "gpt-oss"),
+                   qkv_bias=arch == "qwen2" or ((glm or oss) and "blk.0.attn_q.bias" in names),
                    qk_norm=arch in ("qwen3", "qwen3moe") or (glm and "blk.0.attn_q_norm.weight" in names),
                    tied=spec.tied_output, n_expert=spec.n_expert, n_expert_used=n_used, n_ff_exp=n_ff_exp,
                    n_dense_lead=spec.n_layer_dense_lead, n_ff_shared=shared,
-                   gating="sigmoid" if gating == 2 else "softmax",
+                   gating="softmax_weight" if oss else "sigmoid" if gating == 2 else "softmax",
                    probs_bias=any(n.endswith(".exp_probs_b.bias") for n in names),
-                   norm_w=bool(fields.get(f"{arch}.expert_weights_norm", False)) if glm else True,
+                   norm_w=bool(fields.get(f"{arch}.expert_weights_norm", False)) if glm else not oss,
                    w_scale=float(fields.get(f"{arch}.expert_weights_scale", 0.0) or 1.0) if glm else 1.0,
-                   n_nextn=spec.n_layer_nextn)
+                   n_nextn=spec.n_layer_nextn, window=(spec.sliding_window or 0) if oss else 0, sinks=oss,
+                   o_bias=oss, activation="oai" if oss else "silu", **rope)
+
+
+def _rope_scaling(spec: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's RoPE scaling parameters for ``spec`` (llama-context.cpp, the context's cparams): linear and YaRN
+    scale the angles by 1/factor; YaRN also mixes back the extrapolated angles of the fast dimensions
+    (``ext_factor`` 1) and scales the rotation's magnitude, by ``attn_factor`` here (get_mscale(factor) divided by
+    the 1 + 0.1 ln(factor) the kernel applies itself, times ``rope.scaling.attn_factor``)."""
+    rope = spec.rope
+    if rope.scaling_type not in ("linear", "yarn") or not rope.scaling_factor or rope.scaling_factor <= 0:
+        return {}
+    factor = float(rope.scaling_factor)
+    out: dict[str, Any] = {"rope_freq_scale": 1.0 / factor}
+    if rope.scaling_type == "yarn":
+        arch = spec.arch
+        mscale = 0.1 * math.log(factor) + 1.0 if factor > 1.0 else 1.0
+        attn = mscale / (1.0 + 0.1 * math.log(factor)) * float(fields.get(f"{arch}.rope.scaling.attn_factor", 1.0))
+        out.update(yarn_ext_factor=1.0, yarn_attn_factor=attn, yarn_orig_ctx=int(rope.original_ctx or 0))
+    return out
 
 
 class RMSNorm(nn.Module):
@@ -130,14 +163,35 @@ class Rope:
 
     def __init__(self, cfg: ModelConfig, max_pos: int) -> None:
         self.dim, self.base, self.max_pos = cfg.rope_dim, cfg.rope_base, max_pos
+        self.cfg = cfg
         self.freqs = torch.empty(0)
         self.positions = torch.empty(0)
 
     def build(self, device: torch.device) -> None:
-        """The table ``exp(i * angle)``, (max_pos, 1, dim/2), computed in float64 on the CPU."""
+        """The table ``exp(i * angle)``, (max_pos, 1, dim/2), computed in float64 on the CPU; with RoPE scaling the
+        angles and magnitudes of ggml's ``rope_yarn`` (ggml-cpu/ops.cpp: ``rope_yarn``, ``rope_yarn_ramp``,
+        ``ggml_rope_yarn_corr_dims`` with beta_fast 32 and beta_slow 1, llama.cpp's defaults)."""
+        c = self.cfg
         inv = self.base ** (-torch.arange(0, self.dim, 2, dtype=torch.float64) / self.dim)  # (dim/2,)
         ang = torch.arange(self.max_pos, dtype=torch.float64)[:, None, None] * inv  # (max_pos, 1, dim/2)
-        self.freqs = torch.polar(torch.ones_like(ang), ang).to(torch.complex64).to(device)
+        mag = torch.ones_like(ang)
+        if c.rope_freq_scale != 1.0:
+            interp = ang * c.rope_freq_scale
+            if c.yarn_ext_factor:
+                orig = c.yarn_orig_ctx or self.max_pos
+
+                def corr(beta: float) -> float:  # the dim whose wavelength spans `beta` turns over orig positions
+                    return self.dim * math.log(orig / (beta * 2 * math.pi)) / (2 * math.log(self.base))
+
+                lo, hi = max(0.0, math.floor(corr(32.0))), min(self.dim - 1.0, math.ceil(corr(1.0)))
+                i = torch.arange(self.dim // 2, dtype=torch.float64)  # i0 / 2
+                ramp = 1 - ((i - lo) / max(0.001, hi - lo)).clamp(0, 1)  # (dim/2,)
+                mix = ramp * c.yarn_ext_factor
+                ang = interp * (1 - mix) + ang * mix
+                mag = mag * (c.yarn_attn_factor * (1.0 + 0.1 * math.log(1.0 / c.rope_freq_scale)))
+            else:
+                ang = interp
+        self.freqs = torch.polar(mag, ang).to(torch.complex64).to(device)
         self.positions = torch.arange(self.max_pos, device=device)  # masks a fixed-shape decode step
 
     def rotate_(self, x: torch.Tensor, pos: int | torch.Tensor) -> None:
@@ -162,12 +216,18 @@ class Attention(nn.Module):
     output ``wo``, and per-head QK norms (qwen3). ``n_head`` and ``n_kv`` are this part's heads (tensor
     parallelism shrinks them with the linears)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         hd = cfg.head_dim
         self.head_dim, self.n_head, self.n_kv = hd, cfg.n_head, cfg.n_head_kv
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.n_head_kv) * hd, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_head * hd, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * hd, cfg.dim, bias=cfg.o_bias)
+        # gpt-oss: even layers see the last `window` positions only (llama.cpp: swa pattern 2, a key is masked when
+        # the query is `window` or more positions after it); every layer has a learned sink logit per query head,
+        # one more term in the softmax's denominator
+        self.window = cfg.window if cfg.window and layer % 2 == 0 else 0
+        self.sinks = nn.Parameter(torch.empty(cfg.n_head)) if cfg.sinks else None
+        self.sink: torch.Tensor | None = None  # the sinks as a step uses them, made by prepare()
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         # made by prepare() once the weights are loaded; plain attributes, as a decode step is a few hundred small
@@ -188,6 +248,7 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             self.qk_norms = (self.q_norm.prepare(), self.k_norm.prepare())
         self.scale = torch.tensor(1.0 / math.sqrt(self.head_dim), dtype=dtype, device=device)
+        self.sink = self.sinks.detach().float() if self.sinks is not None else None  # (n_head,), this part's heads
 
     def forward(self, x: torch.Tensor, pos: int | torch.Tensor, rope: Rope,
                 add: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,14 +287,24 @@ class Attention(nn.Module):
             q = qkv.narrow(1, 0, nh).view(T, nkv, group, hd).permute(1, 2, 0, 3).reshape(nkv, group * T, hd)
             keys, vals = self.k_cache.narrow(1, 0, pos + T), self.v_cache.narrow(1, 0, pos + T)  # (nkv, S, hd)
         scores = torch.bmm(q, keys.transpose(1, 2)).mul_(self.scale)  # keys (nkv, hd, S); scores (nkv, group*T, S)
+        w = self.window  # a sliding window: a key `w` or more positions before its query is masked
         if fixed:
             scores.masked_fill_(rope.positions > pos, float("-inf"))
+            if w:
+                scores.masked_fill_(rope.positions <= pos - w, float("-inf"))
         elif T > 1:  # query i sits at position pos + i and sees keys up to it
             S = pos + T
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=pos)  # (T, S)
+            ones = torch.ones(T, S, dtype=torch.bool, device=x.device)
+            mask = ones.tril(diagonal=pos) & ones.triu(diagonal=pos - w + 1) if w else ones.tril(diagonal=pos)
             # (nkv, group * T, S) -> (nkv, group, T, S), masked, and back
             scores = scores.view(nkv, group, T, S).masked_fill(~mask, float("-inf")).view(nkv, group * T, S)
-        if scores.dtype == torch.float32:
+        elif w and pos >= w:
+            scores.narrow(-1, 0, pos - w + 1).fill_(float("-inf"))
+        if self.sink is not None:  # softmax over the keys and the head's sink logit, which takes no value
+            sink = self.sink.view(nkv, group, 1).expand(nkv, group, scores.shape[1] // group)  # per query row
+            both = torch.cat([scores.float(), sink.reshape(nkv, -1, 1).float()], dim=-1)
+            probs = torch.softmax(both, dim=-1).narrow(-1, 0, scores.shape[-1]).to(q.dtype)
+        elif scores.dtype == torch.float32:
             probs = torch.softmax(scores, dim=-1)
         else:
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -251,7 +322,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         routed = cfg.n_expert and layer >= cfg.n_dense_lead
         self.ffn: FeedForward | MoEFeedForward = MoEFeedForward(cfg) if routed else FeedForward(cfg.dim, cfg.ffn_dim)

@@ -1,11 +1,13 @@
 """A mixture-of-experts FFN (qwen3moe, glm4moe) in plain PyTorch, with no distributed code in it.
 
 The equation is llama.cpp's ``build_moe_ffn`` (src/llama-graph.cpp; src/models/qwen3moe.cpp, glm4-moe.cpp): router
-logits ``ffn_gate_inp x``; probabilities by a softmax over all experts (qwen3moe) or a sigmoid of each (glm4moe);
-the top ``n_used`` of them, chosen on the probabilities plus a per-expert selection bias where the model has one
-(``exp_probs_b``), weighed by the probabilities without it; the weights divided by their sum (clamped below at
-2^-14, as llama.cpp does) where the model says so, and scaled; each chosen expert's SwiGLU
-``down(silu(gate x) * up x)``, summed with those weights; plus a shared expert's SwiGLU where the model has one.
+logits ``ffn_gate_inp x`` (plus its bias, gpt-oss); probabilities by a softmax over all experts (qwen3moe), a
+sigmoid of each (glm4moe), or none (gpt-oss: the chosen logits are softmaxed into weights); the top ``n_used``,
+chosen on the probabilities plus a per-expert selection bias where the model has one (``exp_probs_b``), weighed by
+the probabilities without it; the weights divided by their sum (clamped below at 2^-14, as llama.cpp does) where
+the model says so, and scaled; each chosen expert's SwiGLU ``down(silu(gate x) * up x)`` (gpt-oss: biases on
+gate, up and down, and the clamped SwiGLU-OAI of ggml's ``swiglu_oai``), summed with those weights; plus a shared
+expert's SwiGLU where the model has one.
 
 The experts' matrices stay stacked as in the GGUF: ``gate_exps`` and ``up_exps`` hold ``n_local`` experts'
 ``(ffn, dim)`` matrices one after another by rows, ``down_exps`` their ``(dim, ffn)`` ones. A module may hold only
@@ -28,6 +30,7 @@ from mixrun.backends.torch.ffn import FeedForward
 from mixrun.backends.torch.linear import Product, stacked, weight
 
 WEIGHTS_SUM_MIN = 6.103515625e-5  # llama.cpp clamps the chosen probabilities' sum to the smallest normal float16
+OAI_ALPHA, OAI_LIMIT = 1.702, 7.0  # gpt-oss's SwiGLU (llama-graph.cpp build_moe_ffn, LLM_FFN_SWIGLU_OAI_MOE)
 
 
 class MoEFeedForward(nn.Module):
@@ -39,17 +42,18 @@ class MoEFeedForward(nn.Module):
         n = cfg.n_expert if n_local is None else n_local
         self.n_expert, self.n_used, self.ffn = cfg.n_expert, cfg.n_expert_used, cfg.n_ff_exp
         self.first, self.n_local, self.dim = first, n, cfg.dim
-        self.sigmoid, self.norm_w, self.w_scale = cfg.gating == "sigmoid", cfg.norm_w, cfg.w_scale
-        self.router = nn.Linear(cfg.dim, cfg.n_expert, bias=False)  # ffn_gate_inp, whole on every TP member
+        self.gating, self.norm_w, self.w_scale, self.oai = cfg.gating, cfg.norm_w, cfg.w_scale, cfg.activation == "oai"
+        biased = cfg.arch == "gpt-oss"  # router and experts with biases
+        self.router = nn.Linear(cfg.dim, cfg.n_expert, bias=biased)  # ffn_gate_inp, whole on every TP member
         # exp_probs_b: added to the probabilities to choose experts (not to weigh them); whole on every member
         self.probs_bias = nn.Parameter(torch.empty(cfg.n_expert)) if cfg.probs_bias else None
         width = cfg.n_ff_shared if shared is None else shared
         self.shared = FeedForward(cfg.dim, width) if cfg.n_ff_shared else None  # rows sharded like a dense FFN
         with warnings.catch_warnings():  # a member without experts (more members than experts) has empty ones
             warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
-            self.gate_exps = nn.Linear(cfg.dim, n * cfg.n_ff_exp, bias=False)  # (n ffn, dim): expert after expert
-            self.up_exps = nn.Linear(cfg.dim, n * cfg.n_ff_exp, bias=False)
-            self.down_exps = nn.Linear(cfg.n_ff_exp, n * cfg.dim, bias=False)  # (n dim, ffn)
+            self.gate_exps = nn.Linear(cfg.dim, n * cfg.n_ff_exp, bias=biased)  # (n ffn, dim): expert after expert
+            self.up_exps = nn.Linear(cfg.dim, n * cfg.n_ff_exp, bias=biased)
+            self.down_exps = nn.Linear(cfg.n_ff_exp, n * cfg.dim, bias=biased)  # (n dim, ffn)
         # made by prepare() once the weights are loaded: how a step computes with each
         self.route: Product | None = None
         self.experts: list[tuple[Product, Product, Product]] = []  # (gate, up, down) of each local expert
@@ -71,7 +75,10 @@ class MoEFeedForward(nn.Module):
         their weights, (T, n_used) float32 summing to 1 per token."""
         assert self.route is not None, "setup_cache() first"
         logits = self.route(x).float()  # (T, n_expert)
-        probs = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
+        if self.gating == "softmax_weight":  # chosen by logit, weighed by a softmax over the chosen ones
+            top = torch.topk(logits, self.n_used, dim=-1)
+            return torch.softmax(top.values, dim=-1), top.indices
+        probs = torch.sigmoid(logits) if self.gating == "sigmoid" else torch.softmax(logits, dim=-1)
         if self.probs_bias is None:
             w, idx = torch.topk(probs, self.n_used, dim=-1)  # (T, n_used) each
         else:  # chosen on the biased probabilities, weighed by the plain ones
@@ -84,6 +91,9 @@ class MoEFeedForward(nn.Module):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Local expert ``e``'s SwiGLU on ``x`` (T, dim) -> (T, dim)."""
         gate, up, down = self.experts[e]
+        if self.oai:  # ggml swiglu_oai: x = min(gate, 7), y = clamp(up, -7, 7), x * sigmoid(1.702 x) * (y + 1)
+            g = gate(x).clamp_(max=OAI_LIMIT)
+            return down(g.mul_(torch.sigmoid(g * OAI_ALPHA)).mul_(up(x).clamp_(-OAI_LIMIT, OAI_LIMIT).add_(1.0)))
         return down(F.silu(gate(x)).mul_(up(x)))
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:

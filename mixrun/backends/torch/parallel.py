@@ -151,8 +151,10 @@ class Shard:
     stop: int = 0
 
 
-def _linear(old: nn.Linear, in_f: int, out_f: int) -> nn.Linear:
-    return nn.Linear(in_f, out_f, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+def _linear(old: nn.Linear, in_f: int, out_f: int, bias: bool = True) -> nn.Linear:
+    """``old`` resized; ``bias``: keep its bias (a row-parallel product's bias is added by one member only, or the
+    all-reduce would add it once per member)."""
+    return nn.Linear(in_f, out_f, bias=bias and old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
 
 
 def _all_reduced(comm: Comm) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
@@ -191,7 +193,9 @@ def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[
         if stage.tp > 1:
             a.n_head, a.n_kv = kv[member] * group, kv[member]
             a.wqkv = _linear(a.wqkv, cfg.dim, (a.n_head + 2 * a.n_kv) * hd)
-            a.wo = _linear(a.wo, a.n_head * hd, cfg.dim)
+            a.wo = _linear(a.wo, a.n_head * hd, cfg.dim, bias=member == 0)
+            if a.sinks is not None:  # this member's query heads' sinks
+                a.sinks = nn.Parameter(torch.empty(a.n_head, device=a.wo.weight.device, dtype=a.wo.weight.dtype))
             if isinstance(ff, FeedForward):
                 ff.w13 = _linear(ff.w13, cfg.dim, 2 * (f.stop - f.start))
                 ff.w2 = _linear(ff.w2, f.stop - f.start, cfg.dim)
@@ -203,6 +207,7 @@ def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[
             ff.register_forward_hook(_all_reduced(comm))
         shards[p + "attn.wqkv.weight"] = shards[p + "attn.wqkv.bias"] = (q, k, k)
         shards[p + "attn.wo.weight"] = (Shard(1, q.start, q.stop),)
+        shards[p + "attn.sinks"] = (Shard(0, kv0 * group, (kv0 + kv[member]) * group),)
         if isinstance(ff, FeedForward):
             shards[p + "ffn.w13.weight"] = (f, f)
             shards[p + "ffn.w2.weight"] = (Shard(1, f.start, f.stop),)
@@ -210,6 +215,8 @@ def apply_tp(model: Transformer, stage: Stage, member: int, comm: Comm) -> dict[
             fe = cfg.n_ff_exp
             shards[p + "ffn.gate_exps.weight"] = shards[p + "ffn.up_exps.weight"] = (Shard(0, e0 * fe, e1 * fe),)
             shards[p + "ffn.down_exps.weight"] = (Shard(0, e0 * cfg.dim, e1 * cfg.dim),)
+            for name in ("gate", "up", "down"):  # gpt-oss's (n_expert, rows) biases: this member's experts' rows
+                shards[p + f"ffn.{name}_exps.bias"] = (Shard(0, e0, e1),)
             if fs is not None:
                 shards[p + "ffn.shared.w13.weight"] = (fs, fs)
                 shards[p + "ffn.shared.w2.weight"] = (Shard(1, fs.start, fs.stop),)

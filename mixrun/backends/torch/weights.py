@@ -34,6 +34,8 @@ _BLOCK: dict[str, tuple[tuple[MODEL_TENSOR, str], ...]] = {
                          (MODEL_TENSOR.ATTN_V, "weight")),
     "attn.wqkv.bias": ((MODEL_TENSOR.ATTN_Q, "bias"), (MODEL_TENSOR.ATTN_K, "bias"), (MODEL_TENSOR.ATTN_V, "bias")),
     "attn.wo.weight": ((MODEL_TENSOR.ATTN_OUT, "weight"),),
+    "attn.wo.bias": ((MODEL_TENSOR.ATTN_OUT, "bias"),),
+    "attn.sinks": ((MODEL_TENSOR.ATTN_SINKS, "weight"),),
     "attn.q_norm.weight": ((MODEL_TENSOR.ATTN_Q_NORM, "weight"),),
     "attn.k_norm.weight": ((MODEL_TENSOR.ATTN_K_NORM, "weight"),),
     "ffn_norm.weight": ((MODEL_TENSOR.FFN_NORM, "weight"),),
@@ -41,6 +43,10 @@ _BLOCK: dict[str, tuple[tuple[MODEL_TENSOR, str], ...]] = {
     "ffn.w2.weight": ((MODEL_TENSOR.FFN_DOWN, "weight"),),
     # mixture of experts (.moe): the router, and the experts' matrices stacked by rows as the GGUF stacks them
     "ffn.router.weight": ((MODEL_TENSOR.FFN_GATE_INP, "weight"),),
+    "ffn.router.bias": ((MODEL_TENSOR.FFN_GATE_INP, "bias"),),
+    "ffn.gate_exps.bias": ((MODEL_TENSOR.FFN_GATE_EXP, "bias"),),
+    "ffn.up_exps.bias": ((MODEL_TENSOR.FFN_UP_EXP, "bias"),),
+    "ffn.down_exps.bias": ((MODEL_TENSOR.FFN_DOWN_EXP, "bias"),),
     "ffn.gate_exps.weight": ((MODEL_TENSOR.FFN_GATE_EXP, "weight"),),
     "ffn.up_exps.weight": ((MODEL_TENSOR.FFN_UP_EXP, "weight"),),
     "ffn.down_exps.weight": ((MODEL_TENSOR.FFN_DOWN_EXP, "weight"),),
@@ -208,6 +214,8 @@ def load(model: torch.nn.Module, tf: Any, shards: dict[str, tuple[Shard, ...]], 
             if name not in tf:
                 raise GGUFError(where(tf.spec.source, f"tensor {name!r} is missing"))
             arr = read_slice(tf, name, shard)
+            if param.dim() == 1 and arr.ndim > 1:  # the experts' (n_expert, rows) biases, stacked as one vector
+                arr = arr.reshape(-1)
             if rotated and order is not None:
                 arr = reorder_heads(arr, order)
             n = arr.shape[0]
