@@ -37,6 +37,9 @@ PLANNABLE_ARCHS = frozenset({"llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi
 # Architectures each backend runs. The torch backend implements the Llama equation, its qwen2 (QKV bias) and
 # qwen3 (QK norm) variants, and qwen3moe's, glm4moe's and gpt-oss's routed experts (backends/torch/moe.py); gemma's
 # soft-capping and sliding windows, phi3's fused projections and deepseek2 are not there.
+# GGUF quant types the torch backend keeps in their blocks on a GPU (backends/torch/quant.py); a matrix of any
+# other type (MXFP4, the i-quants) is expanded to the run dtype (bf16) as it loads.
+TORCH_BLOCK_TYPES = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})
 BACKEND_ARCHS = {
     Backend.LLAMACPP: PLANNABLE_ARCHS,
     Backend.TORCH: frozenset({"llama", "qwen2", "qwen3", "qwen3moe", "glm4moe", "gpt-oss"}),

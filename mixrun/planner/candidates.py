@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from mixrun.alloc import allocate
-from mixrun.model.spec import ModelSpec, with_tensors
+from mixrun.model.spec import ModelSpec, TensorSpec, with_tensors
 from mixrun.planner.cost import QUANT_KERNEL_EFF, allreduce_s, costs, quant_kernel_bytes, read_time_s, transfer_s
 from mixrun.planner.evaluate import (
     Context,
@@ -20,7 +20,7 @@ from mixrun.planner.evaluate import (
     evaluate_tensor,
     planned_capacity,
 )
-from mixrun.planner.memory import F32, GPU_OVERHEAD_BYTES, ModelFacts, compute_bytes
+from mixrun.planner.memory import F32, GPU_OVERHEAD_BYTES, PLAIN_TYPES, ModelFacts, compute_bytes
 from mixrun.planner.search import (
     StageCosts,
     Unit,
@@ -33,7 +33,7 @@ from mixrun.planner.search import (
 from mixrun.planner.types import Candidate, Group
 from mixrun.rig.profile import Device
 from mixrun.units import shortfalls
-from mixrun.vocab import BACKEND_ARCHS, LLAMACPP_TENSOR_ARCHS, Backend, KVType, Split
+from mixrun.vocab import BACKEND_ARCHS, LLAMACPP_TENSOR_ARCHS, TORCH_BLOCK_TYPES, Backend, KVType, Split
 
 GGML_TYPE = {KVType.F16: 1, KVType.Q4_0: 2, KVType.Q8_0: 8}  # llama.cpp's -ctk/-ctv element types (ggml_type)
 # A multi-device plan is chosen over the best single device that fits only when its predicted decode beats it by
@@ -382,6 +382,17 @@ def float32_spec(spec: ModelSpec) -> ModelSpec:
     return with_tensors(spec, [dataclasses.replace(t, qtype="F32", n_bytes=F32 * t.n_elements) for t in spec.tensors])
 
 
+def torch_gpu_spec(spec: ModelSpec) -> ModelSpec:
+    """The model as GPU ranks of the torch backend hold it: quantized tensors of a type it does not keep in GGUF
+    blocks (MXFP4 experts, i-quants) in bf16, the others as they are (plain ones counted as stored)."""
+    return with_tensors(spec, [dataclasses.replace(t, qtype="BF16", n_bytes=2 * t.n_elements) if _expanded(t) else t
+                               for t in spec.tensors])
+
+
+def _expanded(t: TensorSpec) -> bool:
+    return t.qtype not in TORCH_BLOCK_TYPES and t.qtype not in PLAIN_TYPES
+
+
 def torch_units(ctx: Context) -> list[Unit]:
     """TP groups from NVLink cliques (uneven shares by bandwidth, whole KV-head groups), their halves, and every
     GPU alone; CPU processes only when the rig has no GPU."""
@@ -426,6 +437,8 @@ def torch_plan(ctx: Context) -> Candidate | None:
     if all(ctx.profile.device(d).backend == "cpu" for u in units for d in u.devices):
         # CPU ranks dequantize the weights once, to float32: that is what they hold and stream
         ctx = dataclasses.replace(ctx, facts=ModelFacts(float32_spec(ctx.spec), ctx.req.kv_type))
+    elif any(_expanded(t) for t in ctx.spec.tensors):  # GPU ranks expand what they cannot keep in blocks
+        ctx = dataclasses.replace(ctx, facts=ModelFacts(torch_gpu_spec(ctx.spec), ctx.req.kv_type))
     shape = _torch_shape(ctx.req.split)
     groups = _search(ctx, "torch", units, shape=shape)
     if groups is None:  # nothing fits: every TP clique and lone GPU, layers in proportion to memory

@@ -308,3 +308,22 @@ def test_gpt_oss_expert_parallel_and_pipelines_match_llamacpp(tmp_path: Path) ->
         logits, tokens, _tele, _ready = _run(path, LAYOUTS[name])
         assert _rel(logits, ref_logits) < 1e-5, name  # measured 2.3e-7, 2.9e-7
         assert tokens == ref_tokens, name
+
+
+def test_gpu_ranks_keep_the_block_types_the_planner_counts(tmp_path: Path) -> None:
+    """The quant types the torch backend keeps in GGUF blocks on a GPU are the ones the planner counts at their
+    GGUF bytes (vocab.TORCH_BLOCK_TYPES); an MXFP4 expert, which it expands to bf16 as it loads, is planned at
+    2 bytes a weight."""
+    from mixrun.backends.torch import quant
+    from mixrun.planner.candidates import torch_gpu_spec
+    from mixrun.vocab import TORCH_BLOCK_TYPES
+
+    assert {t.name for t in quant._BLOCKS} == TORCH_BLOCK_TYPES
+    spec = read_spec(gguf_factory.write_moe_model(tmp_path / "oss.gguf", "gpt-oss"))
+    gpu = torch_gpu_spec(spec)
+    for t, g in zip(spec.tensors, gpu.tensors, strict=True):
+        assert g.n_bytes == (2 * t.n_elements if t.qtype == "MXFP4" else t.n_bytes), t.name
+    assert gpu.total_bytes > spec.total_bytes
+    best = plan(load_profile("dual-3090-nvlink"), spec, PlanRequest(backend="torch")).best
+    assert best is not None and sum(d.weights_bytes for d in best.devices) >= gpu.total_bytes - spec.other_bytes.get(
+        "token_embd.weight", 0)
