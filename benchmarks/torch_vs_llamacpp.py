@@ -8,7 +8,8 @@
 2. Communication accounting: bytes all-reduced per token and TP member against 2 x layers x hidden x 4 bytes.
 3. Greedy agreement on the bundled Q4_1 SmolLM2 over five prompts: the first token where the torch backend
    (weights dequantized to float32) and llama.cpp (quantized matmuls with Q8_0-quantized activations) part.
-4. The decode kernels behind 1: weight bandwidth of one-row products over SmolLM2-shaped float32 matrices with
+4. Decode speed of a random F32 qwen3moe (8 layers, 32 experts of 384, 4 used), the same A/B as 1.
+5. The decode kernels behind 1: weight bandwidth of one-row products over SmolLM2-shaped float32 matrices with
    ``F.linear`` (MKL's product: one thread on the AMD EPYC, all of them on an Intel Xeon), with the torch
    backend's row blocks (one batched product, all threads), and with row blocks in a huge-page-advised arena (as
    the loader allocates them); ratios to ``F.linear``.
@@ -152,6 +153,27 @@ def main() -> int:
                          "torch_runs": [round(x, 2) for x in a], "llamacpp_runs": [round(x, 2) for x in b],
                          "torch_matvec": matvec}
 
+        # the same A/B on a random qwen3moe (8 layers, 32 experts of 384, 4 used; F32 everywhere): a decode step
+        # reads only its chosen experts, one small product each (the eager FoldedStep, not the buffered DecodeStep)
+        moe = gguf_factory.MoEShape(n_expert=32, n_expert_used=4, n_ff_exp=384)
+        mpath = str(gguf_factory.write_moe_model(Path(tmp) / "moe.gguf", "qwen3moe", n_layers=8, n_embd=768, n_head=12,
+                                                 n_head_kv=4, head_dim=64, n_ff=2048, n_vocab=2048, moe=moe, seed=3))
+        mtoks = [1, 5, 9, 3, 7, 2, 11, 4]
+        llm = llama_cpp.Llama(model_path=mpath, n_ctx=512, n_threads=args.threads, verbose=False)
+        eng = TorchEngine(mpath, n_ctx=512, n_threads=args.threads)
+        try:
+            llama_decode(llm, mtoks, 8)
+            torch_decode(eng, mtoks, 8, 0)
+            a, b = [], []
+            for i in range(args.repeats):
+                a.append(torch_decode(eng, mtoks, args.tokens, i))
+                b.append(llama_decode(llm, mtoks, args.tokens))
+        finally:
+            eng.close()
+            llm.close()
+        ta, tb = statistics.median(a), statistics.median(b)
+        out["moe_decode"] = {"torch_tok_s": round(ta, 2), "llamacpp_tok_s": round(tb, 2), "ratio": round(ta / tb, 3)}
+
     # communication: TP=3 over SmolLM2's three KV heads, one prompt of n tokens
     toks5 = [504, 3575, 282, 4649, 314]
     eng = TorchEngine(q41, n_ctx=128, layout=Layout((Stage(("a", "b", "c"), (0, 30), (1, 1, 1)),)), simulate=True)
@@ -194,6 +216,9 @@ def main() -> int:
     d = out["decode"]
     print(f"decode, F32 SmolLM2, {args.threads} threads, {args.tokens} tokens x {args.repeats}: torch {d['torch_tok_s']}"
           f" tok/s, llama.cpp {d['llamacpp_tok_s']} tok/s, ratio {d['ratio']} (aim >= 0.8)")
+    m = out["moe_decode"]
+    print(f"decode, F32 random qwen3moe (8 layers, 4 of 32 experts): torch {m['torch_tok_s']} tok/s, llama.cpp "
+          f"{m['llamacpp_tok_s']} tok/s, ratio {m['ratio']}")
     mv = d["torch_matvec"]
     gbs = (f": linear {mv['linear_gbs']}, rowblock {mv['rowblock_gbs']} GB/s" if mv.get("linear_gbs") else "")
     print(f"torch one-row product kernel: {mv.get('kernel')} ({mv.get('how')}{gbs}); "
