@@ -297,11 +297,14 @@ def test_parallel_layouts_equal_tp1(smollm2: str) -> None:
 
 
 def test_pipelined_prefill_in_chunks_equals_one_pass(smollm2: str) -> None:
-    """With several stages a prompt goes through in chunks (stage k on chunk i while stage k+1 is on chunk i-1):
-    chunks of 3 over 7 tokens (3 + 3 + 1) in the 3-stage pipeline and the hybrid give TP=1's logits for every
-    position and the same greedy tokens, and every token's hidden state still reaches each next stage."""
+    """A prompt goes through in chunks, as llama.cpp's ubatches (with several stages, stage k on chunk i while
+    stage k+1 is on chunk i-1): chunks of 3 over 7 tokens (3 + 3 + 1) in one process, the 3-stage pipeline and the
+    hybrid give the one-pass logits for every position and the same greedy tokens, and every token's hidden state
+    still reaches each next stage."""
     toks = [504, 3575, 282, 4649, 314, 7042, 30]
-    base_logits, base_tokens, _t, _r = _run(smollm2, None, toks)
+    base_logits, base_tokens, _t, _r = _run(smollm2, None, toks, prefill_chunk=len(toks))
+    one_logits, one_tokens, _t, _r = _run(smollm2, None, toks, prefill_chunk=3)
+    assert _rel(one_logits, base_logits) < 1e-4 and one_tokens == base_tokens
     for name in ("pipeline3", "hybrid"):
         layout = LAYOUTS[name]
         logits, tokens, tele, _r = _run(smollm2, layout, toks, prefill_chunk=3)

@@ -133,14 +133,15 @@ class Rank:
 
     def step(self, ids: Any, pos: int, all_logits: bool) -> Any:
         """Run tokens ``ids`` at positions ``[pos, pos + T)``; the last stage returns the gathered logits (every
-        row with ``all_logits``, else the last). With several stages a long prompt goes through in chunks of
-        ``prefill_chunk`` tokens, so stage k works on chunk i while stage k+1 works on chunk i-1 (the planner's
-        pipelined prefill); the embeddings go to the first stage in one message first, so no two stages ever wait
-        on each other's sends."""
+        row with ``all_logits``, else the last). A long prompt goes through in chunks of ``prefill_chunk`` tokens,
+        as llama.cpp's ubatches: attention's scores then take chunk x context floats a head, what the planner's
+        compute buffer counts, not prompt x context (32 heads over an 8k prompt would be 8.6 GB). With several
+        stages, stage k works on chunk i while stage k+1 works on chunk i-1 (the planner's pipelined prefill); the
+        embeddings go to the first stage in one message first, so no two stages ever wait on each other's sends."""
         torch, dist, lay = self.torch, self.dist, self.layout
         n_stages, T = len(lay.stages), ids.numel()
         first, last = self.stage_idx == 0, self.stage_idx == self.last
-        size = self.prefill_chunk if n_stages > 1 else T
+        size = self.prefill_chunk
         chunks = [(o, min(size, T - o)) for o in range(0, T, size)]
         emb = None
         parts = []
