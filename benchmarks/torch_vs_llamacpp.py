@@ -70,6 +70,24 @@ def torch_decode(eng, toks: list[int], n: int, nonce: int) -> float:
     return (got - 1) / (t_last - t_first)
 
 
+def ab_decode(eng, llm, toks: list[int], repeats: int, tokens: int) -> dict:
+    """Decode tok/s of the torch engine and llama.cpp on the same prompt, alternating runs after a warm-up of
+    each; medians, their ratio and every run. Closes both."""
+    try:
+        llama_decode(llm, toks, 8)
+        torch_decode(eng, toks, 8, 0)
+        a, b = [], []
+        for i in range(repeats):
+            a.append(torch_decode(eng, toks, tokens, i))
+            b.append(llama_decode(llm, toks, tokens))
+    finally:
+        eng.close()
+        llm.close()
+    ta, tb = statistics.median(a), statistics.median(b)
+    return {"torch_tok_s": round(ta, 2), "llamacpp_tok_s": round(tb, 2), "ratio": round(ta / tb, 3),
+            "torch_runs": [round(x, 2) for x in a], "llamacpp_runs": [round(x, 2) for x in b]}
+
+
 def kernel_bandwidth(threads: int, rounds: int = 5) -> dict[str, float]:
     """GB/s of one decode step's products (30 layers of SmolLM2's fused matrices and the output head), best of
     ``rounds``, for three ways of computing them."""
@@ -138,20 +156,7 @@ def main() -> int:
                             b"<|im_start|>assistant\n", add_bos=False, special=True)
         eng = TorchEngine(f32, n_ctx=512, n_threads=args.threads)
         matvec = eng.ready[0].get("cpu_matvec") or {}
-        try:
-            llama_decode(llm, toks, 8)
-            torch_decode(eng, toks, 8, 0)  # warm-up
-            a, b = [], []
-            for i in range(args.repeats):
-                a.append(torch_decode(eng, toks, args.tokens, i))
-                b.append(llama_decode(llm, toks, args.tokens))
-        finally:
-            eng.close()
-            llm.close()
-        ta, tb = statistics.median(a), statistics.median(b)
-        out["decode"] = {"torch_tok_s": round(ta, 2), "llamacpp_tok_s": round(tb, 2), "ratio": round(ta / tb, 3),
-                         "torch_runs": [round(x, 2) for x in a], "llamacpp_runs": [round(x, 2) for x in b],
-                         "torch_matvec": matvec}
+        out["decode"] = {**ab_decode(eng, llm, toks, args.repeats, args.tokens), "torch_matvec": matvec}
 
         # the same A/B on a random qwen3moe (8 layers, 32 experts of 384, 4 used; F32 everywhere): a decode step
         # reads only its chosen experts, one small product each (the eager FoldedStep, not the buffered DecodeStep)
@@ -161,18 +166,7 @@ def main() -> int:
         mtoks = [1, 5, 9, 3, 7, 2, 11, 4]
         llm = llama_cpp.Llama(model_path=mpath, n_ctx=512, n_threads=args.threads, verbose=False)
         eng = TorchEngine(mpath, n_ctx=512, n_threads=args.threads)
-        try:
-            llama_decode(llm, mtoks, 8)
-            torch_decode(eng, mtoks, 8, 0)
-            a, b = [], []
-            for i in range(args.repeats):
-                a.append(torch_decode(eng, mtoks, args.tokens, i))
-                b.append(llama_decode(llm, mtoks, args.tokens))
-        finally:
-            eng.close()
-            llm.close()
-        ta, tb = statistics.median(a), statistics.median(b)
-        out["moe_decode"] = {"torch_tok_s": round(ta, 2), "llamacpp_tok_s": round(tb, 2), "ratio": round(ta / tb, 3)}
+        out["moe_decode"] = ab_decode(eng, llm, mtoks, args.repeats, args.tokens)
 
     # communication: TP=3 over SmolLM2's three KV heads, one prompt of n tokens
     toks5 = [504, 3575, 282, 4649, 314]

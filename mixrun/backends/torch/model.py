@@ -3,8 +3,9 @@
 One sequence at a time (the chat case): activations are ``(T, dim)``. Architectures: llama (Mistral, SmolLM2 with
 tied embeddings), qwen2 (QKV bias), qwen3 (QK norm, explicit head dim), qwen3moe (qwen3 with routed experts for its
 FFN, :mod:`.moe`), glm4moe (QKV bias, partial NEOX rotation, leading dense layers, sigmoid routing with a selection
-bias and a shared expert; its trailing NextN/MTP layers are not run, as llama.cpp's main graph does not). A model object may hold only a slice of the network: layers ``[start, end)``, with or without the
-embedding and the output head, so a pipeline stage builds just its own part. Tensor parallelism is applied
+bias and a shared expert; its trailing NextN/MTP layers are not run, as llama.cpp's main graph does not), gpt-oss
+(sliding-window layers, attention sinks, biases, YaRN). A model object may hold only a slice of the network: layers
+``[start, end)``, with or without the embedding and the output head, so a pipeline stage builds just its own part. Tensor parallelism is applied
 afterwards by :mod:`mixrun.backends.torch.parallel`, which shrinks the linears to their shards; the head counts
 below are therefore read from the modules, never from the config.
 
@@ -65,11 +66,13 @@ class ModelConfig:
     norm_w: bool = True  # the chosen experts' weights divided by their sum
     w_scale: float = 1.0  # and then multiplied by this
     n_nextn: int = 0  # trailing NextN/MTP layers: counted in n_layers (the plan's ranges), never run
-    # gpt-oss: sliding-window attention on even layers, attention sinks, biases on wo, the router and the experts,
-    # the SwiGLU-OAI activation, and the chosen experts weighed by a softmax of their logits
+    # gpt-oss: sliding-window attention, attention sinks, biases on wo, the router and the experts, the SwiGLU-OAI
+    # activation, and the chosen experts weighed by a softmax of their logits
     window: int = 0  # the sliding window of the layers that have one (0: none)
+    sliding: tuple[bool, ...] = ()  # per layer: whether it has the window (the spec's KV layers say)
     sinks: bool = False
     o_bias: bool = False
+    moe_bias: bool = False  # biases on the router and on every expert's gate, up and down
     activation: str = "silu"  # the experts' activation: "silu" (SwiGLU) or "oai" (gpt-oss's clamped SwiGLU)
     # RoPE scaling as llama.cpp applies it (llama-context.cpp): freq_scale = 1/factor; YaRN's ramp between
     # interpolated and extrapolated angles over the dims [corr_lo, corr_hi], and its magnitude factor
@@ -105,8 +108,11 @@ class ModelConfig:
                    probs_bias=any(n.endswith(".exp_probs_b.bias") for n in names),
                    norm_w=bool(fields.get(f"{arch}.expert_weights_norm", False)) if glm else not oss,
                    w_scale=float(fields.get(f"{arch}.expert_weights_scale", 0.0) or 1.0) if glm else 1.0,
-                   n_nextn=spec.n_layer_nextn, window=(spec.sliding_window or 0) if oss else 0, sinks=oss,
-                   o_bias=oss, activation="oai" if oss else "silu", **rope)
+                   n_nextn=spec.n_layer_nextn, window=(spec.sliding_window or 0) if oss else 0,
+                   sliding=tuple(layer.sliding for layer in spec.kv_layers), sinks="blk.0.attn_sinks.weight" in names,
+                   o_bias="blk.0.attn_output.bias" in names,
+                   moe_bias=any(n.endswith(".ffn_gate_exps.bias") for n in names),
+                   activation="oai" if oss else "silu", **rope)
 
 
 def _rope_scaling(spec: Any, fields: dict[str, Any]) -> dict[str, Any]:
@@ -222,10 +228,10 @@ class Attention(nn.Module):
         self.head_dim, self.n_head, self.n_kv = hd, cfg.n_head, cfg.n_head_kv
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.n_head_kv) * hd, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_head * hd, cfg.dim, bias=cfg.o_bias)
-        # gpt-oss: even layers see the last `window` positions only (llama.cpp: swa pattern 2, a key is masked when
-        # the query is `window` or more positions after it); every layer has a learned sink logit per query head,
-        # one more term in the softmax's denominator
-        self.window = cfg.window if cfg.window and layer % 2 == 0 else 0
+        # gpt-oss: sliding layers see the last `window` positions only (a key is masked when the query is `window`
+        # or more positions after it, llama.cpp's LLAMA_SWA_TYPE_STANDARD); every layer has a learned sink logit per
+        # query head, one more term in the softmax's denominator
+        self.window = cfg.window if layer < len(cfg.sliding) and cfg.sliding[layer] else 0
         self.sinks = nn.Parameter(torch.empty(cfg.n_head)) if cfg.sinks else None
         self.sink: torch.Tensor | None = None  # the sinks as a step uses them, made by prepare()
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None

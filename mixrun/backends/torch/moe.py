@@ -1,6 +1,7 @@
-"""A mixture-of-experts FFN (qwen3moe, glm4moe) in plain PyTorch, with no distributed code in it.
+"""A mixture-of-experts FFN (qwen3moe, glm4moe, gpt-oss) in plain PyTorch, with no distributed code in it.
 
-The equation is llama.cpp's ``build_moe_ffn`` (src/llama-graph.cpp; src/models/qwen3moe.cpp, glm4-moe.cpp): router
+The equation is llama.cpp's ``build_moe_ffn`` (src/llama-graph.cpp; src/models/qwen3moe.cpp, glm4-moe.cpp,
+openai-moe.cpp): router
 logits ``ffn_gate_inp x`` (plus its bias, gpt-oss); probabilities by a softmax over all experts (qwen3moe), a
 sigmoid of each (glm4moe), or none (gpt-oss: the chosen logits are softmaxed into weights); the top ``n_used``,
 chosen on the probabilities plus a per-expert selection bias where the model has one (``exp_probs_b``), weighed by
@@ -43,7 +44,7 @@ class MoEFeedForward(nn.Module):
         self.n_expert, self.n_used, self.ffn = cfg.n_expert, cfg.n_expert_used, cfg.n_ff_exp
         self.first, self.n_local, self.dim = first, n, cfg.dim
         self.gating, self.norm_w, self.w_scale, self.oai = cfg.gating, cfg.norm_w, cfg.w_scale, cfg.activation == "oai"
-        biased = cfg.arch == "gpt-oss"  # router and experts with biases
+        biased = cfg.moe_bias  # router and experts with biases (gpt-oss)
         self.router = nn.Linear(cfg.dim, cfg.n_expert, bias=biased)  # ffn_gate_inp, whole on every TP member
         # exp_probs_b: added to the probabilities to choose experts (not to weigh them); whole on every member
         self.probs_bias = nn.Parameter(torch.empty(cfg.n_expert)) if cfg.probs_bias else None
@@ -72,7 +73,7 @@ class MoEFeedForward(nn.Module):
 
     def choose(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts each token of ``x`` (T, dim) runs, (T, n_used) global indices by falling probability, and
-        their weights, (T, n_used) float32 summing to 1 per token."""
+        their weights, (T, n_used) float32 (summing to 1 per token where they are normalized and not scaled)."""
         assert self.route is not None, "setup_cache() first"
         logits = self.route(x).float()  # (T, n_expert)
         if self.gating == "softmax_weight":  # chosen by logit, weighed by a softmax over the chosen ones
