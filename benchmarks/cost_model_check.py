@@ -40,6 +40,7 @@ import tempfile
 import time
 import tomllib
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -328,6 +329,40 @@ def row_period(r: dict) -> str:
     return era(r["source"])
 
 
+# (date, llama.cpp build number) pairs the data's notes state together, for rows that give only a date.
+BUILD_DATES = (("2024-01-07", 1786), ("2024-08-26", 3622), ("2025-02-12", 4696), ("2025-05-07", 5298),
+               ("2025-09-30", 6645), ("2025-12-18", 7474), ("2026-08-30", 10639))
+MONTHS = {m: i + 1 for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov",
+                                          "Dec"))}
+
+
+def row_build(r: dict) -> int | None:
+    """The llama.cpp build a row ran: the number its notes give (llama-bench's "build: <commit> (N)", "bN"), else
+    one interpolated from the date its notes or period give (BUILD_DATES); None for a 2025-26 row without either
+    (the constants' own period) and for non-llama.cpp rows."""
+    if r["backend"] != "llama.cpp":
+        return None
+    notes = r.get("notes", "")
+    m = re.search(r"build:? *[0-9a-f]{6,}\s*\((\d{3,5})\)|\bb(\d{4,5})\b", notes)
+    if m:
+        return int(m.group(1) or m.group(2))
+    m = re.search(r"\b(20\d\d)-(\d\d)(?:-(\d\d))?\b", notes)
+    if m:
+        day = date(int(m.group(1)), int(m.group(2)), int(m.group(3) or 15))
+    elif m := re.search(r"\b(" + "|".join(MONTHS) + r")[a-z]* (20\d\d)\b", notes):
+        day = date(int(m.group(2)), MONTHS[m.group(1)], 15)
+    elif r.get("period"):
+        day = date(int(r["period"][:4]), 6, 30)
+    elif era(r["source"]) == "2023-24":
+        day = date(2024, 1, 15)
+    else:
+        return None
+    pts = [(date.fromisoformat(d), b) for d, b in BUILD_DATES]
+    (d0, b0), (d1, b1) = next(((a, b) for a, b in zip(pts, pts[1:], strict=False) if day <= b[0]),
+                               (pts[-2], pts[-1]))
+    return max(1, round(b0 + (b1 - b0) * (day - d0).days / (d1 - d0).days))
+
+
 def rig_name(gpus: list[str]) -> str:
     out: list[str] = []
     for g in dict.fromkeys(gpus):
@@ -349,7 +384,7 @@ def evaluate(rows: list[dict], assume_pp512: bool) -> tuple[list[dict], list[dic
             n_prompt = r.get("n_prompt")
             pp_ok = r.get("prefill_tok_s") and (
                 (n_prompt is not None and 256 <= n_prompt <= 1024) or (assume_pp512 and n_prompt is None))
-            req = PlanRequest(ctx=4096, prompt_tokens=512, split=r["split"])
+            req = PlanRequest(ctx=4096, prompt_tokens=512, split=r["split"], llamacpp_build=row_build(r))
             spec = cache.get(shape_of(r["model"]), qtype_of(r["quant"]), r.get("model_gib"))
             profile = rig(r)
             vllm = r["backend"] == "vllm"
@@ -364,7 +399,7 @@ def evaluate(rows: list[dict], assume_pp512: bool) -> tuple[list[dict], list[dic
                                     "reason": "the planner has no candidate for this split on this rig/model"})
                     continue
                 dec, pre, fits, label = c.decode_tok_s, c.prefill_tok_s, c.fits, c.label
-            out = {"row": i, "source": short_source(r["source"]), "era": row_period(r),
+            out = {"row": i, "source": short_source(r["source"]), "era": row_period(r), "build": req.llamacpp_build,
                    "set": r.get("set", "fit"), "new": "set" in r, "vendor": row_vendor(r), "api": gpu_api(r),
                    "rig": rig_name(r["gpus"]), "gpus": r["gpus"],
                    "model": r["model"], "quant": r["quant"], "split": r["split"],

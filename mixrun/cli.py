@@ -189,7 +189,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     prof = load_profile(args.profile)
     spec = read_spec(args.model or default_model())
     req = PlanRequest(ctx=args.ctx, kv_type=args.kv_type, split=args.split, backend=args.backend,
-                      ubatch=args.ubatch, flash_attn=not args.no_flash_attn, cpu_offload=args.offload)
+                      ubatch=args.ubatch, flash_attn=not args.no_flash_attn, cpu_offload=args.offload,
+                      llamacpp_build=args.llamacpp_build)
     report = plan(prof, spec, req)
     if args.json:
         _print_json(report.to_json())
@@ -298,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="micro-batch size (llama.cpp -ub), 1 to 65536")
     pl.add_argument("--no-flash-attn", action="store_true", help="plan without flash attention")
     pl.add_argument("--offload", action="store_true", help="let llama.cpp run the first layers on the CPU")
+    pl.add_argument("--llamacpp-build", type=_number(int, 1, 1 << 20), default=None, metavar="N",
+                    help="predict llama.cpp for this build number (`llama-server --version`; default: a 2025-26 "
+                         "build); builds before b3210 prefilled through cuBLAS")
     pl.add_argument("--all", action="store_true", help="show every candidate's devices, not just the chosen one")
     pl.add_argument("--json", action="store_true", help="print the report as JSON (contract 2)")
     pl.set_defaults(func=cmd_plan)

@@ -60,9 +60,12 @@ COSTS: dict[tuple[str, str], BackendCosts] = {
     ("llama.cpp", "datacenter"): replace(_LCPP_GPU, bw_eff=0.70, layer_overhead_s=60e-6, prefill_eff=0.35),
     # Apple GPUs: no published multi-device data in docs/cost-model-data.toml; the GeForce constants as a prior.
     ("llama.cpp", "metal"): _LCPP_GPU,
-    # ROCm (HIP) on AMD cards with matrix units (RDNA3/4 WMMA, CDNA MFMA): 2025-26 rows of MI100, R9700 and
-    # 7900 XTX decode at 0.64 of the bandwidth; prefill reaches 0.25 of the datasheet matrix rate (MI100 Q8_0).
-    ("llama.cpp", "rocm-matrix"): replace(_LCPP_GPU, bw_eff=0.64, prefill_eff=0.25),
+    # ROCm (HIP) on AMD cards with matrix units: 2025-26 rows of MI100, R9700 and 7900 XTX decode at 0.64 of the
+    # bandwidth. RDNA3/4 (WMMA) multiply a ubatch with MMQ at 0.32 of the datasheet matrix rate (R9700 Q4_0 and
+    # UD-Q4_K_XL pp512); CDNA1/2 (MFMA) dequantize K-quants and Q8_0 for hipBLAS (matmul_path), whose F16 GEMM
+    # reaches 0.32 of it too (2x MI100 Q8_0 pp512 at 0.25, through BLAS_DEQUANT_FACTOR).
+    ("llama.cpp", "rocm-matrix"): replace(_LCPP_GPU, bw_eff=0.64, prefill_eff=0.32),
+    ("llama.cpp", "rocm-cdna"): replace(_LCPP_GPU, bw_eff=0.64, prefill_eff=0.32),
     # ROCm on RDNA1/2 and GCN/Vega (no matrix units; their fp16_tflops is the packed vector rate): MI50 Q4_0
     # prefill 0.58 of it; decode as rocm-matrix (no fitted row of its own). Between two such cards a copy stalls:
     # issue 17's RX 6800 + RX 6700 XT decode a 3B F16 at 25 tok/s split by layer against 57 on the 6800 alone,
@@ -99,8 +102,13 @@ ALLREDUCE_BASE_S = 15e-6
 _PASCAL = ("P40", "P100", "P4 ", "P6000", "GTX 10", "TITAN X", "TITAN Xp")
 _WORKSTATION = ("RTX A", "RTX PRO", "Quadro", "Ada Generation", "RTX 6000", "RTX 5000", "RTX 4000")
 _DATACENTER = ("A100", "A800", "H100", "H800", "H200", "GH200", "B200", "B100", "V100")
-# AMD cards with matrix units (RDNA3/4 WMMA, CDNA MFMA): their fp16_tflops is a matrix rate
-_AMD_MATRIX = ("RX 7", "RX 9", "R9700", "W7", "W9", "MI100", "MI210", "MI250", "MI3", "Radeon 8")
+# AMD architectures, by the names their drivers print. RDNA3/4 (WMMA) and CDNA (MFMA) have matrix units, and their
+# fp16_tflops is a matrix rate; the others' is the packed-FP16 vector rate.
+_AMD_RDNA4 = ("RX 90", "RX 9070", "RX 9060", "R9700", "R9600")
+_AMD_RDNA3 = ("RX 7", "W7", "Radeon 8", "780M", "890M")
+_AMD_CDNA3 = ("MI300", "MI308", "MI325", "MI35")
+_AMD_CDNA = ("MI100", "MI210", "MI250")
+_AMD_VEGA10 = ("MI25", "Vega 56", "Vega 64", "Vega Frontier", "WX 9100")  # gfx900: no int8 dot products
 _AMD = ("AMD", "Radeon", "Instinct")
 
 # Prefill matmul throughput per quant type, relative to F16/Q8_0/Q4_0 (llama.cpp's MMQ kernels unpack K-quants
@@ -109,6 +117,94 @@ _AMD = ("AMD", "Radeon", "Instinct")
 QUANT_PREFILL = {"F32": 0.5, "F16": 1.0, "BF16": 1.0, "Q8_0": 1.0, "Q4_0": 1.0, "Q4_1": 1.0, "Q5_0": 0.95,
                  "Q5_1": 0.95, "Q2_K": 0.85, "Q3_K": 0.85, "Q4_K": 0.85, "Q5_K": 0.85, "Q6_K": 0.85}
 QUANT_PREFILL_OTHER = 0.75  # i-quants and anything else
+# The same on int8 dot products (dp4a MMQ), where unpacking a K-quant's scales costs more next to the dot products:
+# PROVISIONAL, see docs/cost-model.md.
+QUANT_PREFILL_DP4A = {"Q8_0": 0.9, "Q4_0": 1.0, "Q4_1": 1.0, "Q5_0": 0.95, "Q5_1": 0.95, "Q2_K": 0.6, "Q3_K": 0.6,
+                      "Q4_K": 0.75, "Q5_K": 0.75, "Q6_K": 0.75}
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def amd_arch(name: str) -> str:
+    """An AMD GPU's architecture as llama.cpp's HIP kernels tell them apart: ``rdna4``, ``rdna3``, ``cdna3``,
+    ``cdna`` (CDNA1/2), ``vega10`` (gfx900), or ``dp4a`` (GCN gfx906 and RDNA1/2: int8 dot products, no matrix
+    units)."""
+    for arch, keys in (("rdna4", _AMD_RDNA4), ("rdna3", _AMD_RDNA3), ("cdna3", _AMD_CDNA3), ("cdna", _AMD_CDNA),
+                       ("vega10", _AMD_VEGA10)):
+        if any(k in name for k in keys):
+            return arch
+    return "dp4a"
+
+
+# llama.cpp builds from which a kernel choice holds (build numbers as `llama-server --version` prints them):
+# PR #8075 (2024-06-24, about b3210) made CUDA GPUs with int8 tensor cores multiply ubatches with MMQ instead of
+# dequantizing for cuBLAS; before it, every quantized ubatch of more than 32 tokens went through cuBLAS on Volta
+# and newer. Vulkan's 2024 shaders prefilled slower than 2025-26 builds on the same cards (fitted rows: RX 6700 XT
+# and RX 6800 XT of Jan-Mar 2024, pp512 1.41x and 1.18x over-predicted); no 2024 row after March says when
+# that changed, so builds before 2025 (about b4400) take EARLY_VULKAN_PREFILL.
+MMQ_DEFAULT_BUILD = 3210
+# Those builds' cuBLAS prefill on Volta and newer, F16 included, ran at this share of 2025-26 builds' rate: 1 / the
+# median predicted/measured (1.167) of the 25 fitted CUDA pp512 rows of builds before b3210 once quantized
+# matrices take the dequantize + cuBLAS path (P40 rows, on MMQ already, excluded).
+OLD_CUBLAS_PREFILL = 0.86
+EARLY_VULKAN_BUILD = 4400
+EARLY_VULKAN_PREFILL = 0.77
+# Dequantize + F16 GEMM: a quantized matrix multiplies at this share of an F16 matrix's rate (the dequantization
+# pass and its F16 copy). Median of six same-source quantized / F16 pp512 pairs of CUDA builds before PR #8075,
+# fitted rows only (docs/cost-model.md): 0.72, 0.91, 0.76, 0.80, 0.79, 0.69.
+BLAS_DEQUANT_FACTOR = 0.78
+
+
+def matmul_path(device: Device, qtype: str, build: int | None = None) -> str:
+    """Which llama.cpp kernel multiplies a 512-token ubatch with a ``qtype`` matrix on ``device``:
+
+    - ``mma``: MMQ on int8 tensor or matrix cores (NVIDIA Turing and newer, RDNA3/4, CDNA3; CDNA1/2 for the legacy
+      4/5-bit types);
+    - ``dp4a``: MMQ on int8 dot products (Pascal; GCN gfx906 such as the MI50; RDNA1/2);
+    - ``blas``: dequantize to F16, then cuBLAS/hipBLAS (V100; Vega 10; CDNA1/2 for K-quants and Q8_0; RDNA3 for
+      Q6_K and Q2_K; CUDA builds before :data:`MMQ_DEFAULT_BUILD`); F16/BF16/F32 matrices always;
+    - ``vulkan``, ``metal``, ``cpu``: that backend's own kernels.
+
+    From ``ggml_cuda_should_use_mmq`` (ggml/src/ggml-cuda/mmq.cu, llama.cpp of 2026-10 as llama-cpp-python 0.3.36
+    vendors it) for a ubatch above its small-batch thresholds (64 to 256 tokens)."""
+    if device.backend in ("vulkan", "metal", "cpu"):
+        return device.backend
+    if qtype in _FLOAT_TYPES:
+        return "blas"
+    name = device.name + " "
+    if device_class(device).startswith("rocm"):
+        arch = amd_arch(name)
+        if arch in ("rdna4", "cdna3"):
+            return "mma"
+        if arch == "rdna3":
+            return "blas" if qtype in ("Q6_K", "Q2_K") else "mma"
+        if arch == "cdna":
+            return "mma" if qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1") else "blas"
+        return "blas" if arch == "vega10" else "dp4a"
+    if any(k in name for k in _PASCAL):
+        return "dp4a"  # MMQ on __dp4a has been Pascal's default since PR #2683 (2023-08)
+    if "V100" in name or (build is not None and build < MMQ_DEFAULT_BUILD):
+        return "blas"
+    return "mma"
+
+
+def prefill_type_factor(device: Device, qtype: str, backend: str = "llama.cpp", build: int | None = None) -> float:
+    """A ``qtype`` matrix's prefill matmul rate relative to the device class's rate (``prefill_eff``): in
+    llama.cpp by the kernel :func:`matmul_path` picks, Vulkan builds before :data:`EARLY_VULKAN_BUILD` at
+    :data:`EARLY_VULKAN_PREFILL` of today's; in mixrun's torch backend by :data:`QUANT_PREFILL`."""
+    if backend != "llama.cpp":
+        return QUANT_PREFILL.get(qtype, QUANT_PREFILL_OTHER)
+    path = matmul_path(device, qtype, build)
+    if path == "blas":
+        f = 0.5 if qtype == "F32" else 1.0 if qtype in _FLOAT_TYPES else BLAS_DEQUANT_FACTOR
+    elif path == "dp4a":
+        f = QUANT_PREFILL_DP4A.get(qtype, QUANT_PREFILL_OTHER)
+    else:
+        f = QUANT_PREFILL.get(qtype, QUANT_PREFILL_OTHER)
+    if build is not None and path == "vulkan" and build < EARLY_VULKAN_BUILD:
+        f *= EARLY_VULKAN_PREFILL
+    if build is not None and path == "blas" and device.backend == "cuda" and build < MMQ_DEFAULT_BUILD:
+        f *= OLD_CUBLAS_PREFILL
+    return f
 
 
 def device_class(device: Device) -> str:
@@ -120,7 +216,8 @@ def device_class(device: Device) -> str:
         return "metal"
     amd = any(k in name for k in _AMD)
     if device.backend == "rocm" or (amd and device.backend != "vulkan"):
-        return "rocm-matrix" if any(k in name for k in _AMD_MATRIX) else "rocm"
+        arch = amd_arch(name)
+        return "rocm-cdna" if arch in ("cdna", "cdna3") else "rocm-matrix" if arch in ("rdna3", "rdna4") else "rocm"
     if device.backend == "vulkan" and amd:
         return "vulkan-amd"
     if device.backend == "vulkan" and "Intel" in name:

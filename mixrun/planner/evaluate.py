@@ -10,11 +10,10 @@ from mixrun.model.spec import ModelSpec
 from mixrun.planner.cost import (
     MOE_LAYER_OVERHEAD_S,
     MOE_PREFILL_EFF,
-    QUANT_PREFILL,
-    QUANT_PREFILL_OTHER,
     allreduce_s,
     costs,
     flop_time_s,
+    prefill_type_factor,
     quant_kernel_bytes,
     read_time_s,
     transfer_s,
@@ -73,15 +72,29 @@ class Context:
         return TensorSplitModel(self.spec, self.facts.kv_bytes_per_cell)
 
     @cached_property
-    def quant_factor(self) -> float:
-        """Prefill matmul rate of this model's layer matrices relative to F16 (:data:`cost.QUANT_PREFILL`),
-        weighted by their elements."""
-        num = den = 0.0
+    def _layer_qtypes(self) -> dict[str, int]:
+        """Elements of the layer matrices, per quant type."""
+        out: dict[str, int] = {}
         for t in self.spec.tensors:
             if t.layer is not None and len(t.shape) >= 2:
-                num += t.n_elements * QUANT_PREFILL.get(t.qtype, QUANT_PREFILL_OTHER)
-                den += t.n_elements
-        return num / den if den else 1.0
+                out[t.qtype] = out.get(t.qtype, 0) + t.n_elements
+        return out
+
+    @cached_property
+    def _quant_factors(self) -> dict[tuple[str, str, str], float]:
+        return {}
+
+    def quant_factor(self, dev: Device, backend: str) -> float:
+        """Prefill matmul rate of this model's layer matrices on ``dev`` relative to its class's rate, weighted by
+        their elements: each quant type's factor for the kernel llama.cpp picks there
+        (:func:`cost.prefill_type_factor`, at the request's llama.cpp build)."""
+        key = (dev.name, dev.backend, backend)
+        if key not in self._quant_factors:
+            n = self._layer_qtypes
+            den = sum(n.values())
+            self._quant_factors[key] = (sum(k * prefill_type_factor(dev, q, backend, self.req.llamacpp_build)
+                                            for q, k in n.items()) / den) if den else 1.0
+        return self._quant_factors[key]
 
     @cached_property
     def row_floats_per_token(self) -> tuple[int, int]:
@@ -99,7 +112,7 @@ class Context:
                           expert_flops: float = 0.0) -> float:
         """One device's prefill work on its layers: the matmul FLOPs at its prefill rate for the model's quant
         types (routed experts' at :data:`MOE_PREFILL_EFF` of it), and attention's traffic beyond its FLOPs."""
-        return (flop_time_s(flops + expert_flops / MOE_PREFILL_EFF, dev, backend, self.quant_factor)
+        return (flop_time_s(flops + expert_flops / MOE_PREFILL_EFF, dev, backend, self.quant_factor(dev, backend))
                 + self.attention_s(n_layers, share, dev, backend))
 
     def prompt_flops(self, layers: range, share: float = 1.0) -> tuple[float, float]:

@@ -25,6 +25,8 @@ class PlanRequest:
     flash_attn: bool = True
     cpu_offload: bool = False  # let llama.cpp run the first layers on the CPU host (-ngl < layers)
     torch_gpu_util: float = 0.9  # share of a GPU's capacity the torch backend plans into (vLLM's default)
+    # the llama.cpp build predicted for (`llama-server --version`); None: a 2025-26 build, as the constants describe
+    llamacpp_build: int | None = None
 
     def __post_init__(self) -> None:
         """Names from the command line or the TUI (``"row"``, ``"auto"``) become the vocabulary's enums; a name
@@ -38,6 +40,8 @@ class PlanRequest:
                "split": shown(self.split), "backend": shown(self.backend)}
         if self.cpu_offload:
             out["cpu_offload"] = True
+        if self.llamacpp_build is not None:
+            out["llamacpp_build"] = self.llamacpp_build
         return out
 
 

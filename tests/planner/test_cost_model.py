@@ -95,7 +95,9 @@ def test_backend_classes() -> None:
         return cost.device_class(_gpu(0, name, backend, 16.0, 500.0, 50.0))
 
     assert cls("AMD Radeon RX 7900 XTX", "rocm") == "rocm-matrix"
-    assert cls("AMD Instinct MI100", "rocm") == "rocm-matrix"
+    assert cls("AMD Instinct MI100", "rocm") == "rocm-cdna"
+    assert cls("AMD Radeon AI PRO R9700", "rocm") == "rocm-matrix"
+    assert cls("AMD Instinct MI50/MI60", "rocm") == "rocm"
     assert cls("AMD Radeon RX 6800", "rocm") == "rocm"
     assert cls("AMD Radeon RX 6800", "vulkan") == "vulkan-amd"
     assert cls("Intel(R) Arc(TM) Pro B60 Graphics", "vulkan") == "vulkan-intel"
@@ -115,6 +117,51 @@ def test_prefill_terms(models: dict[str, ModelSpec]) -> None:
     assert fa is not None and no_fa is not None and no_fa.prefill_tok_s < fa.prefill_tok_s
     assert no_fa.decode_tok_s == pytest.approx(fa.decode_tok_s)
     assert cost.QUANT_PREFILL["Q4_K"] < cost.QUANT_PREFILL["Q4_0"] == cost.QUANT_PREFILL["F16"]
+
+
+def test_matmul_path_follows_llamacpp() -> None:
+    """The kernel a 512-token ubatch takes, as ggml_cuda_should_use_mmq picks it: MMQ on int8 tensor cores from
+    Turing on, dp4a MMQ on Pascal and gfx906/RDNA2, dequantize + BLAS on V100, Vega 10, CDNA1/2 for K-quants and
+    Q8_0, RDNA3 for Q6_K, for F16, and on CUDA builds before PR #8075."""
+    def path(name: str, qtype: str, backend: str = "cuda", build: int | None = None) -> str:
+        return cost.matmul_path(_gpu(0, name, backend, 16.0, 500.0, 50.0), qtype, build)
+
+    assert path("NVIDIA GeForce RTX 4090", "Q4_K") == "mma"
+    assert path("NVIDIA GeForce RTX 4090", "F16") == "blas"
+    assert path("NVIDIA GeForce RTX 4090", "Q4_K", build=3000) == "blas"
+    assert path("NVIDIA GeForce RTX 4090", "Q4_K", build=cost.MMQ_DEFAULT_BUILD) == "mma"
+    assert path("Tesla P40", "Q4_K", build=3000) == "dp4a"
+    assert path("Tesla V100-PCIE-32GB", "Q4_0") == "blas"
+    assert path("AMD Instinct MI50/MI60", "Q4_K", "rocm") == "dp4a"
+    assert path("AMD Radeon RX 6800 XT", "Q6_K", "rocm") == "dp4a"
+    assert path("AMD Radeon Instinct MI25", "Q4_0", "rocm") == "blas"
+    assert path("AMD Instinct MI100", "Q4_0", "rocm") == "mma"
+    assert path("AMD Instinct MI100", "Q8_0", "rocm") == "blas"
+    assert path("AMD Instinct MI300X", "Q8_0", "rocm") == "mma"
+    assert path("AMD Radeon RX 7900 XTX", "Q6_K", "rocm") == "blas"
+    assert path("AMD Radeon RX 7900 XTX", "Q4_K", "rocm") == "mma"
+    assert path("AMD Radeon AI PRO R9700", "Q6_K", "rocm") == "mma"
+    assert path("NVIDIA GeForce RTX 3090", "Q4_K", "vulkan") == "vulkan"
+
+
+def test_older_build_prefills_slower(tmp_path: Path) -> None:
+    """A CUDA build before MMQ became the default dequantized every quantized ubatch for cuBLAS: a Q4_0 model's
+    prefill is predicted slower there, by more than an F16 model's, and decode is the same."""
+    rig = _rig(_gpu(0, "NVIDIA GeForce RTX 4090", "cuda", 24.0, 1008.0, 165.2))
+    q4 = _spec(tmp_path, "q4", LLAMA32_1B, "Q4_0")
+    f16 = _spec(tmp_path, "f16", LLAMA32_1B, "F16")
+
+    def best(spec: ModelSpec, build: int | None):
+        b = plan(rig, spec, PlanRequest(ctx=4096, split="none", llamacpp_build=build)).best
+        assert b is not None
+        return b
+
+    new_q4, old_q4 = best(q4, None), best(q4, 3000)
+    new_f16, old_f16 = best(f16, None), best(f16, 3000)
+    assert old_q4.prefill_tok_s < new_q4.prefill_tok_s
+    assert old_q4.prefill_tok_s / new_q4.prefill_tok_s < old_f16.prefill_tok_s / new_f16.prefill_tok_s < 1
+    assert old_q4.decode_tok_s == pytest.approx(new_q4.decode_tok_s)
+    assert best(q4, 20000).prefill_tok_s == pytest.approx(new_q4.prefill_tok_s)
 
 
 def _result(model: str, measured: float, cand, prefill: float | None = None) -> Result:
