@@ -110,6 +110,22 @@ GPUS: dict[str, Gpu] = {
     "RTX 2080 Ti": Gpu("NVIDIA GeForce RTX 2080 Ti", 11.0, 616.0, 53.8),
     "RTX 2080 8GB": Gpu("NVIDIA GeForce RTX 2080", 8.0, 448.0, 40.3),
     "V100-PCIE-32GB": Gpu("Tesla V100-PCIE-32GB", 32.0, 900.0, 112.0),
+    # Added 2026-12-04 with the fourth batch (docs/cost-model-sources.md §15): TechPowerUp / vendor datasheets.
+    "RTX 3070 8GB": Gpu("NVIDIA GeForce RTX 3070", 8.0, 448.0, 40.6),
+    "RTX 3080 Ti 12GB": Gpu("NVIDIA GeForce RTX 3080 Ti", 12.0, 912.4, 68.2),
+    "RTX 3060 Ti 8GB": Gpu("NVIDIA GeForce RTX 3060 Ti", 8.0, 448.0, 32.4),
+    "RTX 4070 Ti 12GB": Gpu("NVIDIA GeForce RTX 4070 Ti", 12.0, 504.2, 80.2),
+    "RTX 4080 16GB": Gpu("NVIDIA GeForce RTX 4080", 16.0, 716.8, 97.5),
+    "RTX 2060 6GB": Gpu("NVIDIA GeForce RTX 2060", 6.0, 336.0, 25.8),
+    # GP100: no tensor cores, full-rate packed FP16.
+    "Tesla P100 16GB": Gpu("Tesla P100-PCIE-16GB", 16.0, 732.2, 18.7),
+    # Pascal GeForce: FP16 is crippled, so the FP32 rate.
+    "GTX 1050 Ti 4GB": Gpu("NVIDIA GeForce GTX 1050 Ti", 4.0, 112.1, 2.14),
+    "Instinct MI210": Gpu("AMD Instinct MI210", 64.0, 1638.4, 181.0),
+    "Instinct MI300X": Gpu("AMD Instinct MI300X", 192.0, 5300.0, 1307.4),
+    "Radeon PRO W7900": Gpu("AMD Radeon PRO W7900", 48.0, 864.0, 122.6),
+    # One Vega 20 (gfx906) die of a Radeon Pro Vega II Duo: packed-FP16 vector rate.
+    "Radeon Pro Vega II": Gpu("AMD Radeon Pro Vega II", 32.0, 1024.0, 28.3),
     # Intel: XMX FP16 (half the INT8 rate).
     "Arc Pro B60": Gpu("Intel(R) Arc(TM) Pro B60 Graphics", 24.0, 456.0, 98.0),
 }
@@ -191,7 +207,7 @@ def shape_of(model: str) -> str | None:
 def qtype_of(quant: str) -> str:
     """The factory qtype whose tensor mix stands in for the published quant (the size is then scaled to match)."""
     q = quant.upper()
-    for k in ("F16", "Q8_0", "Q4_0", "Q6_K"):
+    for k in ("BF16", "F16", "Q8_0", "Q4_0", "Q6_K"):
         if q.startswith(k):
             return k
     return "Q4_K_M"  # Q4_K_M, UD-Q4_K_XL, "Q4 (variant not stated)", AWQ int4
@@ -400,7 +416,7 @@ def evaluate(rows: list[dict], assume_pp512: bool) -> tuple[list[dict], list[dic
                     continue
                 dec, pre, fits, label = c.decode_tok_s, c.prefill_tok_s, c.fits, c.label
             out = {"row": i, "source": short_source(r["source"]), "era": row_period(r), "build": req.llamacpp_build,
-                   "set": r.get("set", "fit"), "new": "set" in r, "vendor": row_vendor(r), "api": gpu_api(r),
+                   "set": r.get("set", "fit"), "new": "set" in r, "batch": r.get("batch", 0), "vendor": row_vendor(r), "api": gpu_api(r),
                    "rig": rig_name(r["gpus"]), "gpus": r["gpus"],
                    "model": r["model"], "quant": r["quant"], "split": r["split"],
                    "backend": "vllm->torch" if vllm else "llama.cpp", "candidate": label, "fits": fits}
@@ -496,6 +512,9 @@ def summarise(results: list[dict]) -> dict:
     out["by_set"] = {st: breakdown([r for r in llama if r["set"] == st]) for st in SETS}
     # The fitted rows added with the check set (they carry an explicit `set`): the like-for-like comparison.
     out["new_fit_rows"] = breakdown([r for r in llama if r["set"] == "fit" and r["new"]])
+    # The fourth batch's check rows: held back by position and first predicted after the last model change, so
+    # the one part of the check set no change to the model has seen.
+    out["check_batch4"] = breakdown([r for r in llama if r["set"] == "check" and r["batch"] == 4])
     for key in ("decode", "prefill"):
         for st in SETS:
             pairs = [p for p in out[f"ranking_{key}"]["detail"] if (p["set"] == "check") == (st == "check")]
@@ -540,6 +559,9 @@ def print_breakdown(summary: dict) -> None:
     nf = summary["new_fit_rows"]
     print(f"  {'fitted rows added with it':<24} {_cell(nf['decode']['all']):>24} {'':>24} "
           f"{_cell(nf['prefill']['all']):>24}")
+    b4 = summary["check_batch4"]
+    print(f"  {'check rows of batch 4':<24} {'':>24} {_cell(b4['decode']['all']):>24} {'':>24} "
+          f"{_cell(b4['prefill']['all']):>24}")
     for key in ("decode", "prefill"):
         f, c = fit[f"ranking_{key}"], chk[f"ranking_{key}"]
         print(f"  ranking {key:<16} fit {f['correct']}/{f['pairs']}, check {c['correct']}/{c['pairs']}")

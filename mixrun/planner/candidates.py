@@ -11,7 +11,16 @@ from collections.abc import Callable, Sequence
 
 from mixrun.alloc import allocate
 from mixrun.model.spec import ModelSpec, TensorSpec, with_tensors
-from mixrun.planner.cost import QUANT_KERNEL_EFF, allreduce_s, costs, quant_kernel_bytes, read_time_s, transfer_s
+from mixrun.planner.cost import (
+    QUANT_KERNEL_EFF,
+    allreduce_s,
+    costs,
+    layer_overhead_s,
+    quant_kernel_bytes,
+    read_time_s,
+    stage_cost_s,
+    transfer_s,
+)
 from mixrun.planner.evaluate import (
     Context,
     Evaluation,
@@ -518,14 +527,14 @@ def _search(ctx: Context, backend: str, units: list[Unit], first_only: frozenset
                 out += quant_kernel_bytes(facts.output_quant_bytes * s, dev, backend)
                 fixed_s = max(fixed_s, read_time_s(out, dev, backend))
         dev0 = p.device(u.devices[0])
-        layer_s += costs(backend, dev0).layer_overhead_s
+        layer_s += layer_overhead_s(backend, dev0, req.llamacpp_build)
         if len(u.devices) > 1:
             layer_s += 2 * allreduce_s(p, u.devices, spec.n_embd * act, one_shot=torch)
         return StageCosts(layer_s=layer_s, cap_layers=min(cap, L), fixed_s=fixed_s)
 
     def handoff(i: int, j: int) -> float:
-        stage = costs(backend, p.device(units[j].devices[0])).stage_overhead_s
-        return transfer_s(p, units[i].devices[-1], units[j].devices[0], spec.n_embd * act) + stage
+        a, b = units[i].devices[-1], units[j].devices[0]
+        return transfer_s(p, a, b, spec.n_embd * act) + stage_cost_s(p, a, b, backend)
 
     def allowed(members: tuple[int, ...]) -> bool:
         devs = [d for i in members for d in units[i].devices]
@@ -566,7 +575,7 @@ def _refine(ctx: Context, backend: str, stages: list[Unit], fixed_bytes, util: f
             room = planned_capacity(dev, util) - fixed_bytes(dev, s, k == len(stages) - 1)
             rate = dev.mem_bandwidth_gbs * 1e9 * costs(backend, dev).bw_eff
             rows.append((_prefix(read), _prefix(mem), room, rate))
-        over = costs(backend, p.device(u.devices[0])).layer_overhead_s
+        over = layer_overhead_s(backend, p.device(u.devices[0]), req.llamacpp_build)
         if len(u.devices) > 1:
             over += 2 * allreduce_s(p, u.devices, ctx.spec.n_embd * (2 if backend == "torch" else 4),
                                     one_shot=backend == "torch")

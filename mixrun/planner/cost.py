@@ -15,6 +15,7 @@ The constants' class is the device's backend (CUDA, ROCm, Vulkan, Metal, CPU) an
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Iterable
@@ -37,6 +38,7 @@ class BackendCosts:
     pipelined_prefill: bool = False
     prefill_layer_s: float = 0.0  # fixed cost per layer per ubatch in prefill (launches, syncs; small models)
     allreduce_extra_s: float = 0.0  # extra fixed cost per all-reduce on this backend (e.g. Vulkan's host staging)
+    pcie_stall_s: float = 0.0  # extra per GPU-to-GPU copy or all-reduce over PCIe (ROCm without peer access)
 
     def prefill_fixed_s(self, n_layers: int, n_micro: int) -> float:
         """Prefill's fixed cost for ``n_layers`` layers over ``n_micro`` ubatches (at least a decode step's)."""
@@ -57,6 +59,11 @@ COSTS: dict[tuple[str, str], BackendCosts] = {
     ("llama.cpp", "workstation"): replace(_LCPP_GPU, prefill_eff=0.425),
     ("llama.cpp", "pascal"): replace(_LCPP_GPU, bw_eff=0.73, layer_overhead_s=100e-6, prefill_eff=0.9,
                                      row_sync_slow_s=300e-6, prefill_layer_s=100e-6),
+    # Tesla P100 (sm_60): no __dp4a, so llama.cpp's quantized matrix-vector kernels emulate it and decode is
+    # compute-bound: a 3060 + P100 layer split of Qwen3.8-27B Q4_K_M decodes at 13.8 tok/s (fitted row), which puts
+    # the P100's share at ~0.3 of its bandwidth. Prefill takes the dequantize + cuBLAS path (matmul_path).
+    ("llama.cpp", "p100"): replace(_LCPP_GPU, bw_eff=0.3, layer_overhead_s=100e-6, prefill_eff=0.9,
+                                   row_sync_slow_s=300e-6, prefill_layer_s=100e-6),
     ("llama.cpp", "datacenter"): replace(_LCPP_GPU, bw_eff=0.70, layer_overhead_s=60e-6, prefill_eff=0.35),
     # Apple GPUs: no published multi-device data in docs/cost-model-data.toml; the GeForce constants as a prior.
     ("llama.cpp", "metal"): _LCPP_GPU,
@@ -67,12 +74,20 @@ COSTS: dict[tuple[str, str], BackendCosts] = {
     ("llama.cpp", "rocm-matrix"): replace(_LCPP_GPU, bw_eff=0.64, prefill_eff=0.32),
     ("llama.cpp", "rocm-cdna"): replace(_LCPP_GPU, bw_eff=0.64, prefill_eff=0.32),
     # ROCm on RDNA1/2 and GCN/Vega (no matrix units; their fp16_tflops is the packed vector rate): MI50 Q4_0
-    # prefill 0.58 of it; decode as rocm-matrix (no fitted row of its own). Between two such cards a copy stalls:
-    # issue 17's RX 6800 + RX 6700 XT decode a 3B F16 at 25 tok/s split by layer against 57 on the 6800 alone,
-    # ~16 ms per token at the one boundary. Each -sm tensor all-reduce takes the same path and is assumed to pay
-    # the same (no tensor measurement on these cards).
-    ("llama.cpp", "rocm"): replace(_LCPP_GPU, bw_eff=0.64, prefill_eff=0.58, stage_overhead_s=16e-3,
-                                   allreduce_extra_s=16e-3),
+    # prefill 0.58 of it; decode as rocm-matrix (no fitted row of its own). Between two such cards on PCIe a copy
+    # stalls: issue 17's RX 6800 + RX 6700 XT decode a 3B F16 at 25 tok/s split by layer against 57 on the 6800
+    # alone, ~16 ms per token at the one boundary. Each -sm tensor all-reduce over PCIe takes the same path and is
+    # assumed to pay the same. Over an Infinity Fabric link (profile link kind other than pcie) it does not: four
+    # Vega 20 dies of two Radeon Pro Vega II Duo on xGMI decode a 27B by -sm tensor at 51 tok/s.
+    ("llama.cpp", "rocm"): replace(_LCPP_GPU, bw_eff=0.64, prefill_eff=0.58, pcie_stall_s=16e-3),
+    # GCN gfx906/gfx900 (MI50/MI60, Radeon VII, Radeon Pro Vega II, MI25): the fitted 2025-26 decode rows of one
+    # die (MI50 Llama 2 7B Q4_0, Vega II Qwen3.8-27B Q6_K, four Vega II dies on xGMI) run 1.42-1.56x under the
+    # 0.64 above, so 0.43; the PCIe stall between two MI50s fitted on the same pair's Qwen3-14B Q4_0 layer split
+    # with that (36.5 tok/s): ~6 ms (BF16's decode on the pair reads faster than either says). Each -sm tensor
+    # all-reduce over xGMI costs ~30 us more than CUDA's: the four Vega II dies' Q4_0 and Q6_K decode (fitted rows)
+    # are 1.27x and 1.18x over without it.
+    ("llama.cpp", "rocm-gcn"): replace(_LCPP_GPU, bw_eff=0.43, prefill_eff=0.58, pcie_stall_s=6e-3,
+                                       allreduce_extra_s=30e-6),
     # Vulkan on AMD: 7900 XTX / 7900 XT / 5700 XT 2025-26 rows decode at ~0.70 of the bandwidth and prefill at
     # ~0.3 of the matrix or vector rate (2024 builds lower still); each all-reduce of -sm tensor costs ~15 us more.
     ("llama.cpp", "vulkan-amd"): replace(_LCPP_GPU, bw_eff=0.70, prefill_eff=0.32, allreduce_extra_s=15e-6),
@@ -108,19 +123,33 @@ _AMD_RDNA4 = ("RX 90", "RX 9070", "RX 9060", "R9700", "R9600")
 _AMD_RDNA3 = ("RX 7", "W7", "Radeon 8", "780M", "890M")
 _AMD_CDNA3 = ("MI300", "MI308", "MI325", "MI35")
 _AMD_CDNA = ("MI100", "MI210", "MI250")
+_AMD_GCN = ("MI50", "MI60", "Radeon VII", "Vega II", "Pro VII", "Vega 20")  # gfx906, int8 dot products
 _AMD_VEGA10 = ("MI25", "Vega 56", "Vega 64", "Vega Frontier", "WX 9100")  # gfx900: no int8 dot products
 _AMD = ("AMD", "Radeon", "Instinct")
 
-# Prefill matmul throughput per quant type, relative to F16/Q8_0/Q4_0 (llama.cpp's MMQ kernels unpack K-quants
-# and i-quants more slowly): fitted rows 3090 and 4090 Llama 3 8B Q4_K_M vs F16 pp512 (0.91, 0.76), 3090 Vulkan
-# Q4_0 vs Q8_0 (0.98). F32 weights run at the FP32 rate.
+# Prefill matmul throughput per quant type, relative to F16/Q8_0/Q4_0, on MMQ's int8 tensor/matrix-core kernels
+# (and, lacking better, Vulkan, Metal and the CPU): JohannesGaessler's per-type llama-bench tables of Llama 3 8B at
+# ubatch 512-1024 in llama.cpp PRs #8062, #8416, #8495 and #24127 (RTX 3090/4090/5090): K-quants 0.9-1.05 of the
+# legacy types (Q6_K 0.925 of Q4_K_S, Q3_K_S 0.89, Q5_K_S 0.92), Q2_K 0.77, Q5_1 0.93 of Q5_0, i-quants 0.89-1.0.
+# F32 weights run at the FP32 rate.
 QUANT_PREFILL = {"F32": 0.5, "F16": 1.0, "BF16": 1.0, "Q8_0": 1.0, "Q4_0": 1.0, "Q4_1": 1.0, "Q5_0": 0.95,
-                 "Q5_1": 0.95, "Q2_K": 0.85, "Q3_K": 0.85, "Q4_K": 0.85, "Q5_K": 0.85, "Q6_K": 0.85}
-QUANT_PREFILL_OTHER = 0.75  # i-quants and anything else
-# The same on int8 dot products (dp4a MMQ), where unpacking a K-quant's scales costs more next to the dot products:
-# PROVISIONAL, see docs/cost-model.md.
-QUANT_PREFILL_DP4A = {"Q8_0": 0.9, "Q4_0": 1.0, "Q4_1": 1.0, "Q5_0": 0.95, "Q5_1": 0.95, "Q2_K": 0.6, "Q3_K": 0.6,
-                      "Q4_K": 0.75, "Q5_K": 0.75, "Q6_K": 0.75}
+                 "Q5_1": 0.92, "Q2_K": 0.77, "Q3_K": 0.87, "Q4_K": 0.97, "Q5_K": 0.92, "Q6_K": 0.9}
+QUANT_PREFILL_OTHER = 0.92  # i-quants and anything else
+# The same on int8 dot products (dp4a MMQ), where unpacking a K-quant's scales weighs more next to the dot products.
+# Pascal (P40; PRs #2596, #4766, #8495, #24127): Q4_K_S 0.93, Q6_K 0.87, Q3_K_S 0.63, Q5_0 0.92-0.94, Q2_K 0.83,
+# i-quants 0.86-0.93. AMD GCN and RDNA1/2 (MI50/MI60 in #27841, RX 6800 in #8416/#8495/#24127, Radeon Pro Vega II
+# fitted rows in docs/cost-model-data.toml): Q4_K_S 0.73, Q5_0/Q5_1 0.81-0.93, Q3_K_S 0.75, Q6_K 0.58-0.64,
+# i-quants 0.82-0.96. Q8_0 on dp4a: not measured, 0.9 assumed.
+QUANT_PREFILL_DP4A = {"Q8_0": 0.9, "Q4_0": 1.0, "Q4_1": 1.0, "Q5_0": 0.93, "Q5_1": 0.93, "Q2_K": 0.83,
+                      "Q3_K": 0.63, "Q4_K": 0.93, "Q5_K": 0.9, "Q6_K": 0.87}
+QUANT_PREFILL_DP4A_AMD = {"Q8_0": 0.9, "Q4_0": 1.0, "Q4_1": 1.0, "Q5_0": 0.83, "Q5_1": 0.85, "Q2_K": 0.6,
+                          "Q3_K": 0.75, "Q4_K": 0.73, "Q5_K": 0.7, "Q6_K": 0.6}
+QUANT_PREFILL_DP4A_OTHER = 0.85
+# BF16 on hardware without BF16 arithmetic (NVIDIA before Ampere, AMD GCN and RDNA1/2): converted on the fly.
+# Fitted row 2x MI50 Qwen3-14B BF16 pp512 at 0.21 of the same pair's Q4_0; PR #14624's MUL_MAT n=512 BLAS-path
+# table 0.14 of Q4_0.
+BF16_EMULATED = 0.2
+_TURING = ("RTX 20", "TITAN RTX", "Quadro RTX", "Tesla T4", "GTX 16")
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
@@ -148,6 +177,18 @@ MMQ_DEFAULT_BUILD = 3210
 OLD_CUBLAS_PREFILL = 0.86
 EARLY_VULKAN_BUILD = 4400
 EARLY_VULKAN_PREFILL = 0.77
+# PR #14624 (2025-07, about b6000) gave CDNA3 (MI300) MMQ on its matrix cores; before it a ubatch went through
+# rocBLAS, which "performs very poorly on CDNA3" (ggml_cuda_should_use_mmq's comment): the fitted rows of one MI300X
+# on b3891 (Llama 2 7B Q4_0 pp512 1334 and 1272 tok/s) are about 19x below the rocm-cdna rate of a dequantized
+# matrix, so CDNA3_ROCBLAS = 0.052 of it on those builds (the two rows' geometric mean).
+CDNA3_MMQ_BUILD = 6000
+CDNA3_ROCBLAS = 0.052
+# Before CUDA graphs (PR #6766, 2024-05-08, about b2780) a decode step paid kernel launches and synchronisation
+# per layer on every GPU backend: the fitted decode rows of builds from 2023 to April 2024 (RTX 3090/3090 Ti/A6000/
+# A100/H100 LLaMA 7B Q4_0, RTX 2060, MI50, W7900, RX 6700 XT on Vulkan) run at 0.5-0.76x of the 2025-26 constants,
+# which this extra cost per layer brings to a median 1.0 (docs/cost-model.md).
+GRAPHS_BUILD = 2780
+OLD_BUILD_LAYER_S = 80e-6
 # Dequantize + F16 GEMM: a quantized matrix multiplies at this share of an F16 matrix's rate (the dequantization
 # pass and its F16 copy). Median of six same-source quantized / F16 pp512 pairs of CUDA builds before PR #8075,
 # fitted rows only (docs/cost-model.md): 0.72, 0.91, 0.76, 0.80, 0.79, 0.69.
@@ -157,10 +198,10 @@ BLAS_DEQUANT_FACTOR = 0.78
 def matmul_path(device: Device, qtype: str, build: int | None = None) -> str:
     """Which llama.cpp kernel multiplies a 512-token ubatch with a ``qtype`` matrix on ``device``:
 
-    - ``mma``: MMQ on int8 tensor or matrix cores (NVIDIA Turing and newer, RDNA3/4, CDNA3; CDNA1/2 for the legacy
-      4/5-bit types);
+    - ``mma``: MMQ on int8 tensor or matrix cores (NVIDIA Turing and newer, RDNA3/4, CDNA3 from
+      :data:`CDNA3_MMQ_BUILD`; CDNA1/2 for the legacy 4/5-bit types);
     - ``dp4a``: MMQ on int8 dot products (Pascal; GCN gfx906 such as the MI50; RDNA1/2);
-    - ``blas``: dequantize to F16, then cuBLAS/hipBLAS (V100; Vega 10; CDNA1/2 for K-quants and Q8_0; RDNA3 for
+    - ``blas``: dequantize to F16, then cuBLAS/hipBLAS (V100; P100, which has no ``__dp4a``; Vega 10; CDNA1/2 for K-quants and Q8_0; RDNA3 for
       Q6_K and Q2_K; CUDA builds before :data:`MMQ_DEFAULT_BUILD`); F16/BF16/F32 matrices always;
     - ``vulkan``, ``metal``, ``cpu``: that backend's own kernels.
 
@@ -173,18 +214,31 @@ def matmul_path(device: Device, qtype: str, build: int | None = None) -> str:
     name = device.name + " "
     if device_class(device).startswith("rocm"):
         arch = amd_arch(name)
-        if arch in ("rdna4", "cdna3"):
+        if arch == "cdna3":
+            return "blas" if build is not None and build < CDNA3_MMQ_BUILD else "mma"
+        if arch == "rdna4":
             return "mma"
         if arch == "rdna3":
             return "blas" if qtype in ("Q6_K", "Q2_K") else "mma"
         if arch == "cdna":
             return "mma" if qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1") else "blas"
         return "blas" if arch == "vega10" else "dp4a"
-    if any(k in name for k in _PASCAL):
+    if any(k in name for k in _PASCAL) and "P100" not in name:
         return "dp4a"  # MMQ on __dp4a has been Pascal's default since PR #2683 (2023-08)
-    if "V100" in name or (build is not None and build < MMQ_DEFAULT_BUILD):
+    if any(k in name for k in ("V100", "P100")) or (build is not None and build < MMQ_DEFAULT_BUILD):
         return "blas"
     return "mma"
+
+
+def has_bf16(device: Device) -> bool:
+    """Whether the GPU multiplies BF16 in hardware (NVIDIA from Ampere on, AMD RDNA3/4 and CDNA); CPUs are
+    counted as able (llama.cpp converts there at a cost its CPU constants already carry)."""
+    if device.backend == "cpu":
+        return True
+    name = device.name + " "
+    if any(k in name for k in _AMD):
+        return amd_arch(name) not in ("dp4a", "vega10")
+    return not any(k in name for k in (*_PASCAL, *_TURING, "V100"))
 
 
 def prefill_type_factor(device: Device, qtype: str, backend: str = "llama.cpp", build: int | None = None) -> float:
@@ -194,16 +248,21 @@ def prefill_type_factor(device: Device, qtype: str, backend: str = "llama.cpp", 
     if backend != "llama.cpp":
         return QUANT_PREFILL.get(qtype, QUANT_PREFILL_OTHER)
     path = matmul_path(device, qtype, build)
-    if path == "blas":
+    if qtype == "BF16" and not has_bf16(device):
+        f = BF16_EMULATED
+    elif path == "blas":
         f = 0.5 if qtype == "F32" else 1.0 if qtype in _FLOAT_TYPES else BLAS_DEQUANT_FACTOR
     elif path == "dp4a":
-        f = QUANT_PREFILL_DP4A.get(qtype, QUANT_PREFILL_OTHER)
+        table = QUANT_PREFILL_DP4A_AMD if device_class(device) in ("rocm", "rocm-gcn") else QUANT_PREFILL_DP4A
+        f = table.get(qtype, QUANT_PREFILL_DP4A_OTHER)
     else:
         f = QUANT_PREFILL.get(qtype, QUANT_PREFILL_OTHER)
     if build is not None and path == "vulkan" and build < EARLY_VULKAN_BUILD:
         f *= EARLY_VULKAN_PREFILL
     if build is not None and path == "blas" and device.backend == "cuda" and build < MMQ_DEFAULT_BUILD:
         f *= OLD_CUBLAS_PREFILL
+    if build is not None and build < CDNA3_MMQ_BUILD and path == "blas" and amd_arch(device.name) == "cdna3":
+        f *= CDNA3_ROCBLAS
     return f
 
 
@@ -217,11 +276,17 @@ def device_class(device: Device) -> str:
     amd = any(k in name for k in _AMD)
     if device.backend == "rocm" or (amd and device.backend != "vulkan"):
         arch = amd_arch(name)
-        return "rocm-cdna" if arch in ("cdna", "cdna3") else "rocm-matrix" if arch in ("rdna3", "rdna4") else "rocm"
+        if arch in ("cdna", "cdna3"):
+            return "rocm-cdna"
+        if arch in ("rdna3", "rdna4"):
+            return "rocm-matrix"
+        return "rocm-gcn" if arch == "vega10" or any(k in name for k in _AMD_GCN) else "rocm"
     if device.backend == "vulkan" and amd:
         return "vulkan-amd"
     if device.backend == "vulkan" and "Intel" in name:
         return "vulkan-intel"
+    if "P100" in name:
+        return "p100"
     if any(k in name for k in _PASCAL):
         return "pascal"
     if any(k in name for k in _DATACENTER):
@@ -231,10 +296,27 @@ def device_class(device: Device) -> str:
     return "gpu"
 
 
+# Vulkan on an NVIDIA card: its CUDA class's constants at these shares. Fitted on the 14 decode and 10 prefill rows
+# of Vulkan on GeForce cards in docs/cost-model-data.toml (fit set; RTX 3090/4070 Ti/4080/4090/5090, 2025-26),
+# over-predicted by a median 1.19x and 1.33x with CUDA's constants; the same-source Vulkan/CUDA pp512 pairs say
+# the same (RTX 4070 Ti 0.77, RTX 3090 0.84-0.88).
+VULKAN_NVIDIA_BW = 0.84
+VULKAN_NVIDIA_PREFILL = 0.75
+_NVIDIA_CLASSES = ("gpu", "pascal", "p100", "datacenter", "workstation")
+
+
 def costs(backend: str, device: Device) -> BackendCosts:
     """The constants of ``backend`` on ``device``; a class a backend has no figures for takes its GeForce ones."""
     cls = device_class(device)
-    return COSTS.get((backend, cls)) or COSTS[(backend, "cpu" if cls == "cpu" else "gpu")]
+    return _costs(backend, cls, device.backend == "vulkan" and cls in _NVIDIA_CLASSES)
+
+
+@functools.cache
+def _costs(backend: str, cls: str, vulkan_on_nvidia: bool) -> BackendCosts:
+    c = COSTS.get((backend, cls)) or COSTS[(backend, "cpu" if cls == "cpu" else "gpu")]
+    if vulkan_on_nvidia and backend == "llama.cpp":
+        c = replace(c, bw_eff=c.bw_eff * VULKAN_NVIDIA_BW, prefill_eff=c.prefill_eff * VULKAN_NVIDIA_PREFILL)
+    return c
 
 
 # On a GPU the torch backend keeps quantized matrices in their GGUF blocks and multiplies them with its fused Triton
@@ -279,8 +361,29 @@ def allreduce_s(profile: RigProfile, devices: tuple[str, ...], n_bytes: float, o
     bw = min(lk.bandwidth_gbs for lk in links) * 1e9
     lat = max(lk.latency_us or 10.0 for lk in links) * 1e-6
     hops = 2 if one_shot else 2 + (n - 2) / 2
-    extra = 0.0 if one_shot else max(costs("llama.cpp", profile.device(d)).allreduce_extra_s for d in devices)
+    extra = 0.0
+    if not one_shot:
+        pcie = any(lk.kind == "pcie" for lk in links)
+        extra = max(c.allreduce_extra_s + (c.pcie_stall_s if pcie else 0.0)
+                    for c in (costs("llama.cpp", profile.device(d)) for d in devices))
     return ALLREDUCE_BASE_S + extra + hops * lat + 2 * (n - 1) / n * n_bytes / bw
+
+
+def layer_overhead_s(backend: str, device: Device, build: int | None = None) -> float:
+    """A decode step's fixed cost per layer on ``device``: the class's, plus :data:`OLD_BUILD_LAYER_S` on a GPU
+    under llama.cpp builds before :data:`GRAPHS_BUILD`."""
+    c = costs(backend, device).layer_overhead_s
+    if (backend == "llama.cpp" and build is not None and build < GRAPHS_BUILD and device.backend != "cpu"
+            and device_class(device) != "pascal"):  # Pascal's 100 us came from 2023 builds already
+        c += OLD_BUILD_LAYER_S
+    return c
+
+
+def stage_cost_s(profile: RigProfile, a: str, b: str, backend: str) -> float:
+    """The fixed cost of a pipeline hand-off from device ``a`` to ``b`` beyond the bytes (scheduler copies and
+    syncs; for ROCm without a GPU fabric, the PCIe copy's stall), by ``b``'s backend class."""
+    c = costs(backend, profile.device(b))
+    return c.stage_overhead_s + (c.pcie_stall_s if profile.link(a, b).kind == "pcie" else 0.0)
 
 
 # ---- what a rig's recorded runs teach ------------------------------------------------------------------------------

@@ -13,9 +13,11 @@ from mixrun.planner.cost import (
     allreduce_s,
     costs,
     flop_time_s,
+    layer_overhead_s,
     prefill_type_factor,
     quant_kernel_bytes,
     read_time_s,
+    stage_cost_s,
     transfer_s,
 )
 from mixrun.planner.memory import GPU_OVERHEAD_BYTES, ExtraBuffers, ModelFacts, compute_bytes, output_buffer_bytes
@@ -219,7 +221,7 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
             dev_pre.append(ctx.prefill_compute_s(flops, b - a, s, dev, backend, experts))
         c0 = costs(backend, devs[0])
         g_compute = max(dev_s)
-        g_overhead = c0.layer_overhead_s * (b - a) + MOE_LAYER_OVERHEAD_S * sum(1 for e in facts.expert_bytes[a:b] if e)
+        g_overhead = layer_overhead_s(backend, devs[0], req.llamacpp_build) * (b - a) + MOE_LAYER_OVERHEAD_S * sum(1 for e in facts.expert_bytes[a:b] if e)
         g_tp = 2 * (b - a) * allreduce_s(p, g.devices, spec.n_embd * act_bytes, one_shot=torch) if g.tp > 1 else 0.0
         compute += g_compute
         overhead += g_overhead
@@ -232,7 +234,8 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
             pre += n_micro * 2 * (b - a) * allreduce_s(p, g.devices, ub * spec.n_embd * act_bytes, one_shot=torch)
         if not first:
             prev = groups[gi - 1].devices[-1]
-            handoff += transfer_s(p, prev, g.devices[0], spec.n_embd * act_bytes) + c0.stage_overhead_s
+            handoff += transfer_s(p, prev, g.devices[0], spec.n_embd * act_bytes) + stage_cost_s(p, prev, g.devices[0],
+                                                                                                  backend)
             pre += transfer_s(p, prev, g.devices[0], req.prompt_tokens * spec.n_embd * act_bytes)
         prefill_parts.append(pre)
     if cpu is not None:  # repacked copies of the weights the CPU multiplies, beside the mapped file
@@ -287,6 +290,7 @@ def evaluate_row(ctx: Context, gpus: list[Device], ratios: list[float], main: st
         flops += 2.0 * req.prompt_tokens**2 * spec.n_head * spec.head_dim * L * (1.0 if dev.id == main else 0.0)
         dev_pre.append(ctx.prefill_compute_s(flops, L if dev.id == main else 0, 1.0, dev, "llama.cpp", experts))
     c = costs("llama.cpp", p.device(main))
+    layer_s = layer_overhead_s("llama.cpp", p.device(main), req.llamacpp_build)
     others = [p.link(d.id, main) for d in gpus if d.id != main]
     fast = all(lk.kind in ("nvlink", "nvswitch") for lk in others)
     worst_bw = min(lk.bandwidth_gbs for lk in others) * 1e9
@@ -294,7 +298,7 @@ def evaluate_row(ctx: Context, gpus: list[Device], ratios: list[float], main: st
     per_layer = (c.row_sync_fast_s if fast else c.row_sync_slow_s) * (1 + 0.2 * (len(gpus) - 2))
     sync_s = per_layer * L
     compute = max(dev_s)
-    overhead = c.layer_overhead_s * L + c.token_overhead_s
+    overhead = layer_s * L + c.token_overhead_s
     handoff = 0.0
     if cpu is not None:
         handoff = transfer_s(p, cpu.id, main, spec.n_embd * F32) + transfer_s(p, main, cpu.id, spec.n_vocab * F32)
@@ -339,7 +343,7 @@ def evaluate_tensor(ctx: Context, gpus: list[Device], ts: list[float]) -> Evalua
     ids = tuple(d.id for d in gpus)
     tp = 2 * L * allreduce_s(p, ids, spec.n_embd * F32)
     c = costs("llama.cpp", gpus[0])
-    overhead = c.layer_overhead_s * L + c.token_overhead_s
+    overhead = layer_overhead_s("llama.cpp", gpus[0], ctx.req.llamacpp_build) * L + c.token_overhead_s
     handoff = 0.0
     if cpu is not None:
         handoff = transfer_s(p, cpu.id, ids[0], spec.n_embd * F32) + transfer_s(p, ids[-1], cpu.id, spec.n_vocab * F32)

@@ -30,7 +30,14 @@ from mixrun.planner.candidates import (
     gpu_subsets,
     ts_for_counts,
 )
-from mixrun.planner.cost import MOE_LAYER_OVERHEAD_S, costs, read_time_s, transfer_s
+from mixrun.planner.cost import (
+    MOE_LAYER_OVERHEAD_S,
+    costs,
+    layer_overhead_s,
+    read_time_s,
+    stage_cost_s,
+    transfer_s,
+)
 from mixrun.planner.evaluate import Context, planned_capacity
 from mixrun.planner.memory import F32, GPU_OVERHEAD_BYTES, compute_bytes, output_buffer_bytes
 from mixrun.planner.search import shift_descent
@@ -244,8 +251,9 @@ def evaluate_moe(ctx: Context, gpus: Sequence[Device], counts: Sequence[int], cp
                                                                            spec.n_vocab * F32)
     c0 = costs("llama.cpp", gpus[first])
     for prev, nxt in itertools.pairwise(used):
-        handoff += transfer_s(p, gpus[prev].id, gpus[nxt].id, hidden) + c0.stage_overhead_s
-    overhead = c0.layer_overhead_s * spec.n_layers + MOE_LAYER_OVERHEAD_S * len(facts.moe_layers) \
+        handoff += transfer_s(p, gpus[prev].id, gpus[nxt].id, hidden) + stage_cost_s(p, gpus[prev].id, gpus[nxt].id,
+                                                                                     "llama.cpp")
+    overhead = layer_overhead_s("llama.cpp", gpus[first], req.llamacpp_build) * spec.n_layers + MOE_LAYER_OVERHEAD_S * len(facts.moe_layers) \
         + c0.token_overhead_s
     decode = Timing(sum(gpu_s) + cpu_s, 0.0, handoff, overhead)
     prefill_s, pays = _prefill(ctx, gpus, counts, owner, on_cpu, first)

@@ -97,7 +97,9 @@ def test_backend_classes() -> None:
     assert cls("AMD Radeon RX 7900 XTX", "rocm") == "rocm-matrix"
     assert cls("AMD Instinct MI100", "rocm") == "rocm-cdna"
     assert cls("AMD Radeon AI PRO R9700", "rocm") == "rocm-matrix"
-    assert cls("AMD Instinct MI50/MI60", "rocm") == "rocm"
+    assert cls("AMD Instinct MI50/MI60", "rocm") == "rocm-gcn"
+    assert cls("AMD Radeon RX 6800", "rocm") == "rocm"
+    assert cls("Tesla P100-PCIE-16GB", "cuda") == "p100"
     assert cls("AMD Radeon RX 6800", "rocm") == "rocm"
     assert cls("AMD Radeon RX 6800", "vulkan") == "vulkan-amd"
     assert cls("Intel(R) Arc(TM) Pro B60 Graphics", "vulkan") == "vulkan-intel"
@@ -162,6 +164,48 @@ def test_older_build_prefills_slower(tmp_path: Path) -> None:
     assert old_q4.prefill_tok_s / new_q4.prefill_tok_s < old_f16.prefill_tok_s / new_f16.prefill_tok_s < 1
     assert old_q4.decode_tok_s == pytest.approx(new_q4.decode_tok_s)
     assert best(q4, 20000).prefill_tok_s == pytest.approx(new_q4.prefill_tok_s)
+
+
+def test_rocm_copy_stall_only_over_pcie() -> None:
+    """A hand-off or all-reduce between ROCm cards without a GPU fabric stalls (issue 17's RX 6800 + RX 6700 XT);
+    over an Infinity Fabric link (a profile link that is not PCIe) it does not."""
+    from mixrun.rig.profile import Link
+
+    a, b = _gpu(0, "AMD Instinct MI50/MI60", "rocm", 32.0, 1024.0, 26.5), _gpu(1, "AMD Instinct MI50/MI60", "rocm",
+                                                                                32.0, 1024.0, 26.5)
+    pcie = _rig(a, b)
+    fabric = RigProfile(format=FORMAT, name="t", hosts=pcie.hosts, devices=pcie.devices,
+                        links=(Link(between=("gpu0", "gpu1"), kind="nvlink", bandwidth_gbs=50.0, latency_us=8.0),))
+    stall = cost.costs("llama.cpp", a).pcie_stall_s
+    assert stall > 1e-3
+    assert cost.stage_cost_s(pcie, "gpu0", "gpu1", "llama.cpp") - cost.stage_cost_s(fabric, "gpu0", "gpu1",
+                                                                                      "llama.cpp") == pytest.approx(stall)
+    ar_pcie = cost.allreduce_s(pcie, ("gpu0", "gpu1"), 4096 * 4)
+    ar_fabric = cost.allreduce_s(fabric, ("gpu0", "gpu1"), 4096 * 4)
+    assert ar_pcie - ar_fabric > stall * 0.99
+    nv = _rig(_gpu(0, "NVIDIA GeForce RTX 3090", "cuda", 24.0, 936.0, 71.0), _gpu(1, "NVIDIA GeForce RTX 3090", "cuda",
+                                                                                  24.0, 936.0, 71.0))
+    assert cost.stage_cost_s(nv, "gpu0", "gpu1", "llama.cpp") < 1e-3
+
+
+def test_build_and_backend_adjustments() -> None:
+    """Builds before CUDA graphs pay more per layer per token (not on the CPU, not under torch); Vulkan on NVIDIA
+    runs at a share of CUDA's constants; BF16 is slow where the hardware has no BF16; MI300 prefilled through
+    rocBLAS before its MMQ kernels."""
+    rtx = _gpu(0, "NVIDIA GeForce RTX 3090", "cuda", 24.0, 936.0, 71.0)
+    base = cost.layer_overhead_s("llama.cpp", rtx)
+    assert cost.layer_overhead_s("llama.cpp", rtx, cost.GRAPHS_BUILD - 1) == pytest.approx(base + cost.OLD_BUILD_LAYER_S)
+    assert cost.layer_overhead_s("llama.cpp", rtx, cost.GRAPHS_BUILD) == pytest.approx(base)
+    assert cost.layer_overhead_s("torch", rtx, 100) == cost.costs("torch", rtx).layer_overhead_s
+    vk = _gpu(0, "NVIDIA GeForce RTX 3090", "vulkan", 24.0, 936.0, 71.0)
+    assert cost.costs("llama.cpp", vk).bw_eff == pytest.approx(cost.costs("llama.cpp", rtx).bw_eff
+                                                                * cost.VULKAN_NVIDIA_BW)
+    assert cost.costs("llama.cpp", vk).prefill_eff < cost.costs("llama.cpp", rtx).prefill_eff
+    turing = _gpu(0, "NVIDIA GeForce RTX 2080 Ti", "cuda", 11.0, 616.0, 53.8)
+    assert cost.prefill_type_factor(turing, "BF16") == cost.BF16_EMULATED < cost.prefill_type_factor(rtx, "BF16")
+    mi300 = _gpu(0, "AMD Instinct MI300X", "rocm", 192.0, 5300.0, 1307.4)
+    assert cost.matmul_path(mi300, "Q4_0") == "mma"
+    assert cost.prefill_type_factor(mi300, "Q4_0", build=3891) < 0.1 * cost.prefill_type_factor(mi300, "Q4_0")
 
 
 def _result(model: str, measured: float, cand, prefill: float | None = None) -> Result:

@@ -219,6 +219,11 @@ def test_cli_plan_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--profile", "dual-3090-nvlink", "--split", "row"]) == 0
     out = capsys.readouterr().out
     assert "llama-server" in out and "-sm row" in out
+    # an older llama.cpp build is part of the request, and predicts a slower decode (no CUDA graphs then)
+    assert main(["plan", "--profile", "dual-3090-nvlink", "--json", "--llamacpp-build", "2000"]) == 0
+    old = json.loads(capsys.readouterr().out)
+    assert old["request"]["llamacpp_build"] == 2000
+    assert old["candidates"][old["chosen"]]["decode_tok_s"] < c["decode_tok_s"]
 
 
 def test_tp_groups_carry_whole_kv_heads(smollm2: str, llama70b: ModelSpec) -> None:
