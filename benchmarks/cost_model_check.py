@@ -515,6 +515,7 @@ def summarise(results: list[dict]) -> dict:
     # The fourth batch's check rows: held back by position and first predicted after the last model change, so
     # the one part of the check set no change to the model has seen.
     out["check_batch4"] = breakdown([r for r in llama if r["set"] == "check" and r["batch"] == 4])
+    out["check_batch5"] = breakdown([r for r in llama if r["set"] == "check" and r["batch"] == 5])
     for key in ("decode", "prefill"):
         for st in SETS:
             pairs = [p for p in out[f"ranking_{key}"]["detail"] if (p["set"] == "check") == (st == "check")]
@@ -562,6 +563,9 @@ def print_breakdown(summary: dict) -> None:
     b4 = summary["check_batch4"]
     print(f"  {'check rows of batch 4':<24} {'':>24} {_cell(b4['decode']['all']):>24} {'':>24} "
           f"{_cell(b4['prefill']['all']):>24}")
+    b5 = summary["check_batch5"]
+    print(f"  {'batch 5 (blind)':<24} {'':>24} {_cell(b5['decode']['all']):>24} {'':>24} "
+          f"{_cell(b5['prefill']['all']):>24}")
     for key in ("decode", "prefill"):
         f, c = fit[f"ranking_{key}"], chk[f"ranking_{key}"]
         print(f"  ranking {key:<16} fit {f['correct']}/{f['pairs']}, check {c['correct']}/{c['pairs']}")
