@@ -416,7 +416,8 @@ def evaluate(rows: list[dict], assume_pp512: bool) -> tuple[list[dict], list[dic
                     continue
                 dec, pre, fits, label = c.decode_tok_s, c.prefill_tok_s, c.fits, c.label
             out = {"row": i, "source": short_source(r["source"]), "era": row_period(r), "build": req.llamacpp_build,
-                   "set": r.get("set", "fit"), "new": "set" in r, "batch": r.get("batch", 0), "vendor": row_vendor(r), "api": gpu_api(r),
+                   "set": r.get("set", "fit"), "new": "set" in r, "batch": r.get("batch", 0),
+                   "vendor": row_vendor(r), "api": gpu_api(r),
                    "rig": rig_name(r["gpus"]), "gpus": r["gpus"],
                    "model": r["model"], "quant": r["quant"], "split": r["split"],
                    "backend": "vllm->torch" if vllm else "llama.cpp", "candidate": label, "fits": fits}

@@ -185,7 +185,7 @@ CDNA3_MMQ_BUILD = 6000
 CDNA3_ROCBLAS = 0.052
 # Before CUDA graphs (PR #6766, 2024-05-08, about b2780) a decode step paid kernel launches and synchronisation
 # per layer on every GPU backend: the fitted decode rows of builds from 2023 to April 2024 (RTX 3090/3090 Ti/A6000/
-# A100/H100 LLaMA 7B Q4_0, RTX 2060, MI50, W7900, RX 6700 XT on Vulkan) run at 0.5-0.76x of the 2025-26 constants,
+# A100/H100 LLaMA 7B Q4_0, RTX 2060, MI50, W7900, RX 6700 XT on Vulkan) ran at 0.5-0.76x of what 2025-26 constants say,
 # which this extra cost per layer brings to a median 1.0 (docs/cost-model.md).
 GRAPHS_BUILD = 2780
 OLD_BUILD_LAYER_S = 80e-6
@@ -201,8 +201,9 @@ def matmul_path(device: Device, qtype: str, build: int | None = None) -> str:
     - ``mma``: MMQ on int8 tensor or matrix cores (NVIDIA Turing and newer, RDNA3/4, CDNA3 from
       :data:`CDNA3_MMQ_BUILD`; CDNA1/2 for the legacy 4/5-bit types);
     - ``dp4a``: MMQ on int8 dot products (Pascal; GCN gfx906 such as the MI50; RDNA1/2);
-    - ``blas``: dequantize to F16, then cuBLAS/hipBLAS (V100; P100, which has no ``__dp4a``; Vega 10; CDNA1/2 for K-quants and Q8_0; RDNA3 for
-      Q6_K and Q2_K; CUDA builds before :data:`MMQ_DEFAULT_BUILD`); F16/BF16/F32 matrices always;
+    - ``blas``: dequantize to F16, then cuBLAS/hipBLAS (V100; P100, which has no ``__dp4a``; Vega 10; CDNA1/2
+      for K-quants and Q8_0; RDNA3 for Q6_K and Q2_K; CUDA builds before :data:`MMQ_DEFAULT_BUILD`); F16/BF16/F32
+      matrices always;
     - ``vulkan``, ``metal``, ``cpu``: that backend's own kernels.
 
     From ``ggml_cuda_should_use_mmq`` (ggml/src/ggml-cuda/mmq.cu, llama.cpp of 2026-10 as llama-cpp-python 0.3.36

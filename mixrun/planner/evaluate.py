@@ -221,7 +221,8 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
             dev_pre.append(ctx.prefill_compute_s(flops, b - a, s, dev, backend, experts))
         c0 = costs(backend, devs[0])
         g_compute = max(dev_s)
-        g_overhead = layer_overhead_s(backend, devs[0], req.llamacpp_build) * (b - a) + MOE_LAYER_OVERHEAD_S * sum(1 for e in facts.expert_bytes[a:b] if e)
+        g_overhead = (layer_overhead_s(backend, devs[0], req.llamacpp_build) * (b - a)
+                      + MOE_LAYER_OVERHEAD_S * sum(1 for e in facts.expert_bytes[a:b] if e))
         g_tp = 2 * (b - a) * allreduce_s(p, g.devices, spec.n_embd * act_bytes, one_shot=torch) if g.tp > 1 else 0.0
         compute += g_compute
         overhead += g_overhead

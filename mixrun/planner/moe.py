@@ -253,8 +253,8 @@ def evaluate_moe(ctx: Context, gpus: Sequence[Device], counts: Sequence[int], cp
     for prev, nxt in itertools.pairwise(used):
         handoff += transfer_s(p, gpus[prev].id, gpus[nxt].id, hidden) + stage_cost_s(p, gpus[prev].id, gpus[nxt].id,
                                                                                      "llama.cpp")
-    overhead = layer_overhead_s("llama.cpp", gpus[first], req.llamacpp_build) * spec.n_layers + MOE_LAYER_OVERHEAD_S * len(facts.moe_layers) \
-        + c0.token_overhead_s
+    overhead = (layer_overhead_s("llama.cpp", gpus[first], req.llamacpp_build) * spec.n_layers
+                + MOE_LAYER_OVERHEAD_S * len(facts.moe_layers) + c0.token_overhead_s)
     decode = Timing(sum(gpu_s) + cpu_s, 0.0, handoff, overhead)
     prefill_s, pays = _prefill(ctx, gpus, counts, owner, on_cpu, first)
     return MoEEvaluation(devices=tuple(devices), decode=decode, prefill_s=prefill_s, gpu_s=tuple(gpu_s),
