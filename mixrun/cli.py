@@ -390,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from mixrun.errors import MixrunError
+    from mixrun.rig.probe import cuda_order_env
+
+    cuda_order_env()  # before llama.cpp or torch starts CUDA: its GPU k is then the profile's k-th
 
     try:
         return args.func(args)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from mixrun.backends.base import Engine
 from mixrun.errors import MixrunError
 from mixrun.planner.types import Candidate, PlanReport
-from mixrun.rig.probe import Nvml, host_available_bytes
+from mixrun.rig.probe import Nvml, host_available_bytes, normalize_bus_id
 from mixrun.rig.profile import RigProfile
 from mixrun.units import fmt_gib, shortfalls
 from mixrun.vocab import Backend
@@ -114,35 +114,49 @@ def choose(report: PlanReport, model: str, *, force: bool = False, simulate: boo
 
 @dataclass(frozen=True)
 class FreeNow:
-    """Free bytes now per planned device id; devices of the plan this machine does not have are listed apart."""
+    """Free bytes now per planned device id; devices of the plan this machine does not have are listed apart;
+    ``misplaced`` says where a GPU of the profile is not the card CUDA will number as it."""
 
     free_bytes: dict[str, int]
     absent: tuple[str, ...]
+    misplaced: tuple[str, ...] = ()
 
 
-def free_memory(profile: RigProfile, plan: Candidate, nvml: Any = None) -> FreeNow:
+def free_memory(profile: RigProfile, plan: Candidate, nvml: Any = None,
+                env: Mapping[str, str] | None = None) -> FreeNow:
     """Free bytes of the plan's devices on this machine now: NVML for GPUs, the OS's available memory for the CPU
-    host. The first host's GPUs (:meth:`RigProfile.host_gpus`) map to local GPUs by their order (the order
-    llama.cpp and torch number them); a device past the local count is absent, one NVML cannot read is left out.
-    ``nvml`` is an NVML module to use instead of ``pynvml`` (tests pass a double)."""
+    host. The first host's k-th GPU (:meth:`RigProfile.host_gpus`) is CUDA device k, as llama.cpp and torch number
+    them (``CUDA_VISIBLE_DEVICES`` in ``env`` applies), read at its NVML index (:meth:`Nvml.cuda_to_nvml`). A device
+    past the local count is absent; one NVML cannot read is left out. Where the profile records a GPU's PCI bus id
+    and CUDA's k-th GPU here is on another bus, ``misplaced`` says so. ``nvml`` is an NVML module to use instead of
+    ``pynvml`` (tests pass a double)."""
     gpus = [d.id for d in profile.host_gpus()]
     planned = [d.id for d in plan.devices]
     local: list[int | None] = []
+    buses: list[str | None] = []
     if any(p in gpus for p in planned):
         with Nvml(nvml) as nv:
-            local = nv.free_bytes()
+            order = nv.cuda_to_nvml(env)
+            every = nv.free_bytes()
+            local = [every[i] if i < len(every) else None for i in order]
+            buses = [nv.bus_id(i) for i in order]
     free: dict[str, int] = {}
     absent: list[str] = []
+    misplaced: list[str] = []
     for dev_id in planned:
         if profile.device(dev_id).backend == "cpu":
             free[dev_id] = host_available_bytes()
         elif dev_id in gpus and gpus.index(dev_id) < len(local):
-            gpu_free = local[gpus.index(dev_id)]
-            if gpu_free is not None:
-                free[dev_id] = gpu_free
+            k = gpus.index(dev_id)
+            want, here = profile.device(dev_id).pci_bus_id, buses[k]
+            if want and here and normalize_bus_id(want) != here:
+                misplaced.append(f"{dev_id} is the GPU at {normalize_bus_id(want)} in {profile.name}, but CUDA's "
+                                 f"GPU {k} here is at {here}")
+            if local[k] is not None:
+                free[dev_id] = local[k]
         else:
             absent.append(dev_id)
-    return FreeNow(free, tuple(absent))
+    return FreeNow(free, tuple(absent), tuple(misplaced))
 
 
 def preflight(profile: RigProfile, plan: Candidate, *, force: bool = False, nvml: Any = None,
@@ -159,6 +173,9 @@ def preflight(profile: RigProfile, plan: Candidate, *, force: bool = False, nvml
         free = now.free_bytes.get(use.id)
         if free is not None and use.total_bytes > free:
             short.append(f"{use.id} needs {fmt_gib(use.total_bytes)}, {fmt_gib(free)} free now")
+    if now.misplaced:
+        notes.append("warning: " + "; ".join(now.misplaced) + " (CUDA_VISIBLE_DEVICES, or a profile of another "
+                     "machine?): the plan's split follows CUDA's order")
     if now.absent:
         notes.append(f"{', '.join(now.absent)} of {profile.name} not found on this machine: running on what is here")
         if not any(d for d in now.free_bytes if profile.device(d).backend != "cpu"):

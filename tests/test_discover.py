@@ -7,9 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from mixrun.backends.torch.launch import worker_env
 from mixrun.cli import main
 from mixrun.rig.discover import detect, normalize_bus_id
+from mixrun.rig.probe import Nvml, cuda_order_env
 from mixrun.rig.profile import load_profile_file
+from mixrun.rig.sampler import DeviceSampler
+from mixrun.run import free_memory
 
 
 class FakeNVML:
@@ -61,6 +65,8 @@ class FakeNVML:
         return self.NVML_NVLINK_DEVICE_TYPE_GPU
     def nvmlDeviceGetNvLinkRemotePciInfo_v2(self, h: int, link: int) -> SimpleNamespace:
         return SimpleNamespace(busId=self.GPUS[h][10])
+    def nvmlDeviceGetUUID(self, h: int) -> str:
+        return ["GPU-3090a1", "GPU-3090b2", "GPU-3060c3"][h]
 
 
 def test_fake_nvml_rig() -> None:
@@ -93,6 +99,55 @@ def test_no_driver_means_cpu_only() -> None:
 
 def test_bus_ids_match_across_nvml_and_cuda() -> None:
     assert normalize_bus_id(b"00000000:0A:00.0") == normalize_bus_id("0000:0a:00.0") == "0000:0a:00.0"
+
+
+def test_cuda_numbering_follows_cuda_visible_devices() -> None:
+    """CUDA device k is the k-th GPU CUDA_VISIBLE_DEVICES lists (indices or UUID prefixes), up to the first entry
+    that names none; unset, every GPU in bus order."""
+    with Nvml(FakeNVML()) as nv:
+        assert nv.cuda_to_nvml({}) == [0, 1, 2]
+        assert nv.cuda_to_nvml({"CUDA_VISIBLE_DEVICES": "2,0"}) == [2, 0]
+        assert nv.cuda_to_nvml({"CUDA_VISIBLE_DEVICES": "1,7,0"}) == [1]  # 7 names no GPU: CUDA stops there
+        assert nv.cuda_to_nvml({"CUDA_VISIBLE_DEVICES": "GPU-3060, gpu-3090a"}) == [2, 0]
+        assert nv.cuda_to_nvml({"CUDA_VISIBLE_DEVICES": "GPU-3090"}) == []  # ambiguous prefix
+        assert nv.cuda_to_nvml({"CUDA_VISIBLE_DEVICES": ""}) == []
+        assert nv.bus_id(2) == "0000:07:00.0"
+
+
+def test_cuda_order_is_the_bus_order_unless_chosen() -> None:
+    env: dict[str, str] = {}
+    cuda_order_env(env)
+    assert env == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    mine = {"CUDA_DEVICE_ORDER": "FASTEST_FIRST"}
+    cuda_order_env(mine)
+    assert mine["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
+    assert worker_env({"devices": ["gpu0", "gpu1"]})["CUDA_DEVICE_ORDER"] in ("PCI_BUS_ID", "FASTEST_FIRST")
+
+
+def test_preflight_reads_and_checks_the_gpus_cuda_will_use() -> None:
+    """With CUDA_VISIBLE_DEVICES=2,0,1, CUDA's GPU 0 is the 3060: a profile detected with all three in bus order
+    reads the 3060's free memory for gpu0 and says the plan would land on other cards."""
+    prof, _ = detect(nvml=FakeNVML(), measure=False)
+    plan = SimpleNamespace(devices=[SimpleNamespace(id=d, total_bytes=1 << 30) for d in ("gpu0", "gpu1")])
+    plain = free_memory(prof, plan, FakeNVML(), env={})
+    assert plain.free_bytes == {"gpu0": 24 << 30, "gpu1": 24 << 30} and plain.misplaced == ()
+    moved = free_memory(prof, plan, FakeNVML(), env={"CUDA_VISIBLE_DEVICES": "2,0,1"})
+    assert moved.free_bytes == {"gpu0": 12 << 30, "gpu1": 24 << 30}
+    assert moved.misplaced[0] == ("gpu0 is the GPU at 0000:01:00.0 in " + prof.name
+                                  + ", but CUDA's GPU 0 here is at 0000:07:00.0")
+    short = free_memory(prof, plan, FakeNVML(), env={"CUDA_VISIBLE_DEVICES": "0"})
+    assert short.absent == ("gpu1",)
+
+
+def test_sampler_reads_the_gpu_cuda_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    sampler = DeviceSampler(cuda_index={"gpu0": 0, "gpu9": 3}, _nvml=Nvml(FakeNVML()))
+    try:
+        by_id = {s.id: s for s in sampler.sample()}
+    finally:
+        sampler.close()
+    assert by_id["gpu0"].memory_total_bytes == 12 << 30  # the 3060, CUDA's only GPU
+    assert by_id["gpu9"].memory_total_bytes is None  # no such CUDA device: n/a
 
 
 def test_detect_here_writes_a_valid_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

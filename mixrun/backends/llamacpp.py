@@ -21,6 +21,7 @@ from mixrun.backends.llamacpp_cpu import finding
 from mixrun.backends.llamacpp_load import LoadProgress, interruptible, llama_params
 from mixrun.backends.text import Vocab, stream_text, without_chat_handlers
 from mixrun.errors import GGUFError, MixrunError, where
+from mixrun.rig.probe import cuda_order_env
 from mixrun.rig.sampler import DeviceSampler
 from mixrun.telemetry import Snapshot, now
 from mixrun.vocab import Backend, Split
@@ -57,6 +58,7 @@ class LlamaCppEngine:
                  progress: LoadProgress | None = None, show_progress: bool = True) -> None:
         cpu = finding()  # probes llama.cpp on this CPU in a child process, once per machine
         cpu.require_usable()
+        cuda_order_env()  # CUDA numbers GPUs by PCI bus, as the profile does
         import llama_cpp
 
         self._llama_cpp = llama_cpp

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mixrun import __version__
-from mixrun.rig.probe import Nvml, host_cores, host_total_bytes
+from mixrun.rig.probe import Nvml, host_cores, host_total_bytes, normalize_bus_id
 from mixrun.rig.profile import FORMAT, GIB, Device, Host, Link, RigProfile
 
 # One-direction PCIe rate per lane in GB/s by generation (after 8b/10b or 128b/130b encoding).
@@ -40,17 +40,6 @@ class GPUInfo:
     nvlink_version: int | None = None
     nvswitch_links: int = 0
     compute_capability: tuple[int, int] | None = None
-
-
-def normalize_bus_id(bus_id: str | bytes) -> str:
-    """``00000000:01:00.0`` (NVML) and ``0000:01:00.0`` (CUDA) -> ``0000:01:00.0``."""
-    if isinstance(bus_id, bytes):
-        bus_id = bus_id.decode()
-    bus_id = bus_id.strip().lower()
-    if bus_id.count(":") == 2:
-        dom, bus, devfn = bus_id.split(":")
-        return f"{int(dom, 16):04x}:{bus}:{devfn}"
-    return bus_id
 
 
 def _tensor_factor(cc: tuple[int, int] | None, name: str) -> float:

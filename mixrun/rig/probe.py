@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,8 @@ class Nvml:
 
     ``module`` is the NVML module to use instead of importing ``pynvml`` (tests pass a double). While open, ``lib``
     is the initialised module, or None when there is no library or driver (``why`` then says so, for the user).
-    GPUs are numbered as NVML numbers them (physical order, not ``CUDA_VISIBLE_DEVICES``).
+    GPUs are numbered as NVML numbers them (physical order, not ``CUDA_VISIBLE_DEVICES``);
+    :meth:`cuda_to_nvml` maps CUDA's numbering to it.
     """
 
     def __init__(self, module: Any = None) -> None:
@@ -104,10 +105,70 @@ class Nvml:
             out.append(None if mem is None else int(mem.free))
         return out
 
+    def uuid(self, index: int) -> str | None:
+        """GPU ``index``'s UUID (``GPU-…``), lowercase."""
+        u = self._query(index, lambda h: self.lib.nvmlDeviceGetUUID(h))
+        return None if u is None else (u.decode() if isinstance(u, bytes) else str(u)).strip().lower()
+
+    def bus_id(self, index: int) -> str | None:
+        """GPU ``index``'s PCI bus id, as ``0000:01:00.0``."""
+        info = self._query(index, lambda h: self.lib.nvmlDeviceGetPciInfo(h))
+        raw = getattr(info, "busId", None) if info is not None else None
+        return None if raw is None else normalize_bus_id(raw)
+
+    def cuda_to_nvml(self, env: Mapping[str, str] | None = None) -> list[int]:
+        """The NVML index of each CUDA device, in CUDA's numbering (entry k is ``cuda:k``, llama.cpp's ``CUDAk``).
+
+        CUDA numbers the GPUs ``CUDA_VISIBLE_DEVICES`` lists, in its order: indices, or UUIDs (``GPU-…``, a unique
+        prefix is enough); the list ends at the first entry that names no GPU, as CUDA's does. Unset, every GPU.
+        Indices count in PCI bus order, NVML's, which is CUDA's under ``CUDA_DEVICE_ORDER=PCI_BUS_ID``
+        (:func:`cuda_order_env` sets it for mixrun's launches)."""
+        env = os.environ if env is None else env
+        n = self.count()
+        raw = env.get("CUDA_VISIBLE_DEVICES")
+        if raw is None:
+            return list(range(n))
+        uuids: list[str | None] | None = None
+        out: list[int] = []
+        for entry in (e.strip().lower() for e in raw.split(",")):
+            if entry.lstrip("-").isdigit():
+                i = int(entry)
+                if not 0 <= i < n or i in out:
+                    break
+                out.append(i)
+                continue
+            if uuids is None:
+                uuids = [self.uuid(i) for i in range(n)]
+            match = [i for i, u in enumerate(uuids) if u and entry and u.startswith(entry)]
+            if len(match) != 1 or match[0] in out:  # MIG instances, unknown or ambiguous: CUDA stops there
+                break
+            out.append(match[0])
+        return out
+
     def utilization_pct(self, index: int) -> float | None:
         """GPU ``index``'s utilization over NVML's last sample period, 0-100."""
         util = self._query(index, lambda h: self.lib.nvmlDeviceGetUtilizationRates(h))
         return None if util is None else float(util.gpu)
+
+
+def normalize_bus_id(bus_id: str | bytes) -> str:
+    """``00000000:01:00.0`` (NVML) and ``0000:01:00.0`` (CUDA) -> ``0000:01:00.0``."""
+    if isinstance(bus_id, bytes):
+        bus_id = bus_id.decode()
+    bus_id = bus_id.strip().lower()
+    if bus_id.count(":") == 2:
+        dom, bus, devfn = bus_id.split(":")
+        return f"{int(dom, 16):04x}:{bus}:{devfn}"
+    return bus_id
+
+
+def cuda_order_env(env: MutableMapping[str, str] | None = None) -> None:
+    """Have CUDA number GPUs as NVML, ``nvidia-smi`` and ``mixrun profile detect`` do, by PCI bus, unless the user
+    chose an order: CUDA's default is fastest first, which on a rig of unlike cards (a 3090 beside a 3060) is not
+    the bus order, and a plan's split would land on the wrong cards. Call before CUDA initialises (llama.cpp or
+    torch); rank processes inherit it."""
+    env = os.environ if env is None else env
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
 
 
 # ---- the CPU host --------------------------------------------------------------------------------------------------

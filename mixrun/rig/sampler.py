@@ -14,7 +14,8 @@ from mixrun.telemetry import DeviceSample
 
 @dataclass
 class DeviceSampler:
-    """Samples planned devices: ``cuda_index`` maps a device id to its NVML index; ``pids`` maps a device id to
+    """Samples planned devices: ``cuda_index`` maps a device id to its CUDA index (read at the NVML index
+    :meth:`Nvml.cuda_to_nvml` gives, so ``CUDA_VISIBLE_DEVICES`` applies); ``pids`` maps a device id to
     the processes standing in for it (CPU devices, or ``--simulate`` ranks). NVML is opened once, only when a
     device is a GPU, and held until :meth:`close`; without it GPU figures are ``None`` ("n/a")."""
 
@@ -22,13 +23,16 @@ class DeviceSampler:
     pids: dict[str, list[int]] = field(default_factory=dict)
     _nvml: Nvml = field(default_factory=Nvml)
     _procs: ProcessMeter = field(default_factory=ProcessMeter)
+    _to_nvml: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.cuda_index:
             self._nvml.open()
+            self._to_nvml = self._nvml.cuda_to_nvml()
 
     def sample(self) -> tuple[DeviceSample, ...]:
-        out = [self._cuda(dev, idx) for dev, idx in self.cuda_index.items()]
+        out = [self._cuda(dev, self._to_nvml[idx]) if 0 <= idx < len(self._to_nvml) else DeviceSample(dev, "cuda")
+               for dev, idx in self.cuda_index.items()]
         out += [self._cpu(dev, pids) for dev, pids in self.pids.items() if dev not in self.cuda_index]
         return tuple(out)
 

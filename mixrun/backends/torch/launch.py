@@ -26,6 +26,7 @@ from typing import Any
 
 from mixrun.backends.torch.control import Channel
 from mixrun.errors import MixrunError, RuntimeFailure
+from mixrun.rig.probe import cuda_order_env
 
 STOP_GRACE_S = 3.0
 
@@ -332,6 +333,7 @@ def worker_env(job: dict[str, Any]) -> dict[str, str]:
     slower on a busy 2-core machine (133 vs 48 ms per token). A lone rank keeps OpenMP's default: waking sleeping
     threads adds about 10 us to each of a decode step's few hundred small operations."""
     env = dict(os.environ, OMP_NUM_THREADS=str(job.get("threads") or 1))
+    cuda_order_env(env)  # cuda:k is the profile's k-th GPU of the host (engine.torch_devices)
     if len(job.get("devices") or ()) > 1:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
