@@ -312,7 +312,7 @@ def costs(backend: str, device: Device) -> BackendCosts:
     return _costs(backend, cls, device.backend == "vulkan" and cls in _NVIDIA_CLASSES)
 
 
-@functools.cache  # COSTS is read once per key: the planner asks for these constants millions of times
+@functools.cache  # COSTS is read once per key: the layer search asks for these constants in its inner loops
 def _costs(backend: str, cls: str, vulkan_on_nvidia: bool) -> BackendCosts:
     c = COSTS.get((backend, cls)) or COSTS[(backend, "cpu" if cls == "cpu" else "gpu")]
     if vulkan_on_nvidia and backend == "llama.cpp":
