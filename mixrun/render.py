@@ -220,7 +220,8 @@ def render_plan(report: Any, all_devices: bool = False) -> None:
     m = report.model
     req = report.request
     con.print(f"[bold]{Path(m['path']).name}[/] ({m['arch']}, {m['n_layers']} layers, {fmt_bytes(m['weights_bytes'])})"
-              f" on [bold]{report.profile}[/], context {req.ctx:,}, KV {req.kv_type}")
+              f" on [bold]{report.profile}[/], context {req.ctx:,}, KV {req.kv_type}"
+              + (f", llama.cpp b{req.llamacpp_build}" if req.llamacpp_build is not None else ""))
     t = Table(show_edge=False)
     for col, just in (("#", "right"), ("candidate", "left"), ("fits", "left"), ("decode tok/s", "right"),
                       ("prefill tok/s", "right"), ("why", "left")):

@@ -224,6 +224,8 @@ def test_cli_plan_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
     old = json.loads(capsys.readouterr().out)
     assert old["request"]["llamacpp_build"] == 2000
     assert old["candidates"][old["chosen"]]["decode_tok_s"] < c["decode_tok_s"]
+    assert main(["plan", "--profile", "dual-3090-nvlink", "--llamacpp-build", "2000"]) == 0
+    assert "llama.cpp b2000" in capsys.readouterr().out  # the human report says which build it predicts for
 
 
 def test_tp_groups_carry_whole_kv_heads(smollm2: str, llama70b: ModelSpec) -> None:
