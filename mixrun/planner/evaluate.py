@@ -235,8 +235,8 @@ def evaluate_pipeline(ctx: Context, backend: str, groups: list[Group], *, split_
             pre += n_micro * 2 * (b - a) * allreduce_s(p, g.devices, ub * spec.n_embd * act_bytes, one_shot=torch)
         if not first:
             prev = groups[gi - 1].devices[-1]
-            handoff += transfer_s(p, prev, g.devices[0], spec.n_embd * act_bytes) + stage_cost_s(p, prev, g.devices[0],
-                                                                                                  backend)
+            handoff += (transfer_s(p, prev, g.devices[0], spec.n_embd * act_bytes)
+                        + stage_cost_s(p, prev, g.devices[0], backend))
             pre += transfer_s(p, prev, g.devices[0], req.prompt_tokens * spec.n_embd * act_bytes)
         prefill_parts.append(pre)
     if cpu is not None:  # repacked copies of the weights the CPU multiplies, beside the mapped file
