@@ -251,8 +251,8 @@ def evaluate_moe(ctx: Context, gpus: Sequence[Device], counts: Sequence[int], cp
                                                                            spec.n_vocab * F32)
     c0 = costs("llama.cpp", gpus[first])
     for prev, nxt in itertools.pairwise(used):
-        a, b = gpus[prev].id, gpus[nxt].id
-        handoff += transfer_s(p, a, b, hidden) + stage_cost_s(p, a, b, "llama.cpp")
+        src, dst = gpus[prev].id, gpus[nxt].id
+        handoff += transfer_s(p, src, dst, hidden) + stage_cost_s(p, src, dst, "llama.cpp")
     overhead = (layer_overhead_s("llama.cpp", gpus[first], req.llamacpp_build) * spec.n_layers
                 + MOE_LAYER_OVERHEAD_S * len(facts.moe_layers) + c0.token_overhead_s)
     decode = Timing(sum(gpu_s) + cpu_s, 0.0, handoff, overhead)
